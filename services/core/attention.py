@@ -1,0 +1,90 @@
+"""The seam between the dense part and the attention part of the model.
+
+The dense part (services/core/model/dense.py) owns every weight; the attention part owns the KV
+cache and nothing else. Per forward pass the dense part calls:
+
+    step = attention.begin(chunks)            # once: which rows, at which positions
+    for layer in range(L):
+        o = step.attend(layer, q, k_new, v_new)   # q [N,Hq,D], k_new/v_new [N,Hkv,D] -> o [N,Hq,D]
+
+N is the number of new tokens in the forward: one per sequence in a decode step, a whole chunk per
+sequence in prefill. Rows are laid out chunk after chunk, in the order of `chunks`. The attention
+part appends k_new/v_new at the chunk's positions, then attends each new token causally over
+everything its sequence holds. Where the part runs (this process, an attention pod over gRPC or
+NIXL) is invisible to the dense part.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import torch
+
+
+@dataclass(slots=True, frozen=True)
+class Reserved:
+    """The sequence now has room for `capacity_tokens` positions."""
+
+    capacity_tokens: int
+    new_blocks: int  # blocks taken from the free list by this call
+
+
+@dataclass(slots=True, frozen=True)
+class OutOfBlocks:
+    """Not enough free KV blocks; nothing was allocated. The scheduler queues or preempts."""
+
+    needed: int  # blocks the reservation would have taken
+    free: int  # blocks free at the time
+
+
+ReserveResult = Reserved | OutOfBlocks
+
+
+@dataclass(slots=True, frozen=True)
+class SeqChunk:
+    """New tokens of one sequence in one forward pass."""
+
+    seq_id: int
+    start: int  # position of the first new token == tokens already in the KV cache
+    length: int  # new tokens (1 in a decode step)
+
+    @property
+    def end(self) -> int:
+        return self.start + self.length
+
+
+class AttentionStep(ABC):
+    """One forward pass's view of the attention part; created by `AttentionPart.begin`."""
+
+    @abstractmethod
+    def attend(self, layer: int, q: torch.Tensor, k_new: torch.Tensor, v_new: torch.Tensor) -> torch.Tensor:
+        """Append k_new/v_new for `layer`, return attention output.
+
+        q: [N, Hq, D]; k_new, v_new: [N, Hkv, D]; returns o: [N, Hq, D] (same dtype as q).
+        """
+
+
+class AttentionPart(ABC):
+    """Owner of the KV cache: sequences are opened, grown by forwards, and freed."""
+
+    @abstractmethod
+    def open(self, seq_id: int) -> None:
+        """Start an empty sequence holding no blocks yet."""
+
+    @abstractmethod
+    def reserve(self, seq_id: int, num_tokens: int) -> ReserveResult:
+        """Grow the sequence to hold `num_tokens` positions in total; all-or-nothing."""
+
+    @abstractmethod
+    def free(self, seq_id: int) -> None:
+        """Drop the sequence's KV now; unknown ids are a no-op."""
+
+    @abstractmethod
+    def max_tokens_per_sequence(self) -> int:
+        """The longest sequence the part could ever hold (an upper bound for admission)."""
+
+    @abstractmethod
+    def begin(self, chunks: Sequence[SeqChunk]) -> AttentionStep:
+        """Prepare one forward over `chunks`; their KV blocks must already be reserved."""

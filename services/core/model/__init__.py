@@ -1,0 +1,1 @@
+"""The model: configuration, weights, tokenizer, and the dense part of the forward pass."""

@@ -1,0 +1,137 @@
+"""The dense part of a Llama-family model: every weight, no KV cache.
+
+One forward over N new tokens (any mix of prefill chunks and decode rows):
+
+    x = embed(tokens)                                   # [N, d]
+    for each layer:
+        h = rms_norm(x)
+        q, k, v = split(h @ Wqkv^T (+ b))               # [N,Hq,D], [N,Hkv,D], [N,Hkv,D]
+        q, k = rope(q, positions), rope(k, positions)
+        o = attention.attend(layer, q, k, v)            # the attention part (local or remote)
+        x = x + o @ Wo^T
+        h = rms_norm(x)
+        x = x + (silu(h @ Wg^T) * (h @ Wu^T)) @ Wd^T
+    logits = rms_norm(x) @ W_lm^T                       # only for rows that sample
+
+The arithmetic follows transformers' LlamaModel op for op (fp32 RMSNorm, cos/sin tables built from
+the same float32 products) so that greedy output matches it token for token.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+from services.core.attention import AttentionStep
+from services.core.model.config import ModelConfig, RopeScaling
+
+
+@dataclass(slots=True)
+class LayerWeights:
+    input_norm: torch.Tensor  # [d]
+    wqkv: torch.Tensor  # [(Hq + 2 Hkv) D, d]  q, k and v projections stacked
+    bqkv: torch.Tensor | None  # [(Hq + 2 Hkv) D] (Qwen2)
+    wo: torch.Tensor  # [d, Hq D]
+    post_norm: torch.Tensor  # [d]
+    w_gate_up: torch.Tensor  # [2 I, d]  gate and up projections stacked
+    w_down: torch.Tensor  # [d, I]
+
+
+class DenseModel:
+    def __init__(self, config: ModelConfig, weights: dict[str, torch.Tensor]) -> None:
+        self.config = config
+        self.embed = weights["model.embed_tokens.weight"]  # [V, d]
+        self.lm_head = weights.get("lm_head.weight", self.embed)  # [V, d]
+        self.final_norm = weights["model.norm.weight"]
+        self.layers = [_layer_weights(weights, i, config) for i in range(config.num_layers)]
+        self.dtype = self.embed.dtype
+        self.device = self.embed.device
+        cos, sin = rope_tables(config, self.device)
+        self.cos, self.sin = cos.to(self.dtype), sin.to(self.dtype)  # [max_pos, D]
+
+    @torch.inference_mode()
+    def forward(self, tokens: torch.Tensor, positions: torch.Tensor, step: AttentionStep) -> torch.Tensor:
+        """tokens, positions: [N] int64 -> final hidden states [N, d] (before the final norm)."""
+        cfg = self.config
+        x = F.embedding(tokens, self.embed)  # [N, d]
+        cos = self.cos.index_select(0, positions).unsqueeze(1)  # [N, 1, D]
+        sin = self.sin.index_select(0, positions).unsqueeze(1)
+        q_dim, kv_dim = cfg.num_heads * cfg.head_dim, cfg.num_kv_heads * cfg.head_dim
+        for index, w in enumerate(self.layers):
+            h = rms_norm(x, w.input_norm, cfg.rms_norm_eps)
+            qkv = F.linear(h, w.wqkv, w.bqkv)  # [N, (Hq + 2 Hkv) D]
+            q = qkv[:, :q_dim].view(-1, cfg.num_heads, cfg.head_dim)
+            k = qkv[:, q_dim : q_dim + kv_dim].view(-1, cfg.num_kv_heads, cfg.head_dim)
+            v = qkv[:, q_dim + kv_dim :].view(-1, cfg.num_kv_heads, cfg.head_dim)
+            q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+            o = step.attend(index, q, k, v.contiguous())  # [N, Hq, D]
+            x = x + F.linear(o.reshape(-1, q_dim), w.wo)
+            h = rms_norm(x, w.post_norm, cfg.rms_norm_eps)
+            gate, up = F.linear(h, w.w_gate_up).chunk(2, dim=-1)
+            x = x + F.linear(F.silu(gate) * up, w.w_down)
+        return x
+
+    @torch.inference_mode()
+    def logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        """hidden: [M, d] -> logits [M, V] in fp32."""
+        h = rms_norm(hidden, self.final_norm, self.config.rms_norm_eps)
+        return F.linear(h, self.lm_head).float()
+
+
+def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    x32 = x.float()
+    x32 = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + eps)
+    return weight * x32.to(x.dtype)
+
+
+def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """x: [N, H, D]; cos, sin: [N, 1, D]. Rotates the two halves of D (HF's rotate_half)."""
+    half = x.shape[-1] // 2
+    rotated = torch.cat((-x[..., half:], x[..., :half]), dim=-1)
+    return x * cos + rotated * sin
+
+
+def rope_tables(config: ModelConfig, device: torch.device | str) -> tuple[torch.Tensor, torch.Tensor]:
+    """cos and sin for every position of the context window: [max_pos, D] each, float32."""
+    dim = config.head_dim
+    exponents = torch.arange(0, dim, 2, dtype=torch.int64).to(device=device, dtype=torch.float) / dim
+    inv_freq = 1.0 / (config.rope_theta**exponents)  # [D/2]
+    if config.rope_scaling is not None:
+        inv_freq = _llama3_scaled(inv_freq, config.rope_scaling)
+    positions = torch.arange(config.max_position_embeddings, device=device, dtype=torch.float)
+    freqs = positions[:, None] * inv_freq[None, :]  # [max_pos, D/2]
+    emb = torch.cat((freqs, freqs), dim=-1)
+    return emb.cos(), emb.sin()
+
+
+def _llama3_scaled(inv_freq: torch.Tensor, scaling: RopeScaling) -> torch.Tensor:
+    """Llama 3.1 frequency scaling, as in transformers' `_compute_llama3_parameters`."""
+    old_len = scaling.original_max_position_embeddings
+    low_wavelen = old_len / scaling.low_freq_factor
+    high_wavelen = old_len / scaling.high_freq_factor
+    wavelen = 2 * math.pi / inv_freq
+    scaled = torch.where(wavelen > low_wavelen, inv_freq / scaling.factor, inv_freq)
+    smooth = (old_len / wavelen - scaling.low_freq_factor) / (scaling.high_freq_factor - scaling.low_freq_factor)
+    smoothed = (1 - smooth) * scaled / scaling.factor + smooth * scaled
+    is_medium = ~(wavelen < high_wavelen) & ~(wavelen > low_wavelen)
+    return torch.where(is_medium, smoothed, scaled)
+
+
+def _layer_weights(weights: dict[str, torch.Tensor], i: int, config: ModelConfig) -> LayerWeights:
+    p = f"model.layers.{i}."
+    attn = [weights[f"{p}self_attn.{n}_proj.weight"] for n in ("q", "k", "v")]
+    bias = None
+    if config.attention_bias:
+        bias = torch.cat([weights[f"{p}self_attn.{n}_proj.bias"] for n in ("q", "k", "v")])
+    return LayerWeights(
+        input_norm=weights[f"{p}input_layernorm.weight"],
+        wqkv=torch.cat(attn).contiguous(),
+        bqkv=bias,
+        wo=weights[f"{p}self_attn.o_proj.weight"],
+        post_norm=weights[f"{p}post_attention_layernorm.weight"],
+        w_gate_up=torch.cat([weights[f"{p}mlp.gate_proj.weight"], weights[f"{p}mlp.up_proj.weight"]]).contiguous(),
+        w_down=weights[f"{p}mlp.down_proj.weight"],
+    )

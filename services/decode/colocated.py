@@ -1,0 +1,32 @@
+"""The colocated engine: dense part and attention part in one process (the baseline)."""
+
+from __future__ import annotations
+
+from services.attention.kv_pool import KVPool, KVPoolConfig
+from services.attention.local import LocalAttention
+from services.core.model.load import LoadedModel
+from services.decode.engine import Engine
+from services.decode.scheduler import SchedulerConfig
+
+DEFAULT_KV_BUDGET_BYTES = 2 << 30  # 2 GiB: ~46K tokens of SmolLM2-135M at fp32 (46 KiB per token)
+
+
+def build_engine(
+    model: LoadedModel,
+    *,
+    kv_budget_bytes: int = DEFAULT_KV_BUDGET_BYTES,
+    block_size: int = 16,
+    scheduler: SchedulerConfig | None = None,
+) -> Engine:
+    cfg = model.config
+    pool_config = KVPoolConfig(
+        num_layers=cfg.num_layers,
+        head_dim=cfg.head_dim,
+        block_size=block_size,
+        dtype=model.dense.dtype,
+        device=str(model.dense.device),
+    )
+    pool = KVPool.from_budget(pool_config, kv_budget_bytes)
+    attention = LocalAttention(pool, num_kv_heads=cfg.num_kv_heads, num_heads=cfg.num_heads)
+    config = scheduler or SchedulerConfig(max_model_len=cfg.max_position_embeddings)
+    return Engine(model.dense, attention, model.tokenizer, config)

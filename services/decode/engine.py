@@ -1,0 +1,181 @@
+"""The engine: continuous batching over the dense part and an attention part.
+
+    engine.add_request(prompt_ids, params)      # any time between steps
+    while engine.has_work():
+        events = engine.step()                  # schedule -> forward -> sample -> update
+
+One `step` is one forward pass over the scheduler's rows (decode rows and prefill chunks together).
+Requests join and leave between steps; `abort` frees a request's KV at once. Text (incremental
+detokenization and stop strings) is produced here so that every serving path streams the same text.
+"""
+
+from __future__ import annotations
+
+import itertools
+from collections.abc import Iterable
+from dataclasses import dataclass
+
+import torch
+
+from services.core.attention import AttentionPart
+from services.core.model.dense import DenseModel
+from services.core.model.tokenizer import TextStream, Tokenizer
+from services.decode.sampling import SamplingParams, sample
+from services.decode.scheduler import (
+    FinishReason,
+    Scheduler,
+    SchedulerConfig,
+    SchedulerOutput,
+    Sequence,
+    SeqStatus,
+)
+
+
+@dataclass(slots=True, frozen=True)
+class TokenEvent:
+    """One generated token of one request (or its end without a token, after an abort)."""
+
+    seq_id: int
+    token_id: int | None  # None only for an abort
+    text: str  # text that became final with this token (may be empty: held back or partial UTF-8)
+    finish_reason: FinishReason | None  # set on the request's last event
+
+
+@dataclass(slots=True, frozen=True)
+class Completion:
+    seq_id: int
+    prompt_ids: list[int]
+    token_ids: list[int]  # generated, including a final EOS if one was produced
+    text: str
+    finish_reason: FinishReason
+
+
+@dataclass(slots=True)
+class _Request:
+    seq: Sequence
+    text: TextStream
+    generator: torch.Generator
+    stop_ids: frozenset[int]
+
+
+class Engine:
+    def __init__(
+        self,
+        model: DenseModel,
+        attention: AttentionPart,
+        tokenizer: Tokenizer,
+        config: SchedulerConfig | None = None,
+    ) -> None:
+        self.model = model
+        self.attention = attention
+        self.tokenizer = tokenizer
+        self.config = config or SchedulerConfig(max_model_len=model.config.max_position_embeddings)
+        self.scheduler = Scheduler(attention, self.config)
+        self.max_len = min(self.config.max_model_len, attention.max_tokens_per_sequence())
+        self._requests: dict[int, _Request] = {}
+        self._ids = itertools.count()
+
+    # ---- requests ------------------------------------------------------------------------------
+    def add_request(self, prompt_ids: list[int], params: SamplingParams) -> int:
+        seq = Sequence(next(self._ids), list(prompt_ids), params)
+        self.scheduler.add(seq)  # raises PromptTooLongError before anything is kept
+        stop_ids = frozenset(params.stop_token_ids) | (
+            frozenset() if params.ignore_eos else frozenset(self.tokenizer.eos_token_ids)
+        )
+        stream = TextStream(self.tokenizer, seq.prompt_ids, params.stop)
+        self._requests[seq.seq_id] = _Request(seq, stream, params.generator(self.model.device), stop_ids)
+        return seq.seq_id
+
+    def abort(self, seq_id: int) -> TokenEvent | None:
+        """Cancel a request and free its KV now; returns its final event, or None if already done."""
+        request = self._requests.pop(seq_id, None)
+        if request is None:
+            return None
+        self.scheduler.finish(request.seq, FinishReason.ABORT)
+        return TokenEvent(seq_id, None, "", FinishReason.ABORT)
+
+    def has_work(self) -> bool:
+        return self.scheduler.has_work()
+
+    @property
+    def num_running(self) -> int:
+        return len(self.scheduler.running)
+
+    @property
+    def num_waiting(self) -> int:
+        return len(self.scheduler.waiting)
+
+    # ---- the loop ------------------------------------------------------------------------------
+    def step(self) -> list[TokenEvent]:
+        plan = self.scheduler.schedule()
+        if not plan.scheduled:
+            return []
+        sampled = self._forward(plan)
+        self.scheduler.update(plan, sampled)
+        return [self._after_token(self._requests[seq_id], token) for seq_id, token in sampled.items()]
+
+    def generate(self, prompts: Iterable[list[int]], params: SamplingParams) -> list[Completion]:
+        """Run requests to completion together (continuous batching); results in input order."""
+        ids = [self.add_request(p, params) for p in prompts]
+        done: dict[int, Completion] = {}
+        seqs = {i: self._requests[i].seq for i in ids}
+        texts: dict[int, list[str]] = {i: [] for i in ids}
+        while self.has_work():
+            for event in self.step():
+                texts[event.seq_id].append(event.text)
+                if event.finish_reason is not None:
+                    seq = seqs[event.seq_id]
+                    text = "".join(texts[event.seq_id])
+                    done[event.seq_id] = Completion(
+                        seq.seq_id, seq.prompt_ids, seq.output_ids, text, event.finish_reason
+                    )
+        return [done[i] for i in ids]
+
+    def _forward(self, plan: SchedulerOutput) -> dict[int, int]:
+        """Run the model over the plan's rows; sample for rows that complete their sequence."""
+        tokens: list[int] = []
+        positions: list[int] = []
+        for item in plan.scheduled:
+            seq, chunk = item.seq, item.chunk
+            tokens.extend(seq.token_at(p) for p in range(chunk.start, chunk.end))
+            positions.extend(range(chunk.start, chunk.end))
+        device = self.model.device
+        step = self.attention.begin([item.chunk for item in plan.scheduled])
+        hidden = self.model.forward(
+            torch.tensor(tokens, dtype=torch.long, device=device),
+            torch.tensor(positions, dtype=torch.long, device=device),
+            step,
+        )  # [N, d]
+        last_rows, sampling = [], []
+        row = 0
+        for item in plan.scheduled:
+            row += item.chunk.length
+            if item.samples:
+                last_rows.append(row - 1)
+                sampling.append(self._requests[item.seq.seq_id])
+        if not sampling:
+            return {}
+        logits = self.model.logits(hidden[torch.tensor(last_rows, device=device)])  # [M, V]
+        ids = sample(logits, [r.seq.params for r in sampling], [r.generator for r in sampling])
+        return {r.seq.seq_id: token for r, token in zip(sampling, ids, strict=True)}
+
+    def _after_token(self, request: _Request, token: int) -> TokenEvent:
+        """Detokenize, then apply the stop rules in OpenAI's order: stop token, stop string, length."""
+        seq = request.seq
+        delta = request.text.push(token)
+        reason: FinishReason | None = None
+        if token in request.stop_ids or delta.stopped:
+            reason = FinishReason.STOP
+        elif len(seq.output_ids) >= seq.params.max_tokens or seq.num_tokens >= self.max_len:
+            reason = FinishReason.LENGTH
+        text = delta.text
+        if reason is not None:
+            if not delta.stopped:
+                text += request.text.flush()
+            self.scheduler.finish(seq, reason)
+            del self._requests[seq.seq_id]
+        return TokenEvent(seq.seq_id, token, text, reason)
+
+    def is_finished(self, seq_id: int) -> bool:
+        request = self._requests.get(seq_id)
+        return request is None or request.seq.status is SeqStatus.FINISHED
