@@ -56,8 +56,12 @@ class KVPool:
         self.allocator = BlockAllocator(num_blocks, config.block_size)
         shape = (num_blocks, config.block_size, config.head_dim)
         # One tensor per layer and kind so a layer's blocks are contiguous and views stay cheap.
-        self.k = [torch.zeros(shape, dtype=config.dtype, device=config.device) for _ in range(config.num_layers)]
-        self.v = [torch.zeros(shape, dtype=config.dtype, device=config.device) for _ in range(config.num_layers)]
+        self.k = [
+            torch.zeros(shape, dtype=config.dtype, device=config.device) for _ in range(config.num_layers)
+        ]
+        self.v = [
+            torch.zeros(shape, dtype=config.dtype, device=config.device) for _ in range(config.num_layers)
+        ]
 
     @classmethod
     def from_budget(cls, config: KVPoolConfig, budget_bytes: int) -> KVPool:

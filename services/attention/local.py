@@ -46,7 +46,7 @@ class _LocalStep(AttentionStep):
     def __init__(self, part: LocalAttention, chunks: Sequence[SeqChunk]) -> None:
         self.part = part
         self.chunks = list(chunks)
-        alloc, bs, heads = part.pool.allocator, part.pool.block_size, part.num_kv_heads
+        alloc, bs = part.pool.allocator, part.pool.block_size
         device = part.pool.config.device
         tables = [alloc.block_table(c.seq_id) for c in self.chunks]
         # Write slots, [N, Hkv] flattened in row order: where each new token's K/V go.

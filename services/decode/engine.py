@@ -26,8 +26,8 @@ from services.decode.scheduler import (
     Scheduler,
     SchedulerConfig,
     SchedulerOutput,
-    Sequence,
     SeqStatus,
+    Sequence,
 )
 
 

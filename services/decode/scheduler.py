@@ -100,6 +100,7 @@ class Scheduler:
         self.config = config
         self.waiting: deque[Sequence] = deque()
         self.running: list[Sequence] = []
+        self.num_preemptions = 0  # since start; exported as a metric by the services
 
     def add(self, seq: Sequence) -> None:
         limit = min(self.config.max_model_len, self.kv.max_tokens_per_sequence())
@@ -180,6 +181,7 @@ class Scheduler:
         seq.status = SeqStatus.WAITING
         seq.num_computed = 0
         seq.num_preemptions += 1
+        self.num_preemptions += 1
         self.waiting.appendleft(seq)
 
     def _release(self, seq: Sequence) -> None:

@@ -8,7 +8,7 @@ from services.attention.kv_pool import KVPool, KVPoolConfig
 from services.attention.local import LocalAttention
 from services.core.errors import PromptTooLongError
 from services.decode.sampling import SamplingParams
-from services.decode.scheduler import FinishReason, Scheduler, SchedulerConfig, Sequence, SeqStatus
+from services.decode.scheduler import FinishReason, Scheduler, SchedulerConfig, SeqStatus, Sequence
 
 
 def make_scheduler(num_blocks: int = 64, block_size: int = 4, **config: int) -> tuple[Scheduler, KVPool]:

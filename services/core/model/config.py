@@ -70,7 +70,7 @@ class ModelConfig:
                 head_dim=int(raw.get("head_dim") or hidden // heads),
                 rope_theta=float(raw.get("rope_theta") or _rope_parameters(raw).get("rope_theta", 10000.0)),
                 rms_norm_eps=float(raw.get("rms_norm_eps", 1e-6)),
-                max_position_embeddings=int(raw.get("max_position_embeddings", 2048)),
+                max_position_embeddings=_context_window(raw, arch),
                 tie_word_embeddings=bool(raw.get("tie_word_embeddings", False)),
                 attention_bias=bool(raw.get("attention_bias", arch == "Qwen2ForCausalLM")),
                 rope_scaling=_rope_scaling(raw),
@@ -81,7 +81,8 @@ class ModelConfig:
             raise ModelLoadError(f"config.json is missing or has a bad field: {exc}") from exc
         if cfg.num_heads % cfg.num_kv_heads:
             raise ModelLoadError(
-                f"num_attention_heads {cfg.num_heads} is not a multiple of num_key_value_heads {cfg.num_kv_heads}"
+                f"num_attention_heads {cfg.num_heads} is not a multiple of "
+                f"num_key_value_heads {cfg.num_kv_heads}"
             )
         return cfg
 
@@ -93,8 +94,21 @@ class ModelConfig:
         except FileNotFoundError as exc:
             raise ModelLoadError(f"{path} not found: a model folder needs config.json") from exc
         except json.JSONDecodeError as exc:
-            raise ModelLoadError(f"{path} is not valid JSON ({exc}); re-download or re-convert the model") from exc
+            raise ModelLoadError(
+                f"{path} is not valid JSON ({exc}); re-download or re-convert the model"
+            ) from exc
         return cls.from_dict(raw)
+
+
+def _context_window(raw: dict[str, Any], arch: str) -> int:
+    """Sliding-window attention (Mistral v0.1, Qwen2 with use_sliding_window) is served as full
+    attention, which is exact only inside the window, so the window caps the context."""
+    window = int(raw.get("max_position_embeddings", 2048))
+    sliding = raw.get("sliding_window")
+    uses_sliding = arch == "MistralForCausalLM" or bool(raw.get("use_sliding_window"))
+    if sliding and uses_sliding:
+        window = min(window, int(sliding))
+    return window
 
 
 def _rope_parameters(raw: dict[str, Any]) -> dict[str, Any]:

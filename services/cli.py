@@ -1,0 +1,132 @@
+"""`disagg` command line. Each subcommand is a small function; errors a user can fix exit with 2."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from collections.abc import Sequence
+
+from services.core.errors import DisaggError
+from services.core.model.sources import DEFAULT_MODEL
+
+EXIT_USAGE = 2
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        return int(args.func(args))
+    except DisaggError as exc:
+        print(f"disagg: error: {exc}", file=sys.stderr)
+        return EXIT_USAGE
+    except KeyboardInterrupt:
+        return 130
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="disagg",
+        description="Disaggregated LLM inference: prefill, dense-decode and attention-memory pods.",
+    )
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    _add_generate(sub)
+    return parser
+
+
+def _add_model_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--model",
+        default=DEFAULT_MODEL,
+        help=f"built-in model name, a Hugging Face Llama/Qwen2/Mistral folder, or a .gguf file "
+        f"(default: {DEFAULT_MODEL}, bundled)",
+    )
+    p.add_argument(
+        "--dtype",
+        default="float32",
+        choices=["float32", "bfloat16", "float16"],
+        help="weight and KV dtype (float32 on CPU; bf16/fp16 for GPUs)",
+    )
+    p.add_argument("--device", default="cpu", help="torch device, e.g. cpu or cuda:0")
+    p.add_argument("--kv-budget-gb", type=float, default=2.0, help="KV cache memory budget in GiB")
+
+
+def _add_generate(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    p = sub.add_parser(
+        "generate",
+        help="generate a completion for one prompt in this process",
+        description="Load the model, generate one completion and stream it to stdout.",
+    )
+    p.add_argument("prompt", help="the prompt text")
+    p.add_argument(
+        "--chat", action="store_true", help="render PROMPT as one user message via the chat template"
+    )
+    p.add_argument("--max-tokens", type=int, default=128, help="new tokens at most (default 128)")
+    p.add_argument(
+        "--temperature", type=float, default=1.0, help="0 = greedy (default 1.0, as in OpenAI's API)"
+    )
+    p.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling mass (default 1.0 = off)")
+    p.add_argument("--top-k", type=int, default=0, help="sample among the k most likely tokens (0 = off)")
+    p.add_argument("--seed", type=int, default=None, help="seed for reproducible sampling")
+    p.add_argument("--stop", action="append", default=[], help="stop string (repeatable)")
+    p.add_argument(
+        "--json",
+        action="store_true",
+        help="print one JSON object as the last line: prompt_token_ids, token_ids, text, finish_reason",
+    )
+    _add_model_args(p)
+    p.set_defaults(func=cmd_generate)
+
+
+def cmd_generate(args: argparse.Namespace) -> int:
+    # Imported here so `disagg --help` stays instant.
+    from services.core.model.load import load_model, parse_dtype
+    from services.decode.colocated import build_engine
+    from services.decode.sampling import SamplingParams
+
+    params = SamplingParams(
+        max_tokens=args.max_tokens,
+        temperature=args.temperature,
+        top_p=args.top_p,
+        top_k=args.top_k,
+        seed=args.seed,
+        stop=tuple(args.stop),
+    )
+    model = load_model(args.model, dtype=parse_dtype(args.dtype), device=args.device)
+    engine = build_engine(model, kv_budget_bytes=int(args.kv_budget_gb * (1 << 30)))
+    text = (
+        model.tokenizer.apply_chat_template([{"role": "user", "content": args.prompt}])
+        if args.chat
+        else args.prompt
+    )
+    prompt_ids = model.tokenizer.encode(text, add_special_tokens=not args.chat)
+    seq_id = engine.add_request(prompt_ids, params)
+    token_ids: list[int] = []
+    pieces: list[str] = []
+    finish = None
+    while finish is None:
+        for event in engine.step():
+            if event.seq_id != seq_id:
+                continue
+            if event.token_id is not None:
+                token_ids.append(event.token_id)
+            pieces.append(event.text)
+            if not args.json:
+                print(event.text, end="", flush=True)
+            finish = event.finish_reason
+    if args.json:
+        result = {
+            "prompt_token_ids": prompt_ids,
+            "token_ids": token_ids,
+            "text": "".join(pieces),
+            "finish_reason": finish.value,
+        }
+        print(json.dumps(result, ensure_ascii=False))
+    else:
+        print()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
