@@ -87,5 +87,5 @@ def test_abort_frees_kv_immediately_and_others_continue(model: LoadedModel) -> N
     assert pool.allocator.num_used_blocks < used_before
     assert engine.abort(drop) is None
     reasons = [e.finish_reason for _ in range(40) for e in engine.step() if e.seq_id == keep]
-    assert reasons[-1] is FinishReason.STOP
+    assert reasons[-1] in (FinishReason.STOP, FinishReason.LENGTH)
     assert pool.allocator.num_used_blocks == 0

@@ -114,7 +114,9 @@ def _llama3_scaled(inv_freq: torch.Tensor, scaling: RopeScaling) -> torch.Tensor
     high_wavelen = old_len / scaling.high_freq_factor
     wavelen = 2 * math.pi / inv_freq
     scaled = torch.where(wavelen > low_wavelen, inv_freq / scaling.factor, inv_freq)
-    smooth = (old_len / wavelen - scaling.low_freq_factor) / (scaling.high_freq_factor - scaling.low_freq_factor)
+    smooth = (old_len / wavelen - scaling.low_freq_factor) / (
+        scaling.high_freq_factor - scaling.low_freq_factor
+    )
     smoothed = (1 - smooth) * scaled / scaling.factor + smooth * scaled
     is_medium = ~(wavelen < high_wavelen) & ~(wavelen > low_wavelen)
     return torch.where(is_medium, smoothed, scaled)
@@ -132,6 +134,8 @@ def _layer_weights(weights: dict[str, torch.Tensor], i: int, config: ModelConfig
         bqkv=bias,
         wo=weights[f"{p}self_attn.o_proj.weight"],
         post_norm=weights[f"{p}post_attention_layernorm.weight"],
-        w_gate_up=torch.cat([weights[f"{p}mlp.gate_proj.weight"], weights[f"{p}mlp.up_proj.weight"]]).contiguous(),
+        w_gate_up=torch.cat(
+            [weights[f"{p}mlp.gate_proj.weight"], weights[f"{p}mlp.up_proj.weight"]]
+        ).contiguous(),
         w_down=weights[f"{p}mlp.down_proj.weight"],
     )
