@@ -59,10 +59,10 @@ def run_ours(model: LoadedModel, prompts: list[list[int]], new_tokens: int) -> t
 def run_hf(hf: object, prompts: list[list[int]], new_tokens: int) -> tuple[float, list[list[int]]]:
     x = torch.tensor(prompts)
     hf.generation_config.eos_token_id = None  # type: ignore[attr-defined]  # run to max_new_tokens, like ignore_eos
-    kwargs = dict(attention_mask=torch.ones_like(x), do_sample=False)
-    hf.generate(x[:1, :16], max_new_tokens=2, **kwargs)  # type: ignore[attr-defined]
+    warm = x[:1, :16]
+    hf.generate(warm, attention_mask=torch.ones_like(warm), max_new_tokens=2, do_sample=False)  # type: ignore[attr-defined]
     started = time.perf_counter()
-    out = hf.generate(x, max_new_tokens=new_tokens, **kwargs)  # type: ignore[attr-defined]
+    out = hf.generate(x, attention_mask=torch.ones_like(x), max_new_tokens=new_tokens, do_sample=False)  # type: ignore[attr-defined]
     elapsed = time.perf_counter() - started
     tokens = out[:, x.shape[1] :].tolist()
     return sum(len(t) for t in tokens) / elapsed, tokens

@@ -27,28 +27,31 @@ import torch.nn.functional as F
 
 from services.core.attention import AttentionStep
 from services.core.model.config import ModelConfig, RopeScaling
+from services.core.model.linear import Linear, LinearKernel, best_kernel
 
 
 @dataclass(slots=True)
 class LayerWeights:
     input_norm: torch.Tensor  # [d]
-    wqkv: torch.Tensor  # [(Hq + 2 Hkv) D, d]  q, k and v projections stacked
-    bqkv: torch.Tensor | None  # [(Hq + 2 Hkv) D] (Qwen2)
-    wo: torch.Tensor  # [d, Hq D]
+    qkv: Linear  # [(Hq + 2 Hkv) D, d]  q, k and v projections stacked (+ bias on Qwen2)
+    o: Linear  # [d, Hq D]
     post_norm: torch.Tensor  # [d]
-    w_gate_up: torch.Tensor  # [2 I, d]  gate and up projections stacked
-    w_down: torch.Tensor  # [d, I]
+    gate_up: Linear  # [2 I, d]  gate and up projections stacked
+    down: Linear  # [d, I]
 
 
 class DenseModel:
-    def __init__(self, config: ModelConfig, weights: dict[str, torch.Tensor]) -> None:
+    def __init__(
+        self, config: ModelConfig, weights: dict[str, torch.Tensor], kernel: LinearKernel | None = None
+    ) -> None:
         self.config = config
         self.embed = weights["model.embed_tokens.weight"]  # [V, d]
-        self.lm_head = weights.get("lm_head.weight", self.embed)  # [V, d]
-        self.final_norm = weights["model.norm.weight"]
-        self.layers = [_layer_weights(weights, i, config) for i in range(config.num_layers)]
         self.dtype = self.embed.dtype
         self.device = self.embed.device
+        self.kernel = kernel or best_kernel(self.device, self.dtype)
+        self.lm_head = Linear(weights.get("lm_head.weight", self.embed), None, self.kernel)  # [V, d]
+        self.final_norm = weights["model.norm.weight"]
+        self.layers = [_layer_weights(weights, i, config, self.kernel) for i in range(config.num_layers)]
         cos, sin = rope_tables(config, self.device)
         self.cos, self.sin = cos.to(self.dtype), sin.to(self.dtype)  # [max_pos, D]
 
@@ -62,23 +65,23 @@ class DenseModel:
         q_dim, kv_dim = cfg.num_heads * cfg.head_dim, cfg.num_kv_heads * cfg.head_dim
         for index, w in enumerate(self.layers):
             h = rms_norm(x, w.input_norm, cfg.rms_norm_eps)
-            qkv = F.linear(h, w.wqkv, w.bqkv)  # [N, (Hq + 2 Hkv) D]
+            qkv = w.qkv(h)  # [N, (Hq + 2 Hkv) D]
             q = qkv[:, :q_dim].view(-1, cfg.num_heads, cfg.head_dim)
             k = qkv[:, q_dim : q_dim + kv_dim].view(-1, cfg.num_kv_heads, cfg.head_dim)
             v = qkv[:, q_dim + kv_dim :].view(-1, cfg.num_kv_heads, cfg.head_dim)
             q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
             o = step.attend(index, q, k, v.contiguous())  # [N, Hq, D]
-            x = x + F.linear(o.reshape(-1, q_dim), w.wo)
+            x = x + w.o(o.reshape(-1, q_dim))
             h = rms_norm(x, w.post_norm, cfg.rms_norm_eps)
-            gate, up = F.linear(h, w.w_gate_up).chunk(2, dim=-1)
-            x = x + F.linear(F.silu(gate) * up, w.w_down)
+            gate, up = w.gate_up(h).chunk(2, dim=-1)
+            x = x + w.down(F.silu(gate) * up)
         return x
 
     @torch.inference_mode()
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
         """hidden: [M, d] -> logits [M, V] in fp32."""
         h = rms_norm(hidden, self.final_norm, self.config.rms_norm_eps)
-        return F.linear(h, self.lm_head).float()
+        return self.lm_head(h).float()
 
 
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
@@ -122,20 +125,20 @@ def _llama3_scaled(inv_freq: torch.Tensor, scaling: RopeScaling) -> torch.Tensor
     return torch.where(is_medium, smoothed, scaled)
 
 
-def _layer_weights(weights: dict[str, torch.Tensor], i: int, config: ModelConfig) -> LayerWeights:
+def _layer_weights(
+    weights: dict[str, torch.Tensor], i: int, config: ModelConfig, kernel: LinearKernel
+) -> LayerWeights:
     p = f"model.layers.{i}."
-    attn = [weights[f"{p}self_attn.{n}_proj.weight"] for n in ("q", "k", "v")]
+    qkv = torch.cat([weights[f"{p}self_attn.{n}_proj.weight"] for n in ("q", "k", "v")])
     bias = None
     if config.attention_bias:
         bias = torch.cat([weights[f"{p}self_attn.{n}_proj.bias"] for n in ("q", "k", "v")])
+    gate_up = torch.cat([weights[f"{p}mlp.gate_proj.weight"], weights[f"{p}mlp.up_proj.weight"]])
     return LayerWeights(
         input_norm=weights[f"{p}input_layernorm.weight"],
-        wqkv=torch.cat(attn).contiguous(),
-        bqkv=bias,
-        wo=weights[f"{p}self_attn.o_proj.weight"],
+        qkv=Linear(qkv, bias, kernel),
+        o=Linear(weights[f"{p}self_attn.o_proj.weight"], None, kernel),
         post_norm=weights[f"{p}post_attention_layernorm.weight"],
-        w_gate_up=torch.cat(
-            [weights[f"{p}mlp.gate_proj.weight"], weights[f"{p}mlp.up_proj.weight"]]
-        ).contiguous(),
-        w_down=weights[f"{p}mlp.down_proj.weight"],
+        gate_up=Linear(gate_up, None, kernel),
+        down=Linear(weights[f"{p}mlp.down_proj.weight"], None, kernel),
     )
