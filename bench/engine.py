@@ -4,8 +4,9 @@
 
 Both sides get the same weights (the bundled SmolLM2-135M, fp32), the same prompts (distinct slices of
 a long text, exactly --prompt-tokens each) and generate exactly --new-tokens per request (EOS ignored).
-Throughput = generated tokens / wall time of the whole batch (prefill included). The table and the
-command go into bench/RESULTS.md.
+Two throughputs per side: *decode* = tokens generated after every request has its first token /
+time from that moment to the end (the decode phase alone), and *e2e* = all generated tokens / wall
+time of the whole batch (prefill included). The table and the command go into bench/RESULTS.md.
 """
 
 from __future__ import annotations
@@ -33,11 +34,21 @@ TEXT = (Path(__file__).resolve().parent.parent / "tests" / "data" / "alice_ch1.t
 
 
 @dataclass(slots=True, frozen=True)
+class Timing:
+    e2e_tps: float  # generated tokens / wall time, prefill included
+    decode_tps: float  # tokens after each request's first / time from the last first token to the end
+    tokens: list[list[int]]
+
+
+@dataclass(slots=True, frozen=True)
 class Row:
     batch: int
-    ours_tps: float
-    hf_tps: float
-    same_tokens: bool
+    ours: Timing
+    hf: Timing
+
+    @property
+    def same_tokens(self) -> bool:
+        return self.ours.tokens == self.hf.tokens
 
 
 def make_prompts(model: LoadedModel, count: int, length: int) -> list[list[int]]:
@@ -46,26 +57,58 @@ def make_prompts(model: LoadedModel, count: int, length: int) -> list[list[int]]
     return [ids[i * stride : i * stride + length] for i in range(count)]
 
 
-def run_ours(model: LoadedModel, prompts: list[list[int]], new_tokens: int) -> tuple[float, list[list[int]]]:
+def run_ours(model: LoadedModel, prompts: list[list[int]], new_tokens: int) -> Timing:
     engine = build_engine(model)
-    params = SamplingParams(max_tokens=new_tokens, temperature=0.0, ignore_eos=True)
     engine.generate([prompts[0][:16]], SamplingParams(max_tokens=2, temperature=0.0))  # warm-up
+    params = SamplingParams(max_tokens=new_tokens, temperature=0.0, ignore_eos=True)
     started = time.perf_counter()
-    results = engine.generate(prompts, params)
-    elapsed = time.perf_counter() - started
-    return sum(len(r.token_ids) for r in results) / elapsed, [r.token_ids for r in results]
+    ids = [engine.add_request(p, params) for p in prompts]
+    tokens: dict[int, list[int]] = {i: [] for i in ids}
+    all_started = 0.0
+    while engine.has_work():
+        for event in engine.step():
+            tokens[event.seq_id].append(event.token_id)  # type: ignore[arg-type]
+        if not all_started and all(tokens.values()):
+            all_started = time.perf_counter()
+    ended = time.perf_counter()
+    total = sum(len(t) for t in tokens.values())
+    return Timing(
+        total / (ended - started), (total - len(ids)) / (ended - all_started), list(tokens.values())
+    )
 
 
-def run_hf(hf: object, prompts: list[list[int]], new_tokens: int) -> tuple[float, list[list[int]]]:
+class _StepClock:
+    """A transformers LogitsProcessor that only records when each generation step happens."""
+
+    def __init__(self) -> None:
+        self.times: list[float] = []
+
+    def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
+        self.times.append(time.perf_counter())
+        return scores
+
+
+def run_hf(hf: object, prompts: list[list[int]], new_tokens: int) -> Timing:
+    from transformers import LogitsProcessorList
+
     x = torch.tensor(prompts)
     hf.generation_config.eos_token_id = None  # type: ignore[attr-defined]  # run to max_new_tokens, like ignore_eos
     warm = x[:1, :16]
     hf.generate(warm, attention_mask=torch.ones_like(warm), max_new_tokens=2, do_sample=False)  # type: ignore[attr-defined]
+    clock = _StepClock()
     started = time.perf_counter()
-    out = hf.generate(x, attention_mask=torch.ones_like(x), max_new_tokens=new_tokens, do_sample=False)  # type: ignore[attr-defined]
-    elapsed = time.perf_counter() - started
+    out = hf.generate(  # type: ignore[attr-defined]
+        x,
+        attention_mask=torch.ones_like(x),
+        max_new_tokens=new_tokens,
+        do_sample=False,
+        logits_processor=LogitsProcessorList([clock]),
+    )
+    ended = time.perf_counter()
     tokens = out[:, x.shape[1] :].tolist()
-    return sum(len(t) for t in tokens) / elapsed, tokens
+    total = sum(len(t) for t in tokens)
+    # The first step's logits come out of prefill; decode runs from there to the end.
+    return Timing(total / (ended - started), (total - len(tokens)) / (ended - clock.times[0]), tokens)
 
 
 def main() -> None:
@@ -95,28 +138,48 @@ def main() -> None:
         task = progress.add_task("benchmarking", total=2 * len(batches))
         for batch in batches:
             prompts = make_prompts(model, batch, args.prompt_tokens)
-            ours, ours_tokens = run_ours(model, prompts, args.new_tokens)
+            ours = run_ours(model, prompts, args.new_tokens)
             progress.advance(task)
             with torch.inference_mode():
-                theirs, hf_tokens = run_hf(hf, prompts, args.new_tokens)
+                theirs = run_hf(hf, prompts, args.new_tokens)
             progress.advance(task)
-            rows.append(Row(batch, ours, theirs, ours_tokens == hf_tokens))
-    table = Table(
-        title=f"decode throughput, {args.prompt_tokens}-token prompts, {args.new_tokens} new tokens"
-    )
-    for col in ("batch", "disagg tok/s", "transformers tok/s", "ratio", "same greedy tokens"):
+            rows.append(Row(batch, ours, theirs))
+    table = Table(title=f"throughput, {args.prompt_tokens}-token prompts, {args.new_tokens} new tokens")
+    for col in TABLE_HEADER:
         table.add_column(col, justify="right")
-    for r in rows:
-        table.add_row(
-            str(r.batch),
-            f"{r.ours_tps:.1f}",
-            f"{r.hf_tps:.1f}",
-            f"{r.ours_tps / r.hf_tps:.2f}x",
-            "yes" if r.same_tokens else "no",
-        )
+    for row in table_rows(rows):
+        table.add_row(*row)
     console.print(table)
     if not args.no_write:
         write_section("engine", render_markdown(rows, args))
+
+
+TABLE_HEADER = (
+    "batch",
+    "decode tok/s disagg",
+    "decode tok/s transformers",
+    "decode ratio",
+    "e2e tok/s disagg",
+    "e2e tok/s transformers",
+    "e2e ratio",
+    "same greedy tokens",
+)
+
+
+def table_rows(rows: list[Row]) -> list[tuple[str, ...]]:
+    return [
+        (
+            str(r.batch),
+            f"{r.ours.decode_tps:.1f}",
+            f"{r.hf.decode_tps:.1f}",
+            f"{r.ours.decode_tps / r.hf.decode_tps:.2f}x",
+            f"{r.ours.e2e_tps:.1f}",
+            f"{r.hf.e2e_tps:.1f}",
+            f"{r.ours.e2e_tps / r.hf.e2e_tps:.2f}x",
+            "yes" if r.same_tokens else "no",
+        )
+        for r in rows
+    ]
 
 
 def render_markdown(rows: list[Row], args: argparse.Namespace) -> str:
@@ -127,17 +190,14 @@ def render_markdown(rows: list[Row], args: argparse.Namespace) -> str:
         f"{args.prompt_tokens} --new-tokens {args.new_tokens} --threads {args.threads}`",
         "",
         f"Machine: {platform.processor() or platform.machine()}, {torch.get_num_threads()} torch threads, "
-        f"torch {torch.__version__}, fp32, SmolLM2-135M. Throughput = generated tokens / wall time "
-        "(prefill included), EOS ignored, greedy.",
+        f"torch {torch.__version__}, fp32, SmolLM2-135M, greedy, EOS ignored. "
+        "decode = tokens after each request's first / time from the last first token to the end; "
+        "e2e = all generated tokens / wall time, prefill included.",
         "",
-        "| batch | disagg tok/s | transformers tok/s | ratio | same greedy tokens |",
-        "|---:|---:|---:|---:|:---:|",
+        "| " + " | ".join(TABLE_HEADER) + " |",
+        "|" + "---:|" * len(TABLE_HEADER),
     ]
-    for r in rows:
-        lines.append(
-            f"| {r.batch} | {r.ours_tps:.1f} | {r.hf_tps:.1f} | {r.ours_tps / r.hf_tps:.2f}x | "
-            f"{'yes' if r.same_tokens else 'no'} |"
-        )
+    lines += ["| " + " | ".join(row) + " |" for row in table_rows(rows)]
     return "\n".join(lines)
 
 
