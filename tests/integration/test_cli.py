@@ -36,8 +36,15 @@ def assert_clean_error(result: subprocess.CompletedProcess[str], *needles: str) 
 
 
 def test_json_output_of_a_greedy_chat(model_folder: Path) -> None:
-    result = run_cli("generate", "--chat", "--temperature", "0", "--json", "What is the capital of France?",
-                     cache=model_folder.parent)
+    result = run_cli(
+        "generate",
+        "--chat",
+        "--temperature",
+        "0",
+        "--json",
+        "What is the capital of France?",
+        cache=model_folder.parent,
+    )
     assert result.returncode == 0, result.stderr
     out = json.loads(result.stdout.strip().splitlines()[-1])
     assert out["text"] == "The capital of France is Paris."
