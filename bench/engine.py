@@ -27,6 +27,7 @@ from rich.table import Table
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from bench._results import write_section
 from services.core.model.load import LoadedModel, load_model
+from services.core.runtime import keep_freed_memory
 from services.decode.colocated import build_engine
 from services.decode.sampling import SamplingParams
 
@@ -124,6 +125,7 @@ def main() -> None:
     parser.add_argument("--no-write", action="store_true", help="do not update bench/RESULTS.md")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
+    keep_freed_memory()  # helps both sides alike: they share this process
     console = Console()
     from transformers import AutoModelForCausalLM
 

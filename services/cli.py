@@ -9,6 +9,7 @@ from collections.abc import Sequence
 
 from services.core.errors import DisaggError
 from services.core.model.sources import DEFAULT_MODEL
+from services.core.runtime import keep_freed_memory
 
 EXIT_USAGE = 2
 
@@ -16,6 +17,7 @@ EXIT_USAGE = 2
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
+    keep_freed_memory()
     try:
         return int(args.func(args))
     except DisaggError as exc:

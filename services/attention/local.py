@@ -6,6 +6,7 @@ Used by the colocated engine and by tests; attention pods wrap the same pool beh
 from __future__ import annotations
 
 from collections.abc import Sequence
+from dataclasses import dataclass
 
 import torch
 
@@ -40,49 +41,83 @@ class LocalAttention(AttentionPart):
         return _LocalStep(self, chunks)
 
 
+@dataclass(slots=True, frozen=True)
+class DecodeLayout:
+    """Where the blocks of every decode lane are, for `paged_decode_attention`."""
+
+    blocks: torch.Tensor  # [NB] block ids, lane after lane
+    block_lane: torch.Tensor  # [NB] lane of each block
+    valid: torch.Tensor  # [NB, bs] position holds a token (only each lane's last block is partial)
+
+    @classmethod
+    def build(cls, lanes: list[tuple[list[int], int]], block_size: int, device: str) -> DecodeLayout:
+        """lanes: (block table, length) per lane."""
+        blocks: list[int] = []
+        block_lane: list[int] = []
+        filled: list[int] = []  # tokens in each block
+        for index, (table, length) in enumerate(lanes):
+            n_blocks = -(-length // block_size)
+            blocks.extend(table[:n_blocks])
+            block_lane.extend([index] * n_blocks)
+            filled.extend([block_size] * (n_blocks - 1))
+            filled.append(length - (n_blocks - 1) * block_size)
+        as_long = {"dtype": torch.long, "device": device}
+        offsets = torch.arange(block_size, device=device)
+        return cls(
+            blocks=torch.tensor(blocks, **as_long),
+            block_lane=torch.tensor(block_lane, **as_long),
+            valid=offsets[None, :] < torch.tensor(filled, **as_long)[:, None],
+        )
+
+
 class _LocalStep(AttentionStep):
     """Index tensors for one forward, computed once and reused by every layer."""
 
     def __init__(self, part: LocalAttention, chunks: Sequence[SeqChunk]) -> None:
         self.part = part
         self.chunks = list(chunks)
-        alloc, bs = part.pool.allocator, part.pool.block_size
-        device = part.pool.config.device
-        tables = [alloc.block_table(c.seq_id) for c in self.chunks]
+        config, bs = part.pool.config, part.pool.block_size
+        tables = [part.pool.allocator.block_table(c.seq_id) for c in self.chunks]
         # Write slots, [N, Hkv] flattened in row order: where each new token's K/V go.
-        write: list[int] = []
-        for chunk, table in zip(self.chunks, tables, strict=True):
-            for pos in range(chunk.start, chunk.end):
-                write.extend(lane[pos // bs] * bs + pos % bs for lane in table)
-        self.write_slots = torch.tensor(write, dtype=torch.long, device=device)
-        # Decode rows (length 1) are batched together; longer chunks run one sequence at a time.
-        self.decode_rows = [i for i, c in enumerate(self.chunks) if c.length == 1]
+        write = [
+            lane[pos // bs] * bs + pos % bs
+            for chunk, table in zip(self.chunks, tables, strict=True)
+            for pos in range(chunk.start, chunk.end)
+            for lane in table
+        ]
+        self.write_slots = torch.tensor(write, dtype=torch.long, device=config.device)
         self.row_offsets = [0]
         for chunk in self.chunks:
             self.row_offsets.append(self.row_offsets[-1] + chunk.length)
-        blocks: list[int] = []
-        lane_blocks: list[int] = []
-        lane_lens: list[int] = []
-        for i in self.decode_rows:
-            n_blocks = -(-self.chunks[i].end // bs)
-            for lane in tables[i]:
-                blocks.extend(lane[:n_blocks])
-                lane_blocks.append(n_blocks)
-                lane_lens.append(self.chunks[i].end)
-        self.blocks = torch.tensor(blocks, dtype=torch.long, device=device)
-        counts = torch.tensor(lane_blocks, dtype=torch.long, device=device)
-        self.block_lane = torch.repeat_interleave(torch.arange(len(lane_blocks), device=device), counts)
-        first_block = torch.cumsum(counts, 0) - counts  # [n_lanes]
-        block_pos0 = (torch.arange(len(blocks), device=device) - first_block[self.block_lane]) * bs
-        lens = torch.tensor(lane_lens, dtype=torch.long, device=device)[self.block_lane]
-        self.valid = (block_pos0[:, None] + torch.arange(bs, device=device)) < lens[:, None]  # [NB, bs]
+        # Decode rows (length 1) are batched together; longer chunks run one sequence at a time.
+        self.decode_rows = [i for i, c in enumerate(self.chunks) if c.length == 1]
+        self.decode_index = torch.tensor(
+            [self.row_offsets[i] for i in self.decode_rows], dtype=torch.long, device=config.device
+        )
+        lanes = [(lane, self.chunks[i].end) for i in self.decode_rows for lane in tables[i]]
+        self.layout = DecodeLayout.build(lanes, bs, config.device)
+        # Gather buffers reused by every layer: fresh memory per layer would page-fault.
+        shape = (self.layout.blocks.numel(), bs, config.head_dim)
+        self.workspace = tuple(torch.empty(shape, dtype=config.dtype, device=config.device) for _ in "kv")
         self.prefill_tables = {
-            i: torch.tensor(tables[i], dtype=torch.long, device=device)  # [Hkv, n_blocks]
+            i: torch.tensor(tables[i], dtype=torch.long, device=config.device)  # [Hkv, n_blocks]
             for i, c in enumerate(self.chunks)
             if c.length > 1
         }
-        self.decode_index = torch.tensor(
-            [self.row_offsets[i] for i in self.decode_rows], dtype=torch.long, device=device
+
+    def _decode(self, layer: int, q_lanes: torch.Tensor) -> torch.Tensor:
+        """q_lanes: [n_lanes, G, D] -> [n_lanes, G, D]."""
+        pool, layout = self.part.pool, self.layout
+        k_buf, v_buf = self.workspace
+        return paged_decode_attention(
+            q_lanes,
+            pool.k[layer],
+            pool.v[layer],
+            layout.blocks,
+            layout.block_lane,
+            layout.valid,
+            self.part.scale,
+            (k_buf, v_buf),
         )
 
     def attend(self, layer: int, q: torch.Tensor, k_new: torch.Tensor, v_new: torch.Tensor) -> torch.Tensor:
@@ -90,17 +125,11 @@ class _LocalStep(AttentionStep):
         head_dim = q.shape[-1]
         pool.write(layer, self.write_slots, k_new.reshape(-1, head_dim), v_new.reshape(-1, head_dim))
         if len(self.decode_rows) == len(self.chunks):  # pure decode step: no scatter needed
-            q_lanes = q.reshape(-1, part.group, head_dim)  # [B*Hkv, G, D]
-            o = paged_decode_attention(
-                q_lanes, pool.k[layer], pool.v[layer], self.blocks, self.block_lane, self.valid, part.scale
-            )
-            return o.reshape(q.shape)
+            return self._decode(layer, q.reshape(-1, part.group, head_dim)).reshape(q.shape)
         out = torch.empty_like(q)
         if self.decode_rows:
             q_lanes = q.index_select(0, self.decode_index).reshape(-1, part.group, head_dim)
-            o = paged_decode_attention(
-                q_lanes, pool.k[layer], pool.v[layer], self.blocks, self.block_lane, self.valid, part.scale
-            )
+            o = self._decode(layer, q_lanes)
             out.index_copy_(0, self.decode_index, o.reshape(-1, q.shape[1], head_dim))
         for i, table in self.prefill_tables.items():
             chunk, lo, hi = self.chunks[i], self.row_offsets[i], self.row_offsets[i + 1]

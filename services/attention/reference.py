@@ -28,10 +28,15 @@ def paged_decode_attention(
     block_lane: torch.Tensor,  # [NB] int64 lane of each block
     valid: torch.Tensor,  # [NB, bs] bool: position holds a token
     scale: float,
+    workspace: tuple[torch.Tensor, torch.Tensor] | None = None,  # reusable [NB, bs, D] buffers for k, v
 ) -> torch.Tensor:  # [n_lanes, G, D]
     n_lanes, group, head_dim = q.shape
-    k = k_cache.index_select(0, blocks)  # [NB, bs, D]
-    v = v_cache.index_select(0, blocks)
+    if workspace is None:
+        k = k_cache.index_select(0, blocks)  # [NB, bs, D]
+        v = v_cache.index_select(0, blocks)
+    else:  # gathering into warm buffers avoids page-faulting fresh memory every layer
+        k = torch.index_select(k_cache, 0, blocks, out=workspace[0])
+        v = torch.index_select(v_cache, 0, blocks, out=workspace[1])
     scores = torch.bmm(q.index_select(0, block_lane), k.transpose(1, 2)).float() * scale  # [NB, G, bs]
     scores.masked_fill_(~valid.unsqueeze(1), float("-inf"))
     block_max = scores.amax(dim=-1)  # [NB, G]
