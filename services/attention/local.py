@@ -61,12 +61,11 @@ class DecodeLayout:
             block_lane.extend([index] * n_blocks)
             filled.extend([block_size] * (n_blocks - 1))
             filled.append(length - (n_blocks - 1) * block_size)
-        as_long = {"dtype": torch.long, "device": device}
         offsets = torch.arange(block_size, device=device)
         return cls(
-            blocks=torch.tensor(blocks, **as_long),
-            block_lane=torch.tensor(block_lane, **as_long),
-            valid=offsets[None, :] < torch.tensor(filled, **as_long)[:, None],
+            blocks=torch.tensor(blocks, dtype=torch.long, device=device),
+            block_lane=torch.tensor(block_lane, dtype=torch.long, device=device),
+            valid=offsets[None, :] < torch.tensor(filled, dtype=torch.long, device=device)[:, None],
         )
 
 
