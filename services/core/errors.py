@@ -27,3 +27,11 @@ class InvalidRequestError(DisaggError):
 
 class PromptTooLongError(InvalidRequestError):
     """The prompt does not fit the model's context window (or the KV pool)."""
+
+
+class BackendUnavailableError(DisaggError):
+    """The serving backend cannot take or finish the request now (shutting down, a pod failed); retry later."""
+
+
+class NoCapacityError(BackendUnavailableError):
+    """Every slot is taken (concurrent request limit, no decode pod with room); retry later or scale out."""
