@@ -30,7 +30,7 @@ class PromptTooLongError(InvalidRequestError):
 
 
 class BackendUnavailableError(DisaggError):
-    """The serving backend cannot take or finish the request now (shutting down, a pod failed); retry later."""
+    """The serving backend cannot take or finish a request now (shutting down, a pod failed); retry later."""
 
 
 class NoCapacityError(BackendUnavailableError):

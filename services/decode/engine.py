@@ -76,8 +76,12 @@ class Engine:
         self._ids = itertools.count()
 
     # ---- requests ------------------------------------------------------------------------------
-    def add_request(self, prompt_ids: list[int], params: SamplingParams) -> int:
-        seq = Sequence(next(self._ids), list(prompt_ids), params)
+    def check_prompt(self, prompt_ids: list[int]) -> None:
+        """Raise PromptTooLongError if the prompt can never run here; touches no state."""
+        self.scheduler.check_prompt(len(prompt_ids))
+
+    def add_request(self, prompt_ids: list[int], params: SamplingParams, seq_id: int | None = None) -> int:
+        seq = Sequence(next(self._ids) if seq_id is None else seq_id, list(prompt_ids), params)
         self.scheduler.add(seq)  # raises PromptTooLongError before anything is kept
         stop_ids = frozenset(params.stop_token_ids) | (
             frozenset() if params.ignore_eos else frozenset(self.tokenizer.eos_token_ids)

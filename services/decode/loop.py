@@ -1,28 +1,30 @@
 """A background thread that drives an `Engine`, for servers.
 
     loop = EngineLoop(engine); loop.start()
-    stream = loop.submit(prompt_ids, params)          # errors (prompt too long, ...) raise here
+    stream = loop.submit(prompt_ids, params)          # bad input (prompt too long, ...) raises here
     for event in stream: ...                          # or: async for event in stream
-    stream.cancel()                                   # frees the request's KV at once
+    stream.cancel()                                   # KV freed before the next step
     loop.stop()
 
-The engine is not thread-safe; every call into it holds `self._lock`, and the loop holds it for one
-step at a time, so submissions and cancellations land between steps. Events reach each request's
-stream through a thread-safe queue, or through its asyncio loop when the stream was created from
-a coroutine, so an asyncio server never parks a thread per request.
+The engine is not thread-safe and only the loop thread touches it. `submit` and `cancel` only
+append to a pending list under a short lock, so an asyncio server never waits for a step to finish;
+the loop applies pending work between steps. Events reach each request's stream through a
+thread-safe queue, or through its asyncio loop when the stream was created from a coroutine, so an
+asyncio server never parks a thread per request.
 """
 
 from __future__ import annotations
 
 import asyncio
+import itertools
 import logging
 import queue
 import threading
 from collections.abc import AsyncIterator, Iterator
+from dataclasses import dataclass
 
 from services.decode.engine import Engine, TokenEvent
 from services.decode.sampling import SamplingParams
-from services.decode.scheduler import FinishReason
 
 log = logging.getLogger(__name__)
 
@@ -75,15 +77,32 @@ class RequestStream:
                 return
 
 
+@dataclass(slots=True, frozen=True)
+class _Add:
+    stream: RequestStream
+    prompt_ids: list[int]
+    params: SamplingParams
+
+
+@dataclass(slots=True, frozen=True)
+class _Cancel:
+    seq_id: int
+
+
 class EngineLoop:
     def __init__(self, engine: Engine, name: str = "engine-loop") -> None:
         self.engine = engine
-        self._lock = threading.Lock()
-        self._wake = threading.Condition(self._lock)
+        self._wake = threading.Condition()  # guards _pending, _streams and _running only
+        self._pending: list[_Add | _Cancel] = []
         self._streams: dict[int, RequestStream] = {}
+        self._ids = itertools.count()
         self._running = False
         self._thread = threading.Thread(target=self._run, name=name, daemon=True)
         self.steps = 0
+
+    @property
+    def is_running(self) -> bool:
+        return self._running
 
     def start(self) -> None:
         self._running = True
@@ -95,9 +114,14 @@ class EngineLoop:
             self._running = False
             self._wake.notify()
         self._thread.join(timeout)
-        self._fail_all(EngineStoppedError("the engine is shutting down"))
+        with self._wake:
+            streams = list(self._streams.values())
+            self._streams.clear()
+        for stream in streams:
+            stream.put(EngineStoppedError("the engine is shutting down"))
 
     def submit(self, prompt_ids: list[int], params: SamplingParams) -> RequestStream:
+        self.engine.check_prompt(prompt_ids)  # stateless: safe from any thread
         try:
             aio: asyncio.AbstractEventLoop | None = asyncio.get_running_loop()
         except RuntimeError:
@@ -105,18 +129,16 @@ class EngineLoop:
         with self._wake:
             if not self._running:
                 raise EngineStoppedError("the engine is not running")
-            seq_id = self.engine.add_request(prompt_ids, params)  # raises on bad input
-            stream = RequestStream(self, seq_id, aio)
-            self._streams[seq_id] = stream
+            stream = RequestStream(self, next(self._ids), aio)
+            self._streams[stream.seq_id] = stream
+            self._pending.append(_Add(stream, list(prompt_ids), params))
             self._wake.notify()
         return stream
 
     def cancel(self, seq_id: int) -> None:
-        with self._lock:
-            event = self.engine.abort(seq_id)
-            stream = self._streams.pop(seq_id, None)
-        if event is not None and stream is not None:
-            stream.put(event)
+        with self._wake:
+            self._pending.append(_Cancel(seq_id))
+            self._wake.notify()
 
     @property
     def num_running(self) -> int:
@@ -128,34 +150,48 @@ class EngineLoop:
 
     def _run(self) -> None:
         try:
-            while True:
-                with self._wake:
-                    while self._running and not self.engine.has_work():
-                        self._wake.wait()
-                    if not self._running:
-                        return
-                    events = self.engine.step()
-                    self.steps += 1
-                    finished = [e.seq_id for e in events if e.finish_reason is not None]
-                    targets = [(self._streams.get(e.seq_id), e) for e in events]
-                    for seq_id in finished:
-                        self._streams.pop(seq_id, None)
-                for stream, event in targets:
-                    if stream is not None:
-                        stream.put(event)
+            while self._next_batch_of_work():
+                events = self.engine.step()
+                self.steps += 1
+                self._deliver(events)
         except Exception as exc:  # a bug in a step: fail every request loudly rather than hang them
             log.exception("engine loop crashed")
-            self._running = False
-            self._fail_all(EngineStoppedError(f"the engine failed: {exc}"))
-
-    def _fail_all(self, error: BaseException) -> None:
-        with self._lock:
-            streams = list(self._streams.values())
-            self._streams.clear()
+            with self._wake:
+                self._running = False
+                streams = list(self._streams.values())
+                self._streams.clear()
             for stream in streams:
-                self.engine.abort(stream.seq_id)
-        for stream in streams:
-            stream.put(error)
+                stream.put(EngineStoppedError(f"the engine failed: {exc}"))
 
+    def _next_batch_of_work(self) -> bool:
+        """Wait for work, apply pending submissions/cancellations; False once stopped."""
+        with self._wake:
+            while self._running and not self._pending and not self.engine.has_work():
+                self._wake.wait()
+            if not self._running:
+                return False
+            pending, self._pending = self._pending, []
+        for item in pending:
+            if isinstance(item, _Add):
+                self._add(item)
+            else:
+                self._deliver([event] if (event := self.engine.abort(item.seq_id)) else [])
+        return True
 
-__all__ = ["EngineLoop", "EngineStoppedError", "FinishReason", "RequestStream"]
+    def _add(self, item: _Add) -> None:
+        try:
+            self.engine.add_request(item.prompt_ids, item.params, seq_id=item.stream.seq_id)
+        except Exception as exc:  # validated in submit already; anything here is reported to the caller
+            with self._wake:
+                self._streams.pop(item.stream.seq_id, None)
+            item.stream.put(exc)
+
+    def _deliver(self, events: list[TokenEvent]) -> None:
+        with self._wake:
+            targets = [(self._streams.get(e.seq_id), e) for e in events]
+            for event in events:
+                if event.finish_reason is not None:
+                    self._streams.pop(event.seq_id, None)
+        for stream, event in targets:
+            if stream is not None:
+                stream.put(event)

@@ -102,14 +102,17 @@ class Scheduler:
         self.running: list[Sequence] = []
         self.num_preemptions = 0  # since start; exported as a metric by the services
 
-    def add(self, seq: Sequence) -> None:
+    def check_prompt(self, num_tokens: int) -> None:
         limit = min(self.config.max_model_len, self.kv.max_tokens_per_sequence())
-        if len(seq.prompt_ids) >= limit:
+        if num_tokens >= limit:
             raise PromptTooLongError(
-                f"the prompt has {len(seq.prompt_ids)} tokens but at most {limit - 1} fit "
+                f"the prompt has {num_tokens} tokens but at most {limit - 1} fit "
                 "(context window or KV pool); shorten the prompt",
                 "prompt",
             )
+
+    def add(self, seq: Sequence) -> None:
+        self.check_prompt(len(seq.prompt_ids))
         self.waiting.append(seq)
 
     def has_work(self) -> bool:

@@ -1,0 +1,1 @@
+"""The OpenAI-compatible gateway: HTTP edge (app), request preparation, lifecycle and backends."""

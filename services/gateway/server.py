@@ -1,0 +1,177 @@
+"""Run the gateway under uvicorn.
+
+    python -m services.gateway.server --colocated --model smollm2-135m --port 0
+
+Lifecycle: load the model and start the backend -> bind the socket (port 0 picks a free one) ->
+serve, and print one line `ready: http://HOST:PORT` once requests are served -> on SIGTERM or
+Ctrl-C: stop accepting (new requests get 503, /health turns 503), let in-flight requests finish for
+`shutdown_grace_seconds`, then end the rest with a 503 "shutting down" error (an SSE error event
+for streams) -> stop the backend and exit 0. A second Ctrl-C forces the exit.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import logging
+import math
+import signal
+import socket
+import sys
+from collections.abc import Callable, Sequence
+
+import uvicorn
+from pydantic import ValidationError
+
+from services.core.errors import DisaggError
+from services.core.model.sources import DEFAULT_MODEL
+from services.core.runtime import keep_freed_memory
+from services.gateway.app import Gateway, create_app
+from services.gateway.backend import Backend
+from services.gateway.settings import GatewaySettings
+
+log = logging.getLogger(__name__)
+
+EXIT_USAGE = 2
+FORCED_EXIT_MARGIN_S = 5.0  # after the grace period, aborted requests get this long to send their error
+
+
+def print_ready(url: str) -> None:
+    print(f"ready: {url}", flush=True)
+
+
+def serve(settings: GatewaySettings, backend: Backend, on_ready: Callable[[str], None] = print_ready) -> None:
+    """Serve `backend` until SIGTERM/SIGINT; starts and stops the backend. Blocks."""
+    app = create_app(backend, settings)
+    sock = _bind(settings.host, settings.port)
+    host = "127.0.0.1" if settings.host in ("0.0.0.0", "") else settings.host
+    url = f"http://{host}:{sock.getsockname()[1]}"
+    config = uvicorn.Config(
+        app,
+        log_level=settings.log_level,
+        lifespan="off",  # the backend's lifetime is managed here, around the server
+        timeout_graceful_shutdown=math.ceil(settings.shutdown_grace_seconds + FORCED_EXIT_MARGIN_S),
+    )
+    server = _Server(config, app.state.gateway, settings.shutdown_grace_seconds)
+    # uvicorn re-raises the signal it handled once it has shut down; make that a no-op so that the
+    # backend below stops cleanly and the process exits 0.
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, lambda *_: None)
+    backend.start()
+    try:
+        asyncio.run(_run(server, sock, url, on_ready))
+    finally:
+        backend.stop()
+        sock.close()
+
+
+class _Server(uvicorn.Server):
+    """uvicorn's server, which also tells the gateway to drain when the first exit signal arrives."""
+
+    def __init__(self, config: uvicorn.Config, gateway: Gateway, grace_s: float) -> None:
+        super().__init__(config)
+        self._gateway = gateway
+        self._grace_s = grace_s
+        self._loop: asyncio.AbstractEventLoop | None = None
+
+    async def serve(self, sockets: list[socket.socket] | None = None) -> None:
+        self._loop = asyncio.get_running_loop()
+        await super().serve(sockets)
+
+    def handle_exit(self, sig: int, frame: object) -> None:
+        first = not self.should_exit
+        super().handle_exit(sig, frame)  # type: ignore[arg-type]
+        if first and self._loop is not None:  # runs in a signal handler: hand over to the loop
+            self._loop.call_soon_threadsafe(self._gateway.begin_shutdown, self._grace_s)
+
+
+async def _run(
+    server: uvicorn.Server, sock: socket.socket, url: str, on_ready: Callable[[str], None]
+) -> None:
+    task = asyncio.create_task(server.serve(sockets=[sock]))
+    while not server.started:
+        if task.done():
+            await task
+            raise RuntimeError("uvicorn stopped before it started serving")
+        await asyncio.sleep(0.02)
+    on_ready(url)
+    await task
+
+
+def _bind(host: str, port: int) -> socket.socket:
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    try:
+        sock.bind((host, port))
+    except OSError as exc:
+        sock.close()
+        raise DisaggError(
+            f"cannot listen on {host}:{port}: {exc}; pick another --port (0 = any free)"
+        ) from exc
+    sock.set_inheritable(True)
+    return sock
+
+
+# ---- command line ------------------------------------------------------------------------------
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="python -m services.gateway.server",
+        description="Serve the OpenAI-compatible API. Flags override DISAGG_GATEWAY_* variables.",
+    )
+    p.add_argument(
+        "--colocated", action="store_true", help="serve from one in-process engine (required for now)"
+    )
+    p.add_argument("--model", default=DEFAULT_MODEL, help=f"model name or folder (default {DEFAULT_MODEL})")
+    p.add_argument("--served-model-name", action="append", help="model id clients send (repeatable)")
+    p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
+    p.add_argument("--device", default="cpu", help="torch device, e.g. cpu or cuda:0")
+    p.add_argument("--kv-budget-gb", type=float, default=2.0, help="KV cache memory budget in GiB")
+    p.add_argument("--host", help="address to listen on (default 127.0.0.1)")
+    p.add_argument("--port", type=int, help="port (default 8000; 0 = any free port)")
+    p.add_argument("--request-timeout", type=float, dest="request_timeout_seconds", help="seconds")
+    p.add_argument("--max-concurrent-requests", type=int, help="more at once get 503")
+    p.add_argument("--shutdown-grace", type=float, dest="shutdown_grace_seconds", help="seconds")
+    return p
+
+
+def settings_from_args(args: argparse.Namespace) -> GatewaySettings:
+    names = ("host", "port", "request_timeout_seconds", "max_concurrent_requests", "shutdown_grace_seconds")
+    overrides = {name: getattr(args, name) for name in names if getattr(args, name) is not None}
+    if args.served_model_name:
+        overrides["served_model_names"] = args.served_model_name
+    return GatewaySettings(**overrides)
+
+
+def colocated_backend(args: argparse.Namespace) -> Backend:
+    from services.core.model.load import load_model, parse_dtype
+    from services.gateway.backend import ColocatedBackend
+
+    model = load_model(args.model, dtype=parse_dtype(args.dtype), device=args.device, show_progress=False)
+    log.info("loaded %s from %s in %.1f s", args.model, model.folder, model.load_seconds)
+    return ColocatedBackend(model, model_name=args.model, kv_budget_bytes=int(args.kv_budget_gb * (1 << 30)))
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    keep_freed_memory()
+    try:
+        settings = settings_from_args(args)
+        log.info("gateway settings: %s", settings.model_dump())
+        if not args.colocated:
+            raise DisaggError(
+                "only --colocated is available in this build; the disaggregated backend (decode pods "
+                "through Redis) is not wired yet"
+            )
+        serve(settings, colocated_backend(args))
+    except (DisaggError, ValidationError) as exc:
+        print(f"gateway: error: {exc}", file=sys.stderr)
+        return EXIT_USAGE
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

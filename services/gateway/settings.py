@@ -1,0 +1,21 @@
+"""Gateway settings: environment variables `DISAGG_GATEWAY_*`, overridden by command-line flags."""
+
+from __future__ import annotations
+
+from pydantic import Field
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+
+class GatewaySettings(BaseSettings):
+    model_config = SettingsConfigDict(env_prefix="DISAGG_GATEWAY_", extra="forbid")
+
+    host: str = "127.0.0.1"
+    port: int = Field(default=8000, ge=0, le=65535)  # 0 = pick a free port (the ready line prints it)
+    # Model ids clients may send (JSON list in the environment); empty = the backend's model name.
+    served_model_names: list[str] = Field(default_factory=list)
+    request_timeout_seconds: float = Field(default=600.0, gt=0)  # past it: cancel, 504
+    max_concurrent_requests: int = Field(default=256, ge=1)  # more at once: 503 no_capacity
+    # /v1/completions without max_tokens gets OpenAI's default (16); chat gets the rest of the context.
+    default_max_tokens: int = Field(default=16, ge=1)
+    shutdown_grace_seconds: float = Field(default=30.0, ge=0)  # in-flight requests may finish within it
+    log_level: str = "info"
