@@ -34,6 +34,8 @@ def build_parser() -> argparse.ArgumentParser:
     )
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     _add_generate(sub)
+    _add_serve(sub)
+    _add_up(sub)
     return parser
 
 
@@ -128,6 +130,55 @@ def cmd_generate(args: argparse.Namespace) -> int:
     else:
         print()
     return 0
+
+
+def _add_serve(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    p = sub.add_parser(
+        "serve",
+        help="run one pod: gateway | attention (what each Kubernetes pod runs)",
+        description="Run one pod in the foreground. `disagg serve ROLE --help` lists the role's flags.",
+    )
+    p.add_argument("role", choices=["gateway", "attention"], help="which pod to run")
+    p.add_argument("args", nargs=argparse.REMAINDER, help="the role's own flags")
+    p.set_defaults(func=cmd_serve)
+
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    if args.role == "gateway":
+        from services.gateway.server import main as gateway_main
+
+        return gateway_main(args.args)
+    from services.attention.server import main as attention_main
+
+    return int(attention_main(args.args) or 0)
+
+
+def _add_up(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    p = sub.add_parser(
+        "up",
+        help="start a local cluster and serve the OpenAI API",
+        description="Start the services as local processes and serve the OpenAI API until Ctrl-C. "
+        "This build serves --colocated (one engine process, local attention); the disaggregated "
+        "cluster (Redis, prefill/decode/attention pods) is being wired.",
+    )
+    p.add_argument("--port", type=int, default=8000, help="gateway port (0 = pick a free one)")
+    p.add_argument("--host", default="127.0.0.1", help="gateway bind address")
+    p.add_argument("--colocated", action="store_true", help="one engine process with local attention")
+    _add_model_args(p)
+    p.set_defaults(func=cmd_up)
+
+
+def cmd_up(args: argparse.Namespace) -> int:
+    if not args.colocated:
+        raise DisaggError(
+            "the disaggregated cluster (Redis + prefill/decode/attention pods) is not wired in this "
+            "build yet; run `disagg up --colocated`"
+        )
+    from services.gateway.server import main as gateway_main
+
+    argv = ["--colocated", "--model", args.model, "--dtype", args.dtype, "--device", args.device]
+    argv += ["--kv-budget-gb", str(args.kv_budget_gb), "--host", args.host, "--port", str(args.port)]
+    return gateway_main(argv)
 
 
 if __name__ == "__main__":
