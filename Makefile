@@ -5,7 +5,7 @@ PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed-$(shell cat pyproject.toml | cksum | cut -d' ' -f1)
 PYTEST_ARGS ?=
 
-.PHONY: setup run test test-fast lint format bench clean
+.PHONY: setup run test test-fast lint format bench proto clean
 
 setup: $(STAMP)
 
@@ -18,8 +18,9 @@ $(STAMP): pyproject.toml
 	rm -f $(VENV)/.installed-*
 	touch $@
 
+# Serves the OpenAI API on http://127.0.0.1:8000 until Ctrl-C (colocated until the pods are wired).
 run: setup
-	$(VENV)/bin/disagg generate --chat --temperature 0 --max-tokens 64 "What is the capital of France?"
+	$(VENV)/bin/disagg up --colocated --port $${PORT:-8000}
 
 test: setup
 	$(PY) -m pytest $(PYTEST_ARGS)
@@ -38,6 +39,12 @@ format: setup
 
 bench: setup
 	$(PY) bench/engine.py
+
+# Python stubs of proto/disagg/v1/*.proto into services/proto (see services/proto/__init__.py).
+# tests/unit/test_proto_stubs.py fails when the committed stubs differ from what this generates.
+proto: setup
+	$(PY) -m grpc_tools.protoc -I proto --python_out=services/proto --pyi_out=services/proto \
+		--grpc_python_out=services/proto proto/disagg/v1/*.proto
 
 clean:
 	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache

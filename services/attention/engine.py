@@ -1,0 +1,275 @@
+"""The attention pod's logic: sequences holding a range of KV heads, over one paged KV pool.
+
+No network and no weights here (server.py is the gRPC edge). Lifecycle of a sequence:
+
+    open(seq, kv_head_start, kv_head_count, policy) ─▶ reserve(seq, n)* ─▶ import_kv / steps ─▶ free(seq)
+
+A step (one forward of one client) lives in a `StepSession`, one per Step stream:
+
+    session.begin(step_id, chunks)                  # indices built once per forward
+    m = session.expect_layer(step_id, layer)        # lanes M of the next frame, checks the order
+    o = session.layer(step_id, layer, q, k, v)      # q [M,G,D], k/v [M,D] -> o [M,G,D]
+
+Rows travel as lanes (one KV head of one new token, see proto/disagg/v1/attention.proto), so
+sequences holding different head ranges can share a step. Concurrency: gRPC runs every call on its
+own thread. Bookkeeping (allocator, sequence table, a step's indices) holds one lock; per-layer
+arithmetic runs outside it, since a client only touches the blocks of its own sequences.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Sequence
+from dataclasses import dataclass
+from enum import Enum
+
+import torch
+
+from services.attention.blocks import UnknownSequenceError
+from services.attention.kv_pool import KVPool
+from services.attention.local import LocalAttention, LocalStep
+from services.core.attention import ReserveResult, SeqChunk
+from services.core.errors import DisaggError
+from services.core.model.config import ModelConfig
+
+
+class SequenceExistsError(DisaggError):
+    """Open of a sequence id that is already open on this pod."""
+
+
+class InvalidFrameError(DisaggError):
+    """A call or step frame that contradicts the protocol (head range, layer order, shapes, ids)."""
+
+
+class NotReservedError(DisaggError):
+    """Positions beyond what the sequence has reserved: call Reserve first."""
+
+
+class TooManyStepsError(DisaggError):
+    """More steps open on one stream than the pod allows (finish or abandon earlier ones)."""
+
+
+class PodClosingError(DisaggError):
+    """The pod is shutting down and takes no new steps; use another pod."""
+
+
+class AttentionPolicy(Enum):
+    DENSE = "dense"  # exact attention over every cached token
+
+    @classmethod
+    def parse(cls, name: str) -> AttentionPolicy:
+        try:
+            return cls(name)
+        except ValueError:
+            known = ", ".join(p.value for p in cls)
+            raise InvalidFrameError(f"unknown attention policy {name!r}; this pod serves: {known}") from None
+
+
+@dataclass(slots=True, frozen=True)
+class PodGeometry:
+    """The model shapes a pod needs (no weights)."""
+
+    num_layers: int
+    num_kv_heads: int  # Hkv
+    group_size: int  # G = Hq / Hkv
+    head_dim: int  # D
+    dtype: torch.dtype  # of the KV pool and of every q/k/v/o on the wire
+
+    @classmethod
+    def from_model(cls, config: ModelConfig, dtype: torch.dtype) -> PodGeometry:
+        return cls(config.num_layers, config.num_kv_heads, config.group_size, config.head_dim, dtype)
+
+
+@dataclass(slots=True, frozen=True)
+class PodSequence:
+    kv_head_start: int  # first of the model's KV heads held here
+    kv_head_count: int  # lanes per token
+    policy: AttentionPolicy
+
+
+@dataclass(slots=True, frozen=True)
+class PodStats:
+    blocks_total: int
+    blocks_free: int
+    block_size: int
+    sequences: int
+    bytes_per_block: int  # K and V of one block over all layers
+
+    @property
+    def blocks_used(self) -> int:
+        return self.blocks_total - self.blocks_free
+
+
+class AttentionEngine:
+    def __init__(self, geometry: PodGeometry, pool: KVPool, max_open_steps: int = 8) -> None:
+        if pool.config.num_layers != geometry.num_layers or pool.config.head_dim != geometry.head_dim:
+            raise ValueError("the KV pool was sized for another model geometry")
+        self.geometry = geometry
+        self.pool = pool
+        self.max_open_steps = max_open_steps
+        heads = geometry.num_kv_heads
+        self._local = LocalAttention(pool, num_kv_heads=heads, num_heads=heads * geometry.group_size)
+        self._sequences: dict[int, PodSequence] = {}
+        self._lock = threading.Lock()
+        self._closing = False
+
+    # ---- sequences -----------------------------------------------------------------------------
+    def open(self, seq_id: int, kv_head_start: int, kv_head_count: int, policy: AttentionPolicy) -> None:
+        heads = self.geometry.num_kv_heads
+        if kv_head_count < 1 or kv_head_start < 0 or kv_head_start + kv_head_count > heads:
+            raise InvalidFrameError(
+                f"KV heads [{kv_head_start}, {kv_head_start + kv_head_count}) are not a non-empty range "
+                f"within the model's {heads} KV heads"
+            )
+        with self._lock:
+            if seq_id in self._sequences:
+                raise SequenceExistsError(f"sequence {seq_id} is already open on this pod; free it first")
+            self._local.open(seq_id, kv_head_count)
+            self._sequences[seq_id] = PodSequence(kv_head_start, kv_head_count, policy)
+
+    def reserve(self, seq_id: int, num_tokens: int) -> ReserveResult:
+        with self._lock:
+            return self._local.reserve(seq_id, num_tokens)
+
+    def free(self, seq_id: int) -> int:
+        """Blocks released; unknown ids are a no-op (0)."""
+        with self._lock:
+            self._sequences.pop(seq_id, None)
+            return self.pool.allocator.free(seq_id)
+
+    def import_kv(self, seq_id: int, layer: int, start: int, k: torch.Tensor, v: torch.Tensor) -> None:
+        """Write K/V computed elsewhere. k, v: [T, h, D], h = the sequence's head count here."""
+        self._check_layer(layer)
+        bs = self.pool.block_size
+        with self._lock:
+            seq = self._sequence(seq_id)
+            expected = (k.shape[0], seq.kv_head_count, self.geometry.head_dim)
+            if tuple(k.shape) != expected or tuple(v.shape) != expected:
+                raise InvalidFrameError(
+                    f"ImportKV for sequence {seq_id}: k {list(k.shape)} and v {list(v.shape)} must both be "
+                    f"[T, {seq.kv_head_count}, {self.geometry.head_dim}]"
+                )
+            self._check_reserved(seq_id, start + k.shape[0])
+            table = torch.tensor(self.pool.allocator.block_table(seq_id), dtype=torch.long)  # [h, n_blocks]
+        positions = torch.arange(start, start + k.shape[0])  # [T]
+        slots = table[:, positions // bs] * bs + positions % bs  # [h, T]
+        d = self.geometry.head_dim
+        self.pool.write(layer, slots.t().reshape(-1), k.reshape(-1, d), v.reshape(-1, d))
+
+    def stats(self) -> PodStats:
+        with self._lock:
+            allocator = self.pool.allocator
+            return PodStats(
+                blocks_total=allocator.num_blocks,
+                blocks_free=allocator.num_free_blocks,
+                block_size=self.pool.block_size,
+                sequences=len(self._sequences),
+                bytes_per_block=self.pool.config.bytes_per_block(),
+            )
+
+    def max_tokens_per_sequence(self, kv_head_count: int) -> int:
+        return self.pool.allocator.num_blocks // kv_head_count * self.pool.block_size
+
+    def session(self) -> StepSession:
+        return StepSession(self)
+
+    def close(self) -> None:
+        """Refuse new steps from now on (shutdown); steps already begun may finish."""
+        self._closing = True
+
+    # ---- steps ---------------------------------------------------------------------------------
+    def begin_step(self, chunks: Sequence[SeqChunk]) -> LocalStep:
+        """Check the chunks (open, reserved, distinct) and build the step's indices."""
+        if self._closing:
+            raise PodClosingError("this attention pod is shutting down and takes no new steps")
+        seen: set[int] = set()
+        with self._lock:
+            for chunk in chunks:
+                self._sequence(chunk.seq_id)
+                if chunk.seq_id in seen:
+                    raise InvalidFrameError(f"sequence {chunk.seq_id} appears twice in one step")
+                if chunk.start < 0 or chunk.length < 1:
+                    raise InvalidFrameError(
+                        f"sequence {chunk.seq_id}: chunk start {chunk.start}, length {chunk.length}; "
+                        "need start >= 0 and length >= 1"
+                    )
+                self._check_reserved(chunk.seq_id, chunk.end)
+                seen.add(chunk.seq_id)
+            return self._local.begin(chunks)
+
+    def _sequence(self, seq_id: int) -> PodSequence:
+        try:
+            return self._sequences[seq_id]
+        except KeyError:
+            raise UnknownSequenceError(
+                f"sequence {seq_id} is not open on this pod; call Open first"
+            ) from None
+
+    def _check_reserved(self, seq_id: int, end: int) -> None:
+        capacity = self.pool.allocator.capacity(seq_id)
+        if end > capacity:
+            raise NotReservedError(
+                f"sequence {seq_id} has reserved {capacity} positions but position {end - 1} was sent; "
+                f"Reserve {end} tokens first"
+            )
+
+    def _check_layer(self, layer: int) -> None:
+        if not 0 <= layer < self.geometry.num_layers:
+            raise InvalidFrameError(f"layer {layer} is outside 0..{self.geometry.num_layers - 1}")
+
+
+@dataclass(slots=True)
+class _OpenStep:
+    local: LocalStep
+    next_layer: int  # the layer the next frame must carry
+
+
+class StepSession:
+    """The steps open on one Step stream. Not thread-safe: one stream is read by one thread."""
+
+    def __init__(self, engine: AttentionEngine) -> None:
+        self.engine = engine
+        self._steps: dict[int, _OpenStep] = {}
+
+    def begin(self, step_id: int, chunks: Sequence[SeqChunk]) -> None:
+        if not chunks:
+            raise InvalidFrameError(f"step {step_id} begins with no chunks")
+        if step_id in self._steps:
+            raise InvalidFrameError(f"step {step_id} is already open on this stream")
+        if len(self._steps) >= self.engine.max_open_steps:
+            raise TooManyStepsError(
+                f"{len(self._steps)} steps are already open on this stream (the limit); finish them first"
+            )
+        self._steps[step_id] = _OpenStep(self.engine.begin_step(chunks), next_layer=0)
+
+    def expect_layer(self, step_id: int, layer: int) -> int:
+        """The lanes M the frame for (step_id, layer) must carry; checks the step and layer order."""
+        step = self._steps.get(step_id)
+        if step is None:
+            raise InvalidFrameError(f"layer frame for step {step_id}, which is not open on this stream")
+        if layer != step.next_layer:
+            raise InvalidFrameError(f"step {step_id} expects layer {step.next_layer} next, got layer {layer}")
+        return step.local.num_lanes
+
+    def layer(
+        self, step_id: int, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor
+    ) -> torch.Tensor:
+        """q: [M, G, D]; k, v: [M, D] -> o: [M, G, D]. The step closes after its last layer."""
+        lanes = self.expect_layer(step_id, layer)
+        geometry = self.engine.geometry
+        d, g = geometry.head_dim, geometry.group_size
+        if tuple(q.shape) != (lanes, g, d) or tuple(k.shape) != (lanes, d) or tuple(v.shape) != (lanes, d):
+            raise InvalidFrameError(
+                f"step {step_id} layer {layer}: q {list(q.shape)}, k {list(k.shape)}, v {list(v.shape)} "
+                f"must be [{lanes}, {g}, {d}], [{lanes}, {d}], [{lanes}, {d}]"
+            )
+        step = self._steps[step_id]
+        o = step.local.attend_lanes(layer, q, k, v)
+        step.next_layer += 1
+        if step.next_layer == geometry.num_layers:
+            del self._steps[step_id]
+        return o
+
+    @property
+    def open_steps(self) -> int:
+        return len(self._steps)

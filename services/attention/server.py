@@ -1,0 +1,322 @@
+"""The attention pod's gRPC edge: `disagg.v1.Attention` over an `AttentionEngine`, plus health.
+
+    python -m services.attention.server [--port 0 --model smollm2-135m ...]   # or DISAGG_ATTENTION_*
+    prints: attention pod <pod_id> listening on <host>:<port>
+
+Lifecycle: settings validated ─▶ model config read (no weights) ─▶ KV pool allocated from the
+budget ─▶ serving (health SERVING) ─▶ SIGTERM/SIGINT ─▶ health NOT_SERVING, new steps refused with
+UNAVAILABLE, open streams get `shutdown_grace_s` to finish, then every call still open ends with
+UNAVAILABLE ─▶ exit.
+
+Why the sync `grpc.server` with a thread pool rather than grpc.aio: the work per frame is blocking
+torch arithmetic (which releases the GIL), a Step stream is a plain loop "read frame, compute,
+answer" on its own thread, and unary control calls never wait behind a stream's compute. With aio
+every layer would hop from the event loop to an executor and back. Each open stream holds one
+thread, so `threads` bounds clients; calls past it get RESOURCE_EXHAUSTED instead of queueing.
+
+Errors map to status codes here and only here (see `_STATUS`).
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import signal
+import socket
+import sys
+import threading
+from collections.abc import Iterable, Iterator, Sequence
+from concurrent import futures
+from contextlib import contextmanager
+from dataclasses import dataclass
+from typing import Literal
+
+import grpc
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from pydantic import Field, ValidationError
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+from services.attention.blocks import UnknownSequenceError
+from services.attention.engine import (
+    AttentionEngine,
+    AttentionPolicy,
+    InvalidFrameError,
+    NotReservedError,
+    PodClosingError,
+    PodGeometry,
+    SequenceExistsError,
+    StepSession,
+    TooManyStepsError,
+)
+from services.attention.kv_pool import KVPool, KVPoolConfig
+from services.core.attention import OutOfBlocks, SeqChunk
+from services.core.errors import DisaggError
+from services.core.model.config import ModelConfig
+from services.core.model.load import parse_dtype
+from services.core.model.sources import DEFAULT_MODEL, resolve_model
+from services.core.runtime import keep_freed_memory
+from services.core.wire import (
+    DTYPE_TO_WIRE,
+    TensorLimits,
+    WireError,
+    decode,
+    encode_into,
+    grpc_message_options,
+)
+from services.proto import attention_pb2 as pb
+from services.proto import attention_pb2_grpc as pb_grpc
+
+log = logging.getLogger(__name__)
+SERVICE_NAME = "disagg.v1.Attention"
+
+
+class AttentionSettings(BaseSettings):
+    """Everything an attention pod is configured with; env DISAGG_ATTENTION_<FIELD> or flags."""
+
+    model_config = SettingsConfigDict(env_prefix="DISAGG_ATTENTION_", extra="forbid")
+
+    host: str = Field("127.0.0.1", description="address to bind; 0.0.0.0 in a cluster")
+    port: int = Field(50061, ge=0, le=65535, description="gRPC port; 0 picks a free one (printed)")
+    model: str = Field(DEFAULT_MODEL, description="model name or folder; only its config.json is read")
+    dtype: Literal["float32", "bfloat16", "float16"] = Field("float32", description="KV dtype")
+    device: str = Field("cpu", description="torch device of the KV pool")
+    kv_budget_bytes: int = Field(2 << 30, gt=0, description="memory for K and V, all layers")
+    block_size: int = Field(16, ge=1, le=1024, description="positions per KV block")
+    max_message_bytes: int = Field(64 << 20, ge=1 << 20, le=(1 << 31) - 1, description="per message")
+    pod_id: str = Field(default_factory=socket.gethostname, min_length=1, description="for logs, registry")
+    threads: int = Field(32, ge=4, le=1024, description="RPC threads; each open Step stream holds one")
+    shutdown_grace_s: float = Field(2.0, ge=0, le=60, description="time open streams get on SIGTERM")
+
+
+# Most specific first: the first matching class gives the status.
+_STATUS: tuple[tuple[type[Exception], grpc.StatusCode], ...] = (
+    (WireError, grpc.StatusCode.INVALID_ARGUMENT),
+    (InvalidFrameError, grpc.StatusCode.INVALID_ARGUMENT),
+    (UnknownSequenceError, grpc.StatusCode.NOT_FOUND),
+    (SequenceExistsError, grpc.StatusCode.ALREADY_EXISTS),
+    (NotReservedError, grpc.StatusCode.FAILED_PRECONDITION),
+    (TooManyStepsError, grpc.StatusCode.RESOURCE_EXHAUSTED),
+    (PodClosingError, grpc.StatusCode.UNAVAILABLE),
+    (DisaggError, grpc.StatusCode.INVALID_ARGUMENT),
+)
+
+
+@contextmanager
+def _status(context: grpc.ServicerContext) -> Iterator[None]:
+    """End the call with the status of a known error; anything else is a bug (INTERNAL, logged)."""
+    try:
+        yield
+    except DisaggError as exc:
+        code = next(code for kind, code in _STATUS if isinstance(exc, kind))
+        context.abort(code, str(exc))
+    except Exception as exc:  # a bug: say so instead of gRPC's anonymous UNKNOWN
+        log.exception("attention pod failed a call")
+        context.abort(grpc.StatusCode.INTERNAL, f"attention pod bug: {type(exc).__name__}: {exc}")
+
+
+class AttentionServicer(pb_grpc.AttentionServicer):
+    def __init__(self, engine: AttentionEngine, settings: AttentionSettings) -> None:
+        self.engine = engine
+        self.settings = settings
+        self.limits = TensorLimits(max_bytes=settings.max_message_bytes)
+
+    def Open(self, request: pb.OpenRequest, context: grpc.ServicerContext) -> pb.OpenResponse:
+        with _status(context):
+            policy = AttentionPolicy.parse(request.policy)
+            self.engine.open(request.seq_id, request.kv_head_start, request.kv_head_count, policy)
+        return pb.OpenResponse()
+
+    def Reserve(self, request: pb.ReserveRequest, context: grpc.ServicerContext) -> pb.ReserveResponse:
+        with _status(context):
+            result = self.engine.reserve(request.seq_id, request.num_tokens)
+        if isinstance(result, OutOfBlocks):
+            return pb.ReserveResponse(
+                out_of_blocks=pb.OutOfBlocks(needed_blocks=result.needed, free_blocks=result.free)
+            )
+        return pb.ReserveResponse(
+            reserved=pb.Reserved(capacity_tokens=result.capacity_tokens, new_blocks=result.new_blocks)
+        )
+
+    def ImportKV(
+        self, request_iterator: Iterable[pb.ImportKVChunk], context: grpc.ServicerContext
+    ) -> pb.ImportKVResponse:
+        chunks = written = 0
+        dtype = self.engine.geometry.dtype
+        with _status(context):
+            for chunk in request_iterator:
+                k = decode(chunk.k, self.limits, name="k", dtype=dtype)
+                v = decode(chunk.v, self.limits, name="v", dtype=dtype)
+                self.engine.import_kv(chunk.seq_id, chunk.layer, chunk.start, k, v)
+                chunks += 1
+                written += 2 * k.numel() * k.element_size()
+        return pb.ImportKVResponse(chunks=chunks, bytes=written)
+
+    def Free(self, request: pb.FreeRequest, context: grpc.ServicerContext) -> pb.FreeResponse:
+        with _status(context):
+            released = self.engine.free(request.seq_id)
+        return pb.FreeResponse(released_blocks=released)
+
+    def Stats(self, request: pb.StatsRequest, context: grpc.ServicerContext) -> pb.StatsResponse:
+        stats, geometry = self.engine.stats(), self.engine.geometry
+        return pb.StatsResponse(
+            pod_id=self.settings.pod_id,
+            blocks_total=stats.blocks_total,
+            blocks_free=stats.blocks_free,
+            blocks_used=stats.blocks_used,
+            block_size=stats.block_size,
+            sequences=stats.sequences,
+            bytes_total=stats.blocks_total * stats.bytes_per_block,
+            bytes_used=stats.blocks_used * stats.bytes_per_block,
+            num_layers=geometry.num_layers,
+            num_kv_heads=geometry.num_kv_heads,
+            group_size=geometry.group_size,
+            head_dim=geometry.head_dim,
+            dtype=DTYPE_TO_WIRE[geometry.dtype],
+            max_message_bytes=self.settings.max_message_bytes,
+        )
+
+    def Step(
+        self, request_iterator: Iterable[pb.StepRequest], context: grpc.ServicerContext
+    ) -> Iterator[pb.StepResponse]:
+        session = self.engine.session()
+        for frame in request_iterator:
+            with _status(context):
+                response = self._frame(session, frame)
+            if response is not None:
+                yield response
+
+    def _frame(self, session: StepSession, frame: pb.StepRequest) -> pb.StepResponse | None:
+        kind = frame.WhichOneof("frame")
+        if kind == "begin":
+            chunks = [SeqChunk(c.seq_id, c.start, c.length) for c in frame.begin.chunks]
+            session.begin(frame.begin.step_id, chunks)
+            return None
+        if kind != "layer":
+            raise InvalidFrameError("a Step frame must carry `begin` or `layer`")
+        f, g = frame.layer, self.engine.geometry
+        lanes = session.expect_layer(f.step_id, f.layer)
+        q = decode(f.q, self.limits, name="q", dtype=g.dtype, shape=(lanes, g.group_size, g.head_dim))
+        k = decode(f.k_new, self.limits, name="k_new", dtype=g.dtype, shape=(lanes, g.head_dim))
+        v = decode(f.v_new, self.limits, name="v_new", dtype=g.dtype, shape=(lanes, g.head_dim))
+        o = session.layer(f.step_id, f.layer, q, k, v)  # [M, G, D]
+        response = pb.StepResponse(step_id=f.step_id, layer=f.layer)
+        encode_into(response.o, o)
+        return response
+
+
+def build_engine(settings: AttentionSettings) -> AttentionEngine:
+    """Read the model's geometry (config.json only) and allocate the KV pool from the budget."""
+    config = ModelConfig.from_folder(resolve_model(settings.model, show_progress=False))
+    geometry = PodGeometry.from_model(config, parse_dtype(settings.dtype))
+    pool_config = KVPoolConfig(
+        num_layers=geometry.num_layers,
+        head_dim=geometry.head_dim,
+        block_size=settings.block_size,
+        dtype=geometry.dtype,
+        device=settings.device,
+    )
+    return AttentionEngine(geometry, KVPool.from_budget(pool_config, settings.kv_budget_bytes))
+
+
+@dataclass(slots=True)
+class RunningPod:
+    """A started pod; `stop` is the graceful shutdown."""
+
+    server: grpc.Server
+    engine: AttentionEngine
+    health: health.HealthServicer
+    port: int
+    settings: AttentionSettings
+
+    def stop(self) -> None:
+        self.health.enter_graceful_shutdown()  # NOT_SERVING: routers stop sending new work
+        self.engine.close()  # new steps fail with UNAVAILABLE at once
+        grace = self.settings.shutdown_grace_s
+        self.server.stop(grace).wait(grace + 5)  # then open calls end with UNAVAILABLE
+
+
+def start(settings: AttentionSettings) -> RunningPod:
+    engine = build_engine(settings)
+    server = grpc.server(
+        futures.ThreadPoolExecutor(max_workers=settings.threads, thread_name_prefix="attention-rpc"),
+        options=[*grpc_message_options(settings.max_message_bytes), ("grpc.so_reuseport", 0)],
+        maximum_concurrent_rpcs=settings.threads,
+    )
+    pb_grpc.add_AttentionServicer_to_server(AttentionServicer(engine, settings), server)
+    health_servicer = health.HealthServicer()
+    health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
+    try:
+        port = server.add_insecure_port(f"{settings.host}:{settings.port}")
+    except RuntimeError as exc:
+        raise DisaggError(
+            f"cannot listen on {settings.host}:{settings.port} ({exc}); pick another port"
+        ) from exc
+    server.start()
+    for service in ("", SERVICE_NAME):
+        health_servicer.set(service, health_pb2.HealthCheckResponse.SERVING)
+    return RunningPod(server, engine, health_servicer, port, settings)
+
+
+def serve(settings: AttentionSettings) -> None:
+    """Run a pod until SIGTERM or SIGINT, then shut down gracefully (call from the main thread)."""
+    log.info("attention pod settings: %s", settings.model_dump())
+    pod = start(settings)
+    stats = pod.engine.stats()
+    log.info(
+        "KV pool: %d blocks of %d positions, %.1f MiB",
+        stats.blocks_total,
+        stats.block_size,
+        stats.blocks_total * stats.bytes_per_block / 2**20,
+    )
+    print(f"attention pod {settings.pod_id} listening on {settings.host}:{pod.port}", flush=True)
+    stopping = threading.Event()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, lambda *_: stopping.set())
+    while not stopping.wait(0.5):
+        pass
+    log.info("attention pod %s shutting down", settings.pod_id)
+    pod.stop()
+
+
+def add_cli(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) -> argparse.ArgumentParser:
+    """Add `attention` to `disagg serve`: its `func(args)` runs the pod and returns an exit code."""
+    parser = subparsers.add_parser(
+        "attention",
+        help="serve an attention-memory pod (KV cache + attention, no weights)",
+        description="Serve an attention-memory pod. Every flag also reads DISAGG_ATTENTION_<FLAG>.",
+    )
+    for name, field in AttentionSettings.model_fields.items():
+        parser.add_argument(f"--{name.replace('_', '-')}", dest=name, default=None, help=field.description)
+    parser.set_defaults(func=run)
+    return parser
+
+
+def run(args: argparse.Namespace) -> int:
+    """Flags given on the command line win over the environment; pydantic validates both."""
+    given = {
+        name: value for name in AttentionSettings.model_fields if (value := getattr(args, name)) is not None
+    }
+    try:
+        settings = AttentionSettings(**given)
+    except ValidationError as exc:
+        raise DisaggError(f"invalid attention pod settings: {exc}") from None
+    serve(settings)
+    return 0
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """`python -m services.attention.server [flags]`, the same as `disagg serve attention [flags]`."""
+    parser = argparse.ArgumentParser(prog="disagg serve")
+    add_cli(parser.add_subparsers(dest="role", required=True))
+    args = parser.parse_args(["attention", *(sys.argv[1:] if argv is None else argv)])
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    keep_freed_memory()
+    try:
+        return int(args.func(args))
+    except DisaggError as exc:
+        print(f"disagg serve attention: error: {exc}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

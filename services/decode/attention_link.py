@@ -1,0 +1,174 @@
+"""One attention pod as the decode side sees it: channel, stub, the Step stream and its deadline.
+
+    link = PodLink(address, options, watchdog)   # connects: Stats, waiting for the pod to come up
+    link.check_geometry(model_config, dtype)     # same model and dtype on both sides
+    stream = link.stream()                       # the live Step stream (a fresh one after a failure)
+    stream.send(frame); response = stream.receive(timeout_s)
+
+`RemoteAttention` (remote_attention.py) builds steps on top of these.
+"""
+
+from __future__ import annotations
+
+import queue
+import threading
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+
+import grpc
+import torch
+
+from services.core.errors import DisaggError
+from services.core.model.config import ModelConfig
+from services.core.wire import WIRE_TO_DTYPE, grpc_message_options
+from services.proto import attention_pb2 as pb
+from services.proto import attention_pb2_grpc as pb_grpc
+
+
+class AttentionPodError(DisaggError):
+    """An attention pod failed a call, went away or did not answer in time."""
+
+    def __init__(self, address: str, message: str, code: grpc.StatusCode | None = None) -> None:
+        super().__init__(f"attention pod {address}: {message}")
+        self.address = address
+        self.code = code
+
+    @classmethod
+    def from_rpc(cls, address: str, what: str, exc: grpc.RpcError) -> AttentionPodError:
+        code = exc.code() if isinstance(exc, grpc.Call) else None
+        details = exc.details() if isinstance(exc, grpc.Call) else str(exc)
+        return cls(address, f"{what} failed: {code.name if code else 'error'}: {details}", code)
+
+
+@dataclass(slots=True, frozen=True)
+class RemoteAttentionOptions:
+    rpc_timeout_s: float = 10.0  # deadline of every unary call
+    connect_timeout_s: float = 30.0  # how long the first call waits for a pod to come up
+    layer_timeout_s: float = 30.0  # how long `attend` waits for one layer's output
+    max_message_bytes: int = 64 << 20  # per message, both directions
+
+
+class StepStream:
+    """One bidirectional Step call. Frames leave through a queue that gRPC's sender thread drains;
+    answers are read on the caller's thread (no extra hop), under a deadline the watchdog enforces."""
+
+    def __init__(self, stub: pb_grpc.AttentionStub, address: str) -> None:
+        self.address = address
+        self.failure: AttentionPodError | None = None
+        self.deadline: float | None = None  # monotonic time, set only while waiting for an answer
+        self._overdue = False  # set by the watchdog when it cancelled the call
+        self._outbox: queue.SimpleQueue[pb.StepRequest | None] = queue.SimpleQueue()
+        self._call = stub.Step(self._frames())
+
+    def _frames(self) -> Iterator[pb.StepRequest]:
+        while (frame := self._outbox.get()) is not None:
+            yield frame
+
+    def send(self, frame: pb.StepRequest) -> None:
+        if self.failure is not None:
+            raise self.failure
+        self._outbox.put(frame)
+
+    def receive(self, timeout_s: float) -> pb.StepResponse:
+        if self.failure is not None:
+            raise self.failure
+        self.deadline = time.monotonic() + timeout_s
+        try:
+            return next(self._call)
+        except StopIteration:
+            raise self._fail(AttentionPodError(self.address, "the pod closed the Step stream")) from None
+        except grpc.RpcError as exc:
+            if self._overdue:
+                error = AttentionPodError(self.address, f"no answer within {timeout_s:g} s")
+            else:
+                error = AttentionPodError.from_rpc(self.address, "Step stream", exc)
+            raise self._fail(error) from None
+        finally:
+            self.deadline = None
+
+    def expire(self) -> None:
+        """Called by the watchdog: the answer is overdue; `receive` then raises."""
+        self._overdue = True
+        self._call.cancel()
+
+    def _fail(self, error: AttentionPodError) -> AttentionPodError:
+        self.close(error)
+        return error
+
+    def close(self, error: AttentionPodError | None = None) -> None:
+        if self.failure is None:
+            self.failure = error or AttentionPodError(self.address, "Step stream closed by the client")
+        self._outbox.put(None)
+        self._call.cancel()
+
+
+class Watchdog:
+    """Cancels Step calls whose answer is overdue. It polls, so arming a deadline costs `attend`
+    one attribute write instead of a thread handoff; the price is `period_s` of lateness."""
+
+    def __init__(self, period_s: float = 0.05) -> None:
+        self._period_s = period_s
+        self._streams: list[StepStream] = []
+        self._lock = threading.Lock()
+        self._stopped = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="attention-watchdog", daemon=True)
+        self._thread.start()
+
+    def watch(self, stream: StepStream) -> None:
+        with self._lock:
+            self._streams = [s for s in self._streams if s.failure is None] + [stream]
+
+    def _run(self) -> None:
+        while not self._stopped.wait(self._period_s):
+            now = time.monotonic()
+            with self._lock:
+                streams = list(self._streams)
+            for stream in streams:
+                deadline = stream.deadline
+                if deadline is not None and now > deadline:
+                    stream.expire()
+
+    def stop(self) -> None:
+        self._stopped.set()
+
+
+class PodLink:
+    """Channel, stub and the current Step stream of one attention pod; checks its geometry once."""
+
+    def __init__(self, address: str, options: RemoteAttentionOptions, watchdog: Watchdog) -> None:
+        self.address = address
+        self.options = options
+        self.watchdog = watchdog
+        self.channel = grpc.insecure_channel(address, options=grpc_message_options(options.max_message_bytes))
+        self.stub = pb_grpc.AttentionStub(self.channel)
+        self._stream: StepStream | None = None
+        try:
+            self.stats = self.stub.Stats(
+                pb.StatsRequest(), timeout=options.connect_timeout_s, wait_for_ready=True
+            )
+        except grpc.RpcError as exc:
+            self.channel.close()
+            raise AttentionPodError.from_rpc(address, "Stats", exc) from None
+
+    def check_geometry(self, config: ModelConfig, dtype: torch.dtype) -> None:
+        s = self.stats
+        theirs = (s.num_layers, s.num_kv_heads, s.group_size, s.head_dim, WIRE_TO_DTYPE.get(s.dtype))
+        ours = (config.num_layers, config.num_kv_heads, config.group_size, config.head_dim, dtype)
+        if theirs != ours:
+            raise DisaggError(
+                f"attention pod {self.address} serves (layers, KV heads, group, head dim, dtype) = {theirs} "
+                f"but this model has {ours}; start every pod with the same --model and --dtype"
+            )
+
+    def stream(self) -> StepStream:
+        """The live Step stream, opening a fresh one if the last one failed."""
+        if self._stream is None or self._stream.failure is not None:
+            self._stream = StepStream(self.stub, self.address)
+            self.watchdog.watch(self._stream)
+        return self._stream
+
+    def close(self) -> None:
+        if self._stream is not None:
+            self._stream.close()
+        self.channel.close()

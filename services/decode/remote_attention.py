@@ -1,0 +1,335 @@
+"""The attention part on attention pods: `RemoteAttention(AttentionPart)` over gRPC.
+
+    attention = RemoteAttention(model.config, torch.float32, placement)   # or placement_for(seq_id)
+    engine = Engine(model.dense, attention, tokenizer)                    # nothing else changes
+
+A sequence's placement says which pods hold which of its KV heads; Open, Reserve (all-or-nothing)
+and Free go to each of them. Per forward:
+
+    begin(chunks)   StepBegin{rows of its sequences} on the Step stream of every pod involved
+    attend(l, q, k_new, v_new):
+        q [N,Hq,D] ─view─▶ lanes [N·Hkv, G, D] ─gather the pod's lanes─▶ StepLayer ─▶ each pod
+        o [N,Hq,D] ◀─view─ [N·Hkv, G, D] ◀─scatter─ StepResponse{o [M, G, D]} ◀─ each pod
+
+A lane is one KV head of one new token (see proto/disagg/v1/attention.proto). A request-partitioned
+step on one pod sends and receives the tensors as they are, with no gather or scatter.
+
+One long-lived bidirectional stream per pod, reused by every step. `attend` reads answers on its
+own thread under a deadline that a watchdog thread enforces, so a dead pod (connection reset) or a
+hung one (deadline) raises `AttentionPodError` promptly instead of hanging. A failed stream is
+replaced by a fresh one at the next `begin`.
+"""
+
+from __future__ import annotations
+
+import itertools
+import logging
+import secrets
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import grpc
+import torch
+
+from services.core.attention import (
+    AttentionPart,
+    AttentionStep,
+    OutOfBlocks,
+    Reserved,
+    ReserveResult,
+    SeqChunk,
+)
+from services.core.errors import DisaggError
+from services.core.model.config import ModelConfig
+from services.core.placement import Placement, PlacementEntry
+from services.core.wire import TensorLimits, WireError, decode, encode_into
+from services.decode.attention_link import (
+    AttentionPodError,
+    PodLink,
+    RemoteAttentionOptions,
+    StepStream,
+    Watchdog,
+)
+from services.proto import attention_pb2 as pb
+
+log = logging.getLogger(__name__)
+__all__ = ["AttentionPodError", "RemoteAttention", "RemoteAttentionOptions"]
+
+
+@dataclass(slots=True)
+class _Seq:
+    placement: Placement
+    capacity: int  # positions every pod of the placement has reserved
+
+
+class RemoteAttention(AttentionPart):
+    """Sequences live on attention pods; `placement` is fixed or a function of the sequence id.
+
+    Connects to the fixed placement's pods at construction (others on first use); `close()` ends
+    the streams, channels and the watchdog thread. Not thread-safe: one engine thread drives it.
+    """
+
+    def __init__(
+        self,
+        config: ModelConfig,
+        dtype: torch.dtype,
+        placement: Placement | Callable[[int], Placement],
+        options: RemoteAttentionOptions | None = None,
+        id_namespace: int | None = None,
+    ) -> None:
+        self.config = config
+        self.dtype = dtype
+        self.options = options or RemoteAttentionOptions()
+        self.limits = TensorLimits(max_bytes=self.options.max_message_bytes)
+        self._fixed: Placement | None = None
+        self._placement_for: Callable[[int], Placement]
+        if isinstance(placement, Placement):
+            fixed = self._fixed = placement
+            self._placement_for = lambda _seq_id: fixed
+        else:
+            self._placement_for = placement
+        # Engines number sequences from 0; pods are shared by many decode pods, so ids get a prefix.
+        self._namespace = secrets.randbits(31) if id_namespace is None else id_namespace
+        self._watchdog = Watchdog()
+        self._pods: dict[str, PodLink] = {}
+        self._seqs: dict[int, _Seq] = {}
+        self._step_ids = itertools.count()
+        if self._fixed is not None:
+            self._check_placement(self._fixed)
+
+    # ---- sequences -----------------------------------------------------------------------------
+    def open(self, seq_id: int) -> None:
+        if seq_id in self._seqs:
+            raise DisaggError(f"sequence {seq_id} is already open")
+        placement = self._placement_for(seq_id)
+        self._check_placement(placement)
+        results = self._call_all(placement.entries, "Open", lambda e: self._open_request(seq_id, e))
+        failures = [r for r in results if isinstance(r, AttentionPodError)]
+        if failures:
+            opened = [
+                e
+                for e, r in zip(placement.entries, results, strict=True)
+                if not isinstance(r, AttentionPodError)
+            ]
+            self._call_all(opened, "Free", lambda _: pb.FreeRequest(seq_id=self._wire(seq_id)))
+            raise failures[0]
+        self._seqs[seq_id] = _Seq(placement, capacity=0)
+
+    def reserve(self, seq_id: int, num_tokens: int) -> ReserveResult:
+        seq = self._seq(seq_id)
+        if num_tokens <= seq.capacity:  # most decode steps: no call at all
+            return Reserved(capacity_tokens=seq.capacity, new_blocks=0)
+        request = pb.ReserveRequest(seq_id=self._wire(seq_id), num_tokens=num_tokens)
+        results = self._call_all(seq.placement.entries, "Reserve", lambda _: request)
+        for result in results:
+            if isinstance(result, AttentionPodError):
+                raise result
+        short = [r.out_of_blocks for r in results if r.WhichOneof("result") == "out_of_blocks"]
+        if not short:
+            seq.capacity = min(r.reserved.capacity_tokens for r in results)
+            return Reserved(seq.capacity, new_blocks=sum(r.reserved.new_blocks for r in results))
+        self._release_partial(seq_id, seq, results)
+        return OutOfBlocks(needed=sum(s.needed_blocks for s in short), free=min(s.free_blocks for s in short))
+
+    def _release_partial(self, seq_id: int, seq: _Seq, results: list[Any]) -> None:
+        """All-or-nothing across pods: pods that did reserve give the blocks back.
+
+        A pod cannot shrink a sequence, so an empty sequence is freed and opened again (the usual
+        case: admission). A sequence that already holds KV keeps its new blocks on those pods: they
+        are its next positions anyway, and the scheduler's answer (preempting it or a newer one)
+        frees or uses them.
+        """
+        if seq.capacity > 0:
+            return
+        took = [
+            e
+            for e, r in zip(seq.placement.entries, results, strict=True)
+            if r.WhichOneof("result") == "reserved" and r.reserved.new_blocks > 0
+        ]
+        self._call_all(took, "Free", lambda _: pb.FreeRequest(seq_id=self._wire(seq_id)))
+        for result in self._call_all(took, "Open", lambda e: self._open_request(seq_id, e)):
+            if isinstance(result, AttentionPodError):
+                raise result
+
+    def free(self, seq_id: int) -> None:
+        seq = self._seqs.pop(seq_id, None)
+        if seq is None:
+            return
+        request = pb.FreeRequest(seq_id=self._wire(seq_id))
+        for result in self._call_all(seq.placement.entries, "Free", lambda _: request):
+            if isinstance(result, AttentionPodError):  # its KV is unreachable anyway; keep serving
+                log.warning("could not free sequence %d: %s", seq_id, result)
+
+    def max_tokens_per_sequence(self) -> int:
+        """The longest sequence the fixed placement's pods could hold (router placements: the
+        router checks capacity when it places, so the bound is the model's context window)."""
+        if self._fixed is None:
+            return self.config.max_position_embeddings
+        return min(
+            self._pod(e.address).stats.blocks_total // e.kv_head_count * self._pod(e.address).stats.block_size
+            for e in self._fixed.entries
+        )
+
+    def begin(self, chunks: Sequence[SeqChunk]) -> AttentionStep:
+        return _RemoteStep(self, next(self._step_ids), chunks)
+
+    def close(self) -> None:
+        for pod in self._pods.values():
+            pod.close()
+        self._pods.clear()
+        self._watchdog.stop()
+
+    # ---- helpers -------------------------------------------------------------------------------
+    def _wire(self, seq_id: int) -> int:
+        if not 0 <= seq_id < 1 << 32:
+            raise DisaggError(f"sequence id {seq_id} does not fit in 32 bits")
+        return self._namespace << 32 | seq_id
+
+    def _seq(self, seq_id: int) -> _Seq:
+        try:
+            return self._seqs[seq_id]
+        except KeyError:
+            raise DisaggError(f"sequence {seq_id} is not open on the attention pods") from None
+
+    def _open_request(self, seq_id: int, entry: PlacementEntry) -> pb.OpenRequest:
+        return pb.OpenRequest(
+            seq_id=self._wire(seq_id),
+            kv_head_start=entry.kv_head_start,
+            kv_head_count=entry.kv_head_count,
+            policy="dense",
+        )
+
+    def _check_placement(self, placement: Placement) -> None:
+        if placement.num_kv_heads != self.config.num_kv_heads:
+            raise DisaggError(
+                f"the placement covers {placement.num_kv_heads} KV heads but the model has "
+                f"{self.config.num_kv_heads}"
+            )
+        for entry in placement.entries:
+            self._pod(entry.address)
+
+    def _pod(self, address: str) -> PodLink:
+        pod = self._pods.get(address)
+        if pod is None:
+            pod = PodLink(address, self.options, self._watchdog)
+            pod.check_geometry(self.config, self.dtype)
+            self._pods[address] = pod
+        return pod
+
+    def _call_all(
+        self, entries: Sequence[PlacementEntry], method: str, request: Callable[[PlacementEntry], Any]
+    ) -> list[Any]:
+        """One unary call per entry's pod, in parallel; failures come back as AttentionPodError."""
+        timeout = self.options.rpc_timeout_s
+        pending = [
+            (e.address, getattr(self._pod(e.address).stub, method).future(request(e), timeout=timeout))
+            for e in entries
+        ]
+        results: list[Any] = []
+        for address, future in pending:
+            try:
+                results.append(future.result())
+            except grpc.RpcError as exc:
+                results.append(AttentionPodError.from_rpc(address, method, exc))
+        return results
+
+
+@dataclass(slots=True, frozen=True)
+class _Target:
+    """One pod's share of a step."""
+
+    stream: StepStream
+    lanes: torch.Tensor | None  # [M] indices into the step's N·Hkv lanes; None: all of them, in order
+    num_lanes: int  # M
+
+
+class _RemoteStep(AttentionStep):
+    def __init__(self, part: RemoteAttention, step_id: int, chunks: Sequence[SeqChunk]) -> None:
+        self.part = part
+        self.step_id = step_id
+        heads = part.config.num_kv_heads
+        shares: dict[str, list[tuple[SeqChunk, int, PlacementEntry]]] = {}  # pod -> (chunk, row, entry)
+        row = 0
+        for chunk in chunks:
+            for entry in part._seq(chunk.seq_id).placement.entries:
+                shares.setdefault(entry.address, []).append((chunk, row, entry))
+            row += chunk.length
+        self.targets: list[_Target] = []
+        for address, share in shares.items():
+            stream = part._pod(address).stream()
+            begin = pb.StepBegin(step_id=step_id)
+            for chunk, _, _ in share:
+                begin.chunks.add(seq_id=part._wire(chunk.seq_id), start=chunk.start, length=chunk.length)
+            stream.send(pb.StepRequest(begin=begin))
+            everything = len(share) == len(chunks) and all(e.kv_head_count == heads for _, _, e in share)
+            lanes = None if everything else _lane_ids(share, heads)
+            self.targets.append(_Target(stream, lanes, row * heads if lanes is None else lanes.numel()))
+
+    def attend(self, layer: int, q: torch.Tensor, k_new: torch.Tensor, v_new: torch.Tensor) -> torch.Tensor:
+        """q [N,Hq,D], k_new/v_new [N,Hkv,D] -> o [N,Hq,D]. With one pod holding every lane, o
+        aliases the received message (no copy): it is read-only, as the dense part uses it."""
+        try:
+            return self._attend(layer, q, k_new, v_new)
+        except AttentionPodError:
+            for target in self.targets:  # the other pods drop their half-done step with the stream
+                target.stream.close()
+            raise
+
+    def _attend(self, layer: int, q: torch.Tensor, k_new: torch.Tensor, v_new: torch.Tensor) -> torch.Tensor:
+        n, hq, d = q.shape
+        group = self.part.config.group_size
+        q_lanes = q.reshape(-1, group, d)  # [N·Hkv, G, D]
+        k_lanes, v_lanes = k_new.reshape(-1, d), v_new.reshape(-1, d)  # [N·Hkv, D]
+        for target in self.targets:
+            frame = pb.StepRequest()
+            f = frame.layer
+            f.step_id, f.layer = self.step_id, layer
+            idx = None if target.lanes is None else target.lanes.to(q.device)  # no-op on CPU
+            encode_into(f.q, q_lanes if idx is None else q_lanes.index_select(0, idx))
+            encode_into(f.k_new, k_lanes if idx is None else k_lanes.index_select(0, idx))
+            encode_into(f.v_new, v_lanes if idx is None else v_lanes.index_select(0, idx))
+            target.stream.send(frame)
+        if len(self.targets) == 1 and self.targets[0].lanes is None:  # request-partitioned: no scatter
+            return self._receive(self.targets[0], layer, q).view(n, hq, d)
+        out = torch.empty_like(q_lanes)
+        for target in self.targets:
+            if target.lanes is not None:
+                out.index_copy_(0, target.lanes.to(q.device), self._receive(target, layer, q))
+        return out.view(n, hq, d)
+
+    def _receive(self, target: _Target, layer: int, q: torch.Tensor) -> torch.Tensor:
+        """The pod's o: [M, G, D], on q's device."""
+        response = target.stream.receive(self.part.options.layer_timeout_s)
+        address = target.stream.address
+        if response.step_id != self.step_id or response.layer != layer:
+            error = AttentionPodError(
+                address,
+                f"answered step {response.step_id} layer {response.layer}, "
+                f"expected step {self.step_id} layer {layer}",
+            )
+            target.stream.close(error)
+            raise error
+        shape = (target.num_lanes, self.part.config.group_size, self.part.config.head_dim)
+        try:
+            o = decode(response.o, self.part.limits, name="o", dtype=q.dtype, shape=shape)
+        except WireError as exc:
+            error = AttentionPodError(address, f"sent a malformed output: {exc}")
+            target.stream.close(error)
+            raise error from exc
+        return o.to(q.device)  # no-op on CPU
+
+
+def _lane_ids(share: list[tuple[SeqChunk, int, PlacementEntry]], heads: int) -> torch.Tensor:
+    """[M] lane ids (row · Hkv + head) of one pod's share, in the lane order the pod expects:
+    chunk after chunk, token after token, then the pod's heads of that sequence."""
+    rows = torch.tensor([row for _, row, _ in share])  # first row of each chunk
+    lengths = torch.tensor([chunk.length for chunk, _, _ in share])
+    starts = torch.tensor([e.kv_head_start for _, _, e in share])
+    counts = torch.tensor([e.kv_head_count for _, _, e in share])
+    per_chunk = lengths * counts  # lanes of each chunk
+    which = torch.repeat_interleave(torch.arange(len(share)), per_chunk)  # [M] chunk of each lane
+    local = torch.arange(which.numel()) - (torch.cumsum(per_chunk, 0) - per_chunk)[which]
+    row = rows[which] + local // counts[which]
+    head = starts[which] + local % counts[which]
+    return row * heads + head

@@ -1,0 +1,378 @@
+"""Attention pods as real processes over real gRPC.
+
+- RemoteAttention equals LocalAttention for request-partitioned, head-partitioned and mixed
+  placements (a tiny model geometry: only config.json matters to a pod), and the engine on two pods
+  generates exactly the colocated engine's greedy tokens with the real model (slow).
+- Malformed Step frames get INVALID_ARGUMENT naming the problem, and the pod keeps serving.
+- A pod killed (SIGKILL) or hung (SIGSTOP) makes `attend` raise AttentionPodError within seconds;
+  SIGTERM ends open streams with UNAVAILABLE and the pod exits cleanly.
+
+Every pod is a subprocess on a free port (`--port 0`), killed by a finalizer.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import select
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import grpc
+import pytest
+import torch
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+from services.attention.kv_pool import KVPool, KVPoolConfig
+from services.attention.local import LocalAttention
+from services.core.attention import AttentionStep, OutOfBlocks, Reserved, SeqChunk
+from services.core.model.config import ModelConfig
+from services.core.model.load import LoadedModel, load_model
+from services.core.placement import Placement, PlacementEntry
+from services.core.wire import encode, encode_into
+from services.decode.colocated import build_engine
+from services.decode.engine import Engine
+from services.decode.remote_attention import AttentionPodError, RemoteAttention, RemoteAttentionOptions
+from services.decode.sampling import SamplingParams
+from services.decode.scheduler import SchedulerConfig
+from services.proto import attention_pb2 as pb
+from services.proto import attention_pb2_grpc as pb_grpc
+from services.proto import tensor_pb2
+
+ROOT = Path(__file__).resolve().parents[2]
+TINY = {  # 3 layers, 3 KV heads, G = 2, D = 5
+    "architectures": ["LlamaForCausalLM"],
+    "vocab_size": 64,
+    "hidden_size": 30,
+    "intermediate_size": 64,
+    "num_hidden_layers": 3,
+    "num_attention_heads": 6,
+    "num_key_value_heads": 3,
+    "max_position_embeddings": 4096,
+}
+FAST = RemoteAttentionOptions(rpc_timeout_s=5, connect_timeout_s=30, layer_timeout_s=5)
+
+
+@dataclass(slots=True)
+class Pod:
+    process: subprocess.Popen[str]
+    address: str
+
+    def stub(self) -> pb_grpc.AttentionStub:
+        return pb_grpc.AttentionStub(grpc.insecure_channel(self.address))
+
+
+def start_pod(model: Path, log: Path, **settings: str) -> Pod:
+    env = {**os.environ, "DISAGG_ATTENTION_MODEL": str(model), "DISAGG_ATTENTION_PORT": "0"}
+    env.update({f"DISAGG_ATTENTION_{k.upper()}": v for k, v in settings.items()})
+    process = subprocess.Popen(
+        [sys.executable, "-m", "services.attention.server"],
+        cwd=ROOT,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=log.open("w"),
+        text=True,
+    )
+    assert process.stdout is not None
+    ready, _, _ = select.select([process.stdout], [], [], 60)
+    line = process.stdout.readline() if ready else ""
+    if "listening on" not in line:
+        process.kill()
+        raise RuntimeError(f"attention pod did not start: {line!r}\n{log.read_text()[-2000:]}")
+    return Pod(process, line.rsplit(" ", 1)[1].strip())
+
+
+@pytest.fixture(scope="module")
+def launch(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Callable[..., Pod]]:
+    """Start pods for this module; every one is killed at the end, whatever happened."""
+    pods: list[Pod] = []
+    logs = tmp_path_factory.mktemp("pod-logs")
+
+    def _launch(model: Path, **settings: str) -> Pod:
+        pods.append(start_pod(model, logs / f"pod-{len(pods)}.log", **settings))
+        return pods[-1]
+
+    yield _launch
+    for pod in pods:
+        if pod.process.poll() is None:
+            pod.process.kill()
+        pod.process.wait(10)
+
+
+@pytest.fixture(scope="module")
+def tiny_model(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A model folder whose config.json is all a pod reads (the other files only need to exist)."""
+    folder = tmp_path_factory.mktemp("tiny-model")
+    (folder / "config.json").write_text(json.dumps(TINY))
+    (folder / "tokenizer.json").write_text("{}")
+    (folder / "model.safetensors").write_bytes(b"")
+    return folder
+
+
+@pytest.fixture(scope="module")
+def tiny_pods(launch: Callable[..., Pod], tiny_model: Path) -> tuple[Pod, Pod]:
+    return launch(tiny_model, kv_budget_bytes="2000000"), launch(tiny_model, kv_budget_bytes="2000000")
+
+
+# ---- RemoteAttention over pods with the tiny geometry -----------------------------------------
+@pytest.mark.timeout(120)
+def test_remote_equals_local_for_every_placement(tiny_pods: tuple[Pod, Pod], tiny_model: Path) -> None:
+    a, b = (p.address for p in tiny_pods)
+    cfg = ModelConfig.from_folder(tiny_model)
+    placements = {
+        0: Placement.request_partitioned(a, 3),
+        1: Placement.head_partitioned([a, b], 3),  # a: heads 0-1, b: head 2
+        2: Placement((PlacementEntry(b, 0, 1), PlacementEntry(a, 1, 2))),  # a holds another slice
+    }
+    remote = RemoteAttention(cfg, torch.float32, placements.__getitem__, FAST)
+    local = LocalAttention(KVPool(KVPoolConfig(cfg.num_layers, cfg.head_dim), 500), 3, 6)
+    torch.manual_seed(0)
+    steps = [[SeqChunk(0, 0, 5), SeqChunk(1, 0, 20), SeqChunk(2, 0, 1)]]
+    steps += [[SeqChunk(0, 5 + t, 1), SeqChunk(1, 20, 7), SeqChunk(2, 1 + t, 1)] for t in range(1)]
+    steps += [[SeqChunk(s, start + t, 1) for s, start in ((0, 6), (1, 27), (2, 2))] for t in range(20)]
+    try:
+        for part in (remote, local):
+            for seq in placements:
+                part.open(seq)
+        for chunks in steps:
+            n = sum(c.length for c in chunks)
+            inputs = [(torch.randn(n, 6, 5), torch.randn(n, 3, 5), torch.randn(n, 3, 5)) for _ in range(3)]
+            outputs = []
+            for part in (remote, local):
+                for c in chunks:
+                    assert isinstance(part.reserve(c.seq_id, c.end), Reserved)
+                step = part.begin(chunks)
+                outputs.append([step.attend(layer, *inputs[layer]) for layer in range(3)])
+            for got, expected in zip(*outputs, strict=True):
+                torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)
+    finally:
+        for seq in placements:
+            remote.free(seq)
+        remote.close()
+    for pod in tiny_pods:
+        stats = pod.stub().Stats(pb.StatsRequest(), timeout=5)
+        assert stats.blocks_free == stats.blocks_total and stats.sequences == 0
+
+
+@pytest.mark.timeout(60)
+def test_reserve_is_all_or_nothing_across_pods(tiny_pods: tuple[Pod, Pod], tiny_model: Path) -> None:
+    a, b = tiny_pods
+    cfg = ModelConfig.from_folder(tiny_model)
+    remote = RemoteAttention(cfg, torch.float32, Placement.head_partitioned([a.address, b.address], 3), FAST)
+    total = b.stub().Stats(pb.StatsRequest(), timeout=5).blocks_total
+    try:
+        remote.open(0)
+        # Pod a holds 2 heads and runs out; pod b (1 head) could give its share but must not keep it.
+        result = remote.reserve(0, 16 * (total // 2 + 1))
+        assert isinstance(result, OutOfBlocks)
+        assert b.stub().Stats(pb.StatsRequest(), timeout=5).blocks_free == total
+        assert isinstance(remote.reserve(0, 40), Reserved)  # the sequence is still usable
+    finally:
+        remote.free(0)
+        remote.close()
+
+
+@pytest.mark.timeout(60)
+def test_imported_kv_is_attended_like_computed_kv(tiny_pods: tuple[Pod, Pod], tiny_model: Path) -> None:
+    """A prefill pod's ImportKV stream (one message per layer) then decode steps on the pod."""
+    cfg = ModelConfig.from_folder(tiny_model)
+    a, b = tiny_pods
+    placement = Placement.head_partitioned([a.address, b.address], 3)
+    remote = RemoteAttention(cfg, torch.float32, placement, FAST, id_namespace=0)  # wire id == seq id
+    local = LocalAttention(KVPool(KVPoolConfig(cfg.num_layers, cfg.head_dim), 100), 3, 6)
+    torch.manual_seed(2)
+    history = [(torch.randn(9, 3, 5), torch.randn(9, 3, 5)) for _ in range(3)]  # [T, Hkv, D] per layer
+    try:
+        for part in (remote, local):
+            part.open(5)
+            part.reserve(5, 10)
+        prefill = local.begin([SeqChunk(5, 0, 9)])
+        for layer, (k, v) in enumerate(history):
+            prefill.attend(layer, torch.randn(9, 6, 5), k, v)
+        for entry in placement.entries:
+            heads = slice(entry.kv_head_start, entry.kv_head_end)
+            chunks = [
+                pb.ImportKVChunk(seq_id=5, layer=layer, start=0, k=encode(k[:, heads]), v=encode(v[:, heads]))
+                for layer, (k, v) in enumerate(history)
+            ]
+            stub = a.stub() if entry.address == a.address else b.stub()
+            assert stub.ImportKV(iter(chunks), timeout=5).chunks == 3
+        steps = [part.begin([SeqChunk(5, 9, 1)]) for part in (remote, local)]
+        for layer in range(3):
+            q, k, v = torch.randn(1, 6, 5), torch.randn(1, 3, 5), torch.randn(1, 3, 5)
+            got, expected = (step.attend(layer, q, k, v) for step in steps)
+            torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)
+    finally:
+        remote.free(5)
+        remote.close()
+
+
+# ---- bad frames on the Step stream --------------------------------------------------------------
+def _layer(step_id: int, q: tensor_pb2.Tensor, k: torch.Tensor, v: torch.Tensor) -> pb.StepRequest:
+    frame = pb.StepRequest(layer=pb.StepLayer(step_id=step_id, layer=0))
+    frame.layer.q.CopyFrom(q)
+    encode_into(frame.layer.k_new, k)
+    encode_into(frame.layer.v_new, v)
+    return frame
+
+
+def _step(stub: pb_grpc.AttentionStub, seq_id: int, layers: list[pb.StepRequest]) -> list[pb.StepResponse]:
+    begin = pb.StepRequest(begin=pb.StepBegin(step_id=0, chunks=[pb.StepChunk(seq_id=seq_id, length=2)]))
+    return list(stub.Step(iter([begin, *layers]), timeout=10))
+
+
+@pytest.mark.timeout(60)
+def test_malformed_frames_get_invalid_argument_and_the_pod_keeps_serving(tiny_pods: tuple[Pod, Pod]) -> None:
+    stub = tiny_pods[0].stub()
+    stub.Open(pb.OpenRequest(seq_id=77, kv_head_start=0, kv_head_count=1, policy="dense"), timeout=5)
+    stub.Reserve(pb.ReserveRequest(seq_id=77, num_tokens=2), timeout=5)
+    k = v = torch.zeros(2, 5)  # 2 lanes: 2 tokens x 1 head
+    good_q = encode(torch.zeros(2, 2, 5))
+    short = tensor_pb2.Tensor(dtype=good_q.dtype, shape=good_q.shape, data=good_q.data[:-4])
+    huge = tensor_pb2.Tensor(dtype=good_q.dtype, shape=[1 << 40, 2, 5], data=good_q.data)
+    cases = [
+        (short, "q: data holds 76 bytes but shape [2, 2, 5]"),
+        (huge, "over the limit of 67108864 bytes"),
+        (encode(torch.zeros(3000, 2, 5)), "differs from the expected [2, 2, 5]"),
+        (encode(torch.zeros(2, 2, 5, dtype=torch.float16)), "dtype torch.float16"),
+    ]
+    for q, needle in cases:
+        with pytest.raises(grpc.RpcError) as info:
+            _step(stub, 77, [_layer(0, q, k, v)])
+        assert info.value.code() is grpc.StatusCode.INVALID_ARGUMENT, info.value.details()
+        assert needle in info.value.details()
+    with pytest.raises(grpc.RpcError) as info:  # a frame for a step that was never begun
+        list(stub.Step(iter([_layer(9, good_q, k, v)]), timeout=10))
+    assert info.value.code() is grpc.StatusCode.INVALID_ARGUMENT and "step 9" in info.value.details()
+    layers = [_layer(0, good_q, k, v)]
+    for layer in (1, 2):
+        layers.append(_layer(0, good_q, k, v))
+        layers[-1].layer.layer = layer
+    assert [r.layer for r in _step(stub, 77, layers)] == [0, 1, 2]  # still serving
+    stub.Free(pb.FreeRequest(seq_id=77), timeout=5)
+    health = health_pb2_grpc.HealthStub(grpc.insecure_channel(tiny_pods[0].address))
+    status = health.Check(health_pb2.HealthCheckRequest(service="disagg.v1.Attention"), timeout=5).status
+    assert status == health_pb2.HealthCheckResponse.SERVING
+
+
+# ---- failures -------------------------------------------------------------------------------------
+def _remote_mid_step(
+    pod: Pod, tiny_model: Path, layer_timeout_s: float = 5
+) -> tuple[RemoteAttention, AttentionStep]:
+    cfg = ModelConfig.from_folder(tiny_model)
+    options = RemoteAttentionOptions(rpc_timeout_s=5, layer_timeout_s=layer_timeout_s)
+    remote = RemoteAttention(cfg, torch.float32, Placement.request_partitioned(pod.address, 3), options)
+    remote.open(0)
+    remote.reserve(0, 4)
+    step = remote.begin([SeqChunk(0, 0, 4)])
+    step.attend(0, torch.randn(4, 6, 5), torch.randn(4, 3, 5), torch.randn(4, 3, 5))
+    return remote, step
+
+
+def _next_layer_fails(step: AttentionStep, within_s: float) -> AttentionPodError:
+    started = time.monotonic()
+    with pytest.raises(AttentionPodError) as info:
+        step.attend(1, torch.randn(4, 6, 5), torch.randn(4, 3, 5), torch.randn(4, 3, 5))
+    assert time.monotonic() - started < within_s
+    return info.value
+
+
+@pytest.mark.timeout(60)
+def test_killed_pod_makes_attend_fail_promptly(launch: Callable[..., Pod], tiny_model: Path) -> None:
+    pod = launch(tiny_model, kv_budget_bytes="1000000")
+    remote, step = _remote_mid_step(pod, tiny_model)
+    pod.process.send_signal(signal.SIGKILL)
+    pod.process.wait(10)
+    error = _next_layer_fails(step, within_s=3)
+    assert pod.address in str(error) and error.code is grpc.StatusCode.UNAVAILABLE
+    remote.close()
+
+
+@pytest.mark.timeout(60)
+def test_hung_pod_makes_attend_fail_after_the_layer_timeout(
+    launch: Callable[..., Pod], tiny_model: Path
+) -> None:
+    pod = launch(tiny_model, kv_budget_bytes="1000000")
+    remote, step = _remote_mid_step(pod, tiny_model, layer_timeout_s=1)
+    pod.process.send_signal(signal.SIGSTOP)
+    try:
+        assert "no answer within 1 s" in str(_next_layer_fails(step, within_s=3))
+    finally:
+        pod.process.kill()
+        remote.close()
+
+
+@pytest.mark.timeout(60)
+def test_sigterm_ends_open_streams_with_unavailable_and_exits(
+    launch: Callable[..., Pod], tiny_model: Path
+) -> None:
+    pod = launch(tiny_model, kv_budget_bytes="1000000", shutdown_grace_s="1")
+    remote, step = _remote_mid_step(pod, tiny_model)
+    started = time.monotonic()
+    pod.process.send_signal(signal.SIGTERM)
+    assert pod.process.wait(10) == 0
+    assert time.monotonic() - started < 5
+    assert _next_layer_fails(step, within_s=3).code is grpc.StatusCode.UNAVAILABLE
+    remote.close()
+
+
+# ---- the real model: engine on pods == colocated engine ---------------------------------------
+PROMPTS = ["What is the capital of France?", "Write a haiku about the sea.", "List three prime numbers."]
+SCHEDULER = SchedulerConfig(max_num_seqs=8, max_num_batched_tokens=40)  # prefill chunks mix with decode
+PARAMS = SamplingParams(max_tokens=24, temperature=0)
+
+
+@pytest.fixture(scope="module")
+def model(model_folder: Path) -> LoadedModel:
+    return load_model(str(model_folder), show_progress=False)
+
+
+@pytest.fixture(scope="module")
+def prompt_ids(model: LoadedModel) -> list[list[int]]:
+    return [model.tokenizer.encode_chat([{"role": "user", "content": p}]) for p in PROMPTS]
+
+
+@pytest.fixture(scope="module")
+def colocated_tokens(model: LoadedModel, prompt_ids: list[list[int]]) -> list[list[int]]:
+    engine = build_engine(model, kv_budget_bytes=64 << 20, scheduler=SCHEDULER)
+    return [c.token_ids for c in engine.generate(prompt_ids, PARAMS)]
+
+
+@pytest.fixture(scope="module")
+def real_pods(launch: Callable[..., Pod], model_folder: Path) -> tuple[Pod, Pod]:
+    budget = str(64 << 20)
+    return launch(model_folder, kv_budget_bytes=budget), launch(model_folder, kv_budget_bytes=budget)
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(300)
+@pytest.mark.parametrize("layout", ["request", "head"])
+def test_engine_on_pods_generates_the_colocated_tokens(
+    layout: str,
+    model: LoadedModel,
+    prompt_ids: list[list[int]],
+    colocated_tokens: list[list[int]],
+    real_pods: tuple[Pod, Pod],
+) -> None:
+    a, b = (p.address for p in real_pods)
+    heads = model.config.num_kv_heads
+    placement = (
+        Placement.request_partitioned(a, heads)
+        if layout == "request"
+        else Placement.head_partitioned([a, b], heads)
+    )
+    attention = RemoteAttention(model.config, model.dense.dtype, placement)
+    try:
+        engine = Engine(model.dense, attention, model.tokenizer, SCHEDULER)
+        remote_tokens = [c.token_ids for c in engine.generate(prompt_ids, PARAMS)]
+    finally:
+        attention.close()
+    assert remote_tokens == colocated_tokens
+    for pod in real_pods:
+        stats = pod.stub().Stats(pb.StatsRequest(), timeout=5)
+        assert stats.sequences == 0 and stats.blocks_free == stats.blocks_total
