@@ -6,12 +6,11 @@ Used by the colocated engine and by tests; attention pods wrap the same pool beh
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass
 
 import torch
 
 from services.attention.kv_pool import KVPool
-from services.attention.reference import causal_prefill_attention, paged_decode_attention
+from services.attention.reference import DecodeLayout, causal_prefill_attention, paged_decode_attention
 from services.core.attention import AttentionPart, AttentionStep, ReserveResult, SeqChunk
 
 
@@ -44,34 +43,6 @@ class LocalAttention(AttentionPart):
 
     def begin(self, chunks: Sequence[SeqChunk]) -> LocalStep:
         return LocalStep(self, chunks)
-
-
-@dataclass(slots=True, frozen=True)
-class DecodeLayout:
-    """Where the blocks of every decode lane are, for `paged_decode_attention`."""
-
-    blocks: torch.Tensor  # [NB] block ids, lane after lane
-    block_lane: torch.Tensor  # [NB] lane of each block
-    valid: torch.Tensor  # [NB, bs] position holds a token (only each lane's last block is partial)
-
-    @classmethod
-    def build(cls, lanes: list[tuple[list[int], int]], block_size: int, device: str) -> DecodeLayout:
-        """lanes: (block table, length) per lane."""
-        blocks: list[int] = []
-        block_lane: list[int] = []
-        filled: list[int] = []  # tokens in each block
-        for index, (table, length) in enumerate(lanes):
-            n_blocks = -(-length // block_size)
-            blocks.extend(table[:n_blocks])
-            block_lane.extend([index] * n_blocks)
-            filled.extend([block_size] * (n_blocks - 1))
-            filled.append(length - (n_blocks - 1) * block_size)
-        offsets = torch.arange(block_size, device=device)
-        return cls(
-            blocks=torch.tensor(blocks, dtype=torch.long, device=device),
-            block_lane=torch.tensor(block_lane, dtype=torch.long, device=device),
-            valid=offsets[None, :] < torch.tensor(filled, dtype=torch.long, device=device)[:, None],
-        )
 
 
 class LocalStep(AttentionStep):
@@ -111,10 +82,10 @@ class LocalStep(AttentionStep):
             device=config.device,
         )
         lanes = [(lane, self.chunks[i].end) for i in self.decode_rows for lane in tables[i]]
-        self.layout = DecodeLayout.build(lanes, bs, config.device)
+        self.layout = DecodeLayout.build(lanes, bs, part.group, config.device)
         # Gather buffers reused by every layer: fresh memory per layer would page-fault.
         shape = (self.layout.blocks.numel(), bs, config.head_dim)
-        self.workspace = tuple(torch.empty(shape, dtype=config.dtype, device=config.device) for _ in "kv")
+        self.k_workspace = torch.empty(shape, dtype=config.dtype, device=config.device)
         self.prefill_tables = {
             i: torch.tensor(tables[i], dtype=torch.long, device=config.device)  # [heads, n_blocks]
             for i, c in enumerate(self.chunks)
@@ -127,17 +98,9 @@ class LocalStep(AttentionStep):
 
     def _decode(self, layer: int, q_lanes: torch.Tensor) -> torch.Tensor:
         """q_lanes: [n_lanes, G, D] -> [n_lanes, G, D]."""
-        pool, layout = self.part.pool, self.layout
-        k_buf, v_buf = self.workspace
+        pool = self.part.pool
         return paged_decode_attention(
-            q_lanes,
-            pool.k[layer],
-            pool.v[layer],
-            layout.blocks,
-            layout.block_lane,
-            layout.valid,
-            self.part.scale,
-            (k_buf, v_buf),
+            q_lanes, pool.k[layer], pool.v[layer], self.layout, self.part.scale, self.k_workspace
         )
 
     def attend(self, layer: int, q: torch.Tensor, k_new: torch.Tensor, v_new: torch.Tensor) -> torch.Tensor:

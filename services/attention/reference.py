@@ -9,46 +9,96 @@ split-K ("flash-decoding") arithmetic a GPU kernel does, written with batched ma
     k, v    [NB, bs, D]     gathered whole blocks
     scores  [NB, G, bs]     q_lane[block_lane] @ k^T, masked past each lane's length
     m       [n_lanes, G]    running max per lane (scatter amax)
-    o       [n_lanes, G, D] Σ_blocks exp(scores - m) @ v / Σ exp(scores - m)
+    o       [n_lanes, G, D] Σ_t p[t] v[t], p = exp(scores - m) / Σ exp(scores - m), computed with
+                            embedding_bag straight from the pool (V is never gathered)
 
 Prefill: per sequence, causal over the prompt with SDPA (GQA), queries offset by `start`.
 """
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 import torch.nn.functional as F
+
+
+@dataclass(slots=True, frozen=True)
+class DecodeLayout:
+    """Where every decode lane's blocks are; built once per step, used by every layer."""
+
+    blocks: torch.Tensor  # [NB] block ids, lane after lane
+    block_lane: torch.Tensor  # [NB] lane of each block
+    valid: torch.Tensor  # [NB, bs] position holds a token (only each lane's last block is partial)
+    bag_slots: torch.Tensor  # [G * NB * bs] flat pool slots, once per query head of the group
+    bag_offsets: torch.Tensor  # [G * n_lanes] start of bag (g, lane) in bag_slots
+
+    @classmethod
+    def build(
+        cls, lanes: list[tuple[list[int], int]], block_size: int, group: int, device: str
+    ) -> DecodeLayout:
+        """lanes: (block table, length) per lane; group: query heads per KV head (G)."""
+        blocks: list[int] = []
+        block_lane: list[int] = []
+        filled: list[int] = []  # tokens in each block
+        first: list[int] = []  # first block of each lane
+        for index, (table, length) in enumerate(lanes):
+            n_blocks = -(-length // block_size)
+            first.append(len(blocks))
+            blocks.extend(table[:n_blocks])
+            block_lane.extend([index] * n_blocks)
+            filled.extend([block_size] * (n_blocks - 1))
+            filled.append(length - (n_blocks - 1) * block_size)
+        block_ids = torch.tensor(blocks, dtype=torch.long, device=device)
+        offsets = torch.arange(block_size, device=device)
+        slots = (block_ids[:, None] * block_size + offsets).reshape(-1)  # [NB * bs]
+        starts = torch.tensor(first, dtype=torch.long, device=device) * block_size  # [n_lanes]
+        heads = torch.arange(group, device=device)[:, None] * slots.numel()  # [G, 1]
+        return cls(
+            blocks=block_ids,
+            block_lane=torch.tensor(block_lane, dtype=torch.long, device=device),
+            valid=offsets[None, :] < torch.tensor(filled, dtype=torch.long, device=device)[:, None],
+            bag_slots=slots.repeat(group),
+            bag_offsets=(heads + starts[None, :]).reshape(-1),
+        )
 
 
 def paged_decode_attention(
     q: torch.Tensor,  # [n_lanes, G, D]
     k_cache: torch.Tensor,  # [num_blocks, bs, D]
     v_cache: torch.Tensor,  # [num_blocks, bs, D]
-    blocks: torch.Tensor,  # [NB] int64 block ids, lane after lane
-    block_lane: torch.Tensor,  # [NB] int64 lane of each block
-    valid: torch.Tensor,  # [NB, bs] bool: position holds a token
+    layout: DecodeLayout,
     scale: float,
-    workspace: tuple[torch.Tensor, torch.Tensor] | None = None,  # reusable [NB, bs, D] buffers for k, v
+    k_workspace: torch.Tensor | None = None,  # reusable [NB, bs, D] buffer for the gathered keys
 ) -> torch.Tensor:  # [n_lanes, G, D]
     n_lanes, group, head_dim = q.shape
-    if workspace is None:
-        k = k_cache.index_select(0, blocks)  # [NB, bs, D]
-        v = v_cache.index_select(0, blocks)
-    else:  # gathering into warm buffers avoids page-faulting fresh memory every layer
-        k = torch.index_select(k_cache, 0, blocks, out=workspace[0])
-        v = torch.index_select(v_cache, 0, blocks, out=workspace[1])
+    blocks, block_lane = layout.blocks, layout.block_lane
+    # Gathering into a warm buffer avoids page-faulting fresh memory every layer.
+    k = (
+        torch.index_select(k_cache, 0, blocks, out=k_workspace)
+        if k_workspace is not None
+        else k_cache[blocks]
+    )
     scores = torch.bmm(q.index_select(0, block_lane), k.transpose(1, 2)).float() * scale  # [NB, G, bs]
-    scores.masked_fill_(~valid.unsqueeze(1), float("-inf"))
+    scores.masked_fill_(~layout.valid.unsqueeze(1), float("-inf"))
     block_max = scores.amax(dim=-1)  # [NB, G]
     lane_max = torch.full((n_lanes, group), float("-inf"), dtype=scores.dtype, device=q.device)
     lane_max.scatter_reduce_(0, block_lane[:, None].expand_as(block_max), block_max, reduce="amax")
     probs = torch.exp(scores - lane_max.index_select(0, block_lane).unsqueeze(-1))  # [NB, G, bs]
     denom = torch.zeros((n_lanes, group), dtype=scores.dtype, device=q.device)
     denom.index_add_(0, block_lane, probs.sum(dim=-1))
-    partial = torch.bmm(probs.to(v.dtype), v).float()  # [NB, G, D]
-    out = torch.zeros((n_lanes, group, head_dim), dtype=partial.dtype, device=q.device)
-    out.index_add_(0, block_lane, partial)
-    return (out / denom.unsqueeze(-1)).to(q.dtype)
+    probs /= denom.index_select(0, block_lane).unsqueeze(-1)
+    # o[lane, g] = sum_t p[lane, g, t] * V[slot_t]: embedding_bag reads V rows in place (no gather),
+    # one bag per (g, lane) over the lane's slots; masked positions carry weight 0.
+    weights = probs.transpose(0, 1).reshape(-1).to(v_cache.dtype)  # [G * NB * bs]
+    out = F.embedding_bag(
+        layout.bag_slots,
+        v_cache.view(-1, head_dim),
+        layout.bag_offsets,
+        mode="sum",
+        per_sample_weights=weights,
+    )  # [G * n_lanes, D]
+    return out.view(group, n_lanes, head_dim).transpose(0, 1).to(q.dtype)
 
 
 def causal_prefill_attention(
