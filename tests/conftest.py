@@ -40,3 +40,11 @@ def hf_reference_model(bundled_gguf: Path) -> Any:
         str(bundled_gguf.parent), gguf_file=bundled_gguf.name, dtype=torch.float32
     )
     return model.eval()
+
+
+@pytest.fixture(scope="session")
+def model(model_folder: Path) -> Any:
+    """The default model loaded by disagg itself (a `LoadedModel`), shared by every test that reads it."""
+    from services.core.model.load import load_model
+
+    return load_model(str(model_folder), show_progress=False)

@@ -1,8 +1,9 @@
 """Process-level tuning every disagg process applies once at start.
 
 glibc returns freed memory above its mmap threshold to the kernel, so each decode step's fresh
-activations (hundreds of KiB at batch 32) page-fault again. Keeping freed memory in the heap
-measured 15-25 ms faster per batch-32 decode step of SmolLM2-135M on the 2-core build machine.
+activations (hundreds of KiB at batch 32) page-fault again. Keeping freed memory in the heap made a
+batch-32 decode step of SmolLM2-135M 15-25 ms faster in one-off profiles on the 2-core build
+machine (bench/engine.py applies it to both sides, so its ratios do not include this effect).
 """
 
 from __future__ import annotations

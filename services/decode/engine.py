@@ -26,7 +26,6 @@ from services.decode.scheduler import (
     Scheduler,
     SchedulerConfig,
     SchedulerOutput,
-    SeqStatus,
     Sequence,
 )
 
@@ -179,7 +178,3 @@ class Engine:
             self.scheduler.finish(seq, reason)
             del self._requests[seq.seq_id]
         return TokenEvent(seq.seq_id, token, text, reason)
-
-    def is_finished(self, seq_id: int) -> bool:
-        request = self._requests.get(seq_id)
-        return request is None or request.seq.status is SeqStatus.FINISHED

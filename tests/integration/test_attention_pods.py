@@ -32,7 +32,7 @@ from services.attention.kv_pool import KVPool, KVPoolConfig
 from services.attention.local import LocalAttention
 from services.core.attention import AttentionStep, OutOfBlocks, Reserved, SeqChunk
 from services.core.model.config import ModelConfig
-from services.core.model.load import LoadedModel, load_model
+from services.core.model.load import LoadedModel
 from services.core.placement import Placement, PlacementEntry
 from services.core.wire import encode, encode_into
 from services.decode.colocated import build_engine
@@ -325,11 +325,6 @@ def test_sigterm_ends_open_streams_with_unavailable_and_exits(
 PROMPTS = ["What is the capital of France?", "Write a haiku about the sea.", "List three prime numbers."]
 SCHEDULER = SchedulerConfig(max_num_seqs=8, max_num_batched_tokens=40)  # prefill chunks mix with decode
 PARAMS = SamplingParams(max_tokens=24, temperature=0)
-
-
-@pytest.fixture(scope="module")
-def model(model_folder: Path) -> LoadedModel:
-    return load_model(str(model_folder), show_progress=False)
 
 
 @pytest.fixture(scope="module")

@@ -2,22 +2,15 @@
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import pytest
 
 from services.core.errors import PromptTooLongError
-from services.core.model.load import LoadedModel, load_model
+from services.core.model.load import LoadedModel
 from services.decode.colocated import build_engine
 from services.decode.sampling import SamplingParams
 from services.decode.scheduler import FinishReason, SchedulerConfig
 
 pytestmark = pytest.mark.slow
-
-
-@pytest.fixture(scope="module")
-def model(model_folder: Path) -> LoadedModel:
-    return load_model(str(model_folder), show_progress=False)
 
 
 def chat(model: LoadedModel, text: str) -> list[int]:

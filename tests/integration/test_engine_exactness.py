@@ -13,7 +13,7 @@ from typing import Any
 import pytest
 import torch
 
-from services.core.model.load import LoadedModel, load_model
+from services.core.model.load import LoadedModel
 from services.decode.colocated import build_engine
 from services.decode.engine import Engine
 from services.decode.sampling import SamplingParams
@@ -38,11 +38,6 @@ CHAT_PROMPTS = [
     "List three prime numbers.",
     "Translate 'good morning' into Spanish.",
 ]
-
-
-@pytest.fixture(scope="module")
-def model(model_folder: Path) -> LoadedModel:
-    return load_model(str(model_folder), show_progress=False)
 
 
 @pytest.fixture(scope="module")

@@ -4,13 +4,12 @@ from __future__ import annotations
 
 import json
 from collections.abc import Iterator
-from pathlib import Path
 from typing import Any
 
 import pytest
 from fastapi.testclient import TestClient
 
-from services.core.model.load import LoadedModel, load_model
+from services.core.model.load import LoadedModel
 from services.gateway.app import create_app
 from services.gateway.backend import ColocatedBackend
 from services.gateway.settings import GatewaySettings
@@ -19,11 +18,6 @@ pytestmark = pytest.mark.slow
 
 MODEL = "smollm2-135m"
 FRANCE = [{"role": "user", "content": "What is the capital of France?"}]
-
-
-@pytest.fixture(scope="module")
-def model(model_folder: Path) -> LoadedModel:
-    return load_model(str(model_folder), show_progress=False)
 
 
 @pytest.fixture(scope="module")

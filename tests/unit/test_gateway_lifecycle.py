@@ -6,14 +6,13 @@ from __future__ import annotations
 import asyncio
 import json
 from collections.abc import AsyncIterator, Callable, Iterator
-from pathlib import Path
 from typing import Any
 
 import httpx
 import pytest
 
 from services.core.errors import BackendUnavailableError
-from services.core.model.load import LoadedModel, load_model
+from services.core.model.load import LoadedModel
 from services.decode.engine import TokenEvent
 from services.decode.sampling import SamplingParams
 from services.gateway.app import Gateway, create_app
@@ -24,11 +23,6 @@ pytestmark = [pytest.mark.slow, pytest.mark.timeout(120)]
 
 MODEL = "smollm2-135m"
 LONG = {"model": MODEL, "prompt": "Once upon a time", "max_tokens": 2000, "temperature": 0}
-
-
-@pytest.fixture(scope="module")
-def model(model_folder: Path) -> LoadedModel:
-    return load_model(str(model_folder), show_progress=False)
 
 
 @pytest.fixture(scope="module")

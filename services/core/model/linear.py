@@ -1,9 +1,10 @@
 """Linear layers with the fastest kernel this device has: y = x @ W^T (+ b).
 
-On CPU in fp32, oneDNN with the weight reordered once into its blocked layout runs 1.5-2x faster
-than MKL's sgemm/sgemv at decode shapes (measured on a 2-core EPYC: 13 vs 8.7 GB/s of weights at
-batch 1, 88 vs 51 GFLOP/s at batch 32). Elsewhere (GPU, bf16/fp16) torch's own `F.linear` is used.
-The choice is made once per model, not per call; `DISAGG`'s exactness tests run with it.
+On CPU in fp32, oneDNN with the weight reordered once into its blocked layout ran 1.5-2x faster
+than MKL's sgemm/sgemv at decode shapes in one-off measurements on the 2-core build machine (no
+script in bench/ isolates it; bench/engine.py shows the end-to-end effect). Elsewhere (GPU,
+bf16/fp16) torch's own `F.linear` is used. The choice is made once per model, not per call; the
+exactness tests against transformers run with it.
 """
 
 from __future__ import annotations
