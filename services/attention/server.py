@@ -21,19 +21,14 @@ from __future__ import annotations
 
 import argparse
 import logging
-import signal
-import socket
 import sys
-import threading
 from collections.abc import Iterable, Iterator, Sequence
-from concurrent import futures
 from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Literal
 
 import grpc
-from grpc_health.v1 import health, health_pb2, health_pb2_grpc
-from pydantic import Field, ValidationError
+from pydantic import Field
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from services.attention.blocks import UnknownSequenceError
@@ -54,6 +49,17 @@ from services.core.errors import DisaggError
 from services.core.model.config import ModelConfig
 from services.core.model.load import parse_dtype
 from services.core.model.sources import DEFAULT_MODEL, resolve_model
+from services.core.pod import (
+    GrpcPodServer,
+    PodRegistration,
+    add_settings_flags,
+    advertised_address,
+    pod_id_default,
+    settings_from_args,
+    start_grpc_server,
+    wait_for_signal,
+)
+from services.core.registry import AttentionCapacity, Role
 from services.core.runtime import keep_freed_memory
 from services.core.wire import (
     DTYPE_TO_WIRE,
@@ -61,7 +67,6 @@ from services.core.wire import (
     WireError,
     decode,
     encode_into,
-    grpc_message_options,
 )
 from services.proto import attention_pb2 as pb
 from services.proto import attention_pb2_grpc as pb_grpc
@@ -83,7 +88,10 @@ class AttentionSettings(BaseSettings):
     kv_budget_bytes: int = Field(2 << 30, gt=0, description="memory for K and V, all layers")
     block_size: int = Field(16, ge=1, le=1024, description="positions per KV block")
     max_message_bytes: int = Field(64 << 20, ge=1 << 20, le=(1 << 31) - 1, description="per message")
-    pod_id: str = Field(default_factory=socket.gethostname, min_length=1, description="for logs, registry")
+    pod_id: str = Field(default_factory=pod_id_default, min_length=1, description="for logs, registry")
+    redis_url: str | None = Field(
+        None, description="Redis to register in (else DISAGG_REDIS_URL; none: standalone)"
+    )
     threads: int = Field(32, ge=4, le=1024, description="RPC threads; each open Step stream holds one")
     shutdown_grace_s: float = Field(2.0, ge=0, le=60, description="time open streams get on SIGTERM")
 
@@ -222,39 +230,43 @@ def build_engine(settings: AttentionSettings) -> AttentionEngine:
 class RunningPod:
     """A started pod; `stop` is the graceful shutdown."""
 
-    server: grpc.Server
+    grpc: GrpcPodServer
     engine: AttentionEngine
-    health: health.HealthServicer
-    port: int
     settings: AttentionSettings
+    registration: PodRegistration
+
+    @property
+    def port(self) -> int:
+        return self.grpc.port
 
     def stop(self) -> None:
-        self.health.enter_graceful_shutdown()  # NOT_SERVING: routers stop sending new work
+        self.grpc.health.enter_graceful_shutdown()  # NOT_SERVING: routers stop sending new work
+        self.registration.stop()  # out of routing now, not after the TTL
         self.engine.close()  # new steps fail with UNAVAILABLE at once
-        grace = self.settings.shutdown_grace_s
-        self.server.stop(grace).wait(grace + 5)  # then open calls end with UNAVAILABLE
+        self.grpc.stop(self.settings.shutdown_grace_s)  # then open calls end with UNAVAILABLE
 
 
 def start(settings: AttentionSettings) -> RunningPod:
     engine = build_engine(settings)
-    server = grpc.server(
-        futures.ThreadPoolExecutor(max_workers=settings.threads, thread_name_prefix="attention-rpc"),
-        options=[*grpc_message_options(settings.max_message_bytes), ("grpc.so_reuseport", 0)],
-        maximum_concurrent_rpcs=settings.threads,
+    server = start_grpc_server(
+        settings.host,
+        settings.port,
+        threads=settings.threads,
+        max_message_bytes=settings.max_message_bytes,
+        servicers=[(pb_grpc.add_AttentionServicer_to_server, AttentionServicer(engine, settings))],
+        service_names=[SERVICE_NAME],
     )
-    pb_grpc.add_AttentionServicer_to_server(AttentionServicer(engine, settings), server)
-    health_servicer = health.HealthServicer()
-    health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
-    try:
-        port = server.add_insecure_port(f"{settings.host}:{settings.port}")
-    except RuntimeError as exc:
-        raise DisaggError(
-            f"cannot listen on {settings.host}:{settings.port} ({exc}); pick another port"
-        ) from exc
-    server.start()
-    for service in ("", SERVICE_NAME):
-        health_servicer.set(service, health_pb2.HealthCheckResponse.SERVING)
-    return RunningPod(server, engine, health_servicer, port, settings)
+    stats = engine.stats()
+    registration = PodRegistration.start(
+        settings.redis_url,
+        pod_id=settings.pod_id,
+        role=Role.ATTENTION,
+        address=advertised_address(settings.host, server.port),
+        model=settings.model,
+        capacity=AttentionCapacity(stats.blocks_total, stats.block_size, stats.bytes_per_block),
+        load=lambda: engine.stats().sequences,
+    )
+    return RunningPod(server, engine, settings, registration)
 
 
 def serve(settings: AttentionSettings) -> None:
@@ -269,11 +281,7 @@ def serve(settings: AttentionSettings) -> None:
         stats.blocks_total * stats.bytes_per_block / 2**20,
     )
     print(f"attention pod {settings.pod_id} listening on {settings.host}:{pod.port}", flush=True)
-    stopping = threading.Event()
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        signal.signal(sig, lambda *_: stopping.set())
-    while not stopping.wait(0.5):
-        pass
+    wait_for_signal()
     log.info("attention pod %s shutting down", settings.pod_id)
     pod.stop()
 
@@ -285,22 +293,13 @@ def add_cli(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) -> 
         help="serve an attention-memory pod (KV cache + attention, no weights)",
         description="Serve an attention-memory pod. Every flag also reads DISAGG_ATTENTION_<FLAG>.",
     )
-    for name, field in AttentionSettings.model_fields.items():
-        parser.add_argument(f"--{name.replace('_', '-')}", dest=name, default=None, help=field.description)
+    add_settings_flags(parser, AttentionSettings)
     parser.set_defaults(func=run)
     return parser
 
 
 def run(args: argparse.Namespace) -> int:
-    """Flags given on the command line win over the environment; pydantic validates both."""
-    given = {
-        name: value for name in AttentionSettings.model_fields if (value := getattr(args, name)) is not None
-    }
-    try:
-        settings = AttentionSettings(**given)
-    except ValidationError as exc:
-        raise DisaggError(f"invalid attention pod settings: {exc}") from None
-    serve(settings)
+    serve(settings_from_args(AttentionSettings, args, "attention"))
     return 0
 
 

@@ -15,6 +15,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 from services.core.errors import DisaggError
+from services.proto import placement_pb2
 
 
 class PlacementError(DisaggError):
@@ -90,3 +91,33 @@ class Placement:
 
 def _describe(entries: Sequence[PlacementEntry]) -> str:
     return ", ".join(f"{e.address}:[{e.kv_head_start},{e.kv_head_end})" for e in entries)
+
+
+# ---- wire form (proto/disagg/v1/placement.proto) ------------------------------------------------
+MAX_PLACEMENT_ENTRIES = 1024  # far above any cluster; bounds what a peer can make us allocate
+
+
+def placement_to_proto(placement: Placement, message: placement_pb2.Placement) -> None:
+    """Fill `message` (usually a request's submessage) from `placement`."""
+    del message.entries[:]
+    for e in placement.entries:
+        message.entries.add(address=e.address, kv_head_start=e.kv_head_start, kv_head_count=e.kv_head_count)
+
+
+def placement_from_proto(message: placement_pb2.Placement, num_kv_heads: int) -> Placement:
+    """Validate a received placement against the model's KV heads; PlacementError names the problem."""
+    if len(message.entries) > MAX_PLACEMENT_ENTRIES:
+        count = len(message.entries)
+        raise PlacementError(f"a placement lists {count} pods; at most {MAX_PLACEMENT_ENTRIES}")
+    placement = Placement(
+        tuple(PlacementEntry(e.address, e.kv_head_start, e.kv_head_count) for e in message.entries)
+    )
+    if placement.num_kv_heads != num_kv_heads:
+        raise PlacementError(
+            f"the placement covers {placement.num_kv_heads} KV heads but the model has {num_kv_heads}"
+        )
+    for e in placement.entries:
+        host, sep, port = e.address.rpartition(":")
+        if not sep or not host or not port.isdigit():
+            raise PlacementError(f"attention pod address {e.address!r} is not host:port")
+    return placement

@@ -19,6 +19,24 @@ _GENERATED_ROOT = str(Path(__file__).resolve().parent)
 if _GENERATED_ROOT not in sys.path:
     sys.path.append(_GENERATED_ROOT)
 
-from disagg.v1 import attention_pb2, attention_pb2_grpc, tensor_pb2  # noqa: E402
+from disagg.v1 import (  # noqa: E402
+    attention_pb2,
+    attention_pb2_grpc,
+    decode_pb2,
+    decode_pb2_grpc,
+    placement_pb2,
+    prefill_pb2,
+    prefill_pb2_grpc,
+    tensor_pb2,
+)
 
-__all__ = ["attention_pb2", "attention_pb2_grpc", "tensor_pb2"]
+__all__ = [
+    "attention_pb2",
+    "attention_pb2_grpc",
+    "decode_pb2",
+    "decode_pb2_grpc",
+    "placement_pb2",
+    "prefill_pb2",
+    "prefill_pb2_grpc",
+    "tensor_pb2",
+]

@@ -1,0 +1,181 @@
+"""What every pod process shares: settings from flags and environment, the gRPC server with health,
+registration in Redis, and running until SIGTERM.
+
+    parser = add_settings_flags(subparsers.add_parser("prefill", ...), PrefillSettings)
+    settings = settings_from_args(PrefillSettings, args, "prefill")       # flags win over env
+    server = start_grpc_server(settings.host, settings.port, threads, max_bytes,
+                               [(add_PrefillServicer_to_server, servicer)], ["disagg.v1.Prefill"])
+    registration = PodRegistration.start(settings.redis_url, info, load=lambda: queued_tokens)
+    wait_for_signal()                       # SIGTERM / SIGINT
+    server.health.enter_graceful_shutdown(); ...; registration.stop(); server.stop(grace)
+
+Registration is optional: with no Redis URL (flag `--redis-url`, else DISAGG_REDIS_URL) a pod
+serves standalone, which is how single-pod tests and debugging run it. The address a pod registers
+is where others reach it: the bind host, or DISAGG_POD_IP (Kubernetes downward API) when it binds
+0.0.0.0, else this host's resolved name.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import signal
+import socket
+import threading
+import time
+from collections.abc import Callable, Sequence
+from concurrent import futures
+from dataclasses import dataclass
+from typing import Any, TypeVar
+
+import grpc
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from pydantic import ValidationError
+from pydantic_settings import BaseSettings
+
+from services.core.errors import DisaggError
+from services.core.registry import Capacity, Heartbeater, PodInfo, PodRegistry, RedisSettings, Role, connect
+from services.core.wire import grpc_message_options
+
+log = logging.getLogger(__name__)
+
+S = TypeVar("S", bound=BaseSettings)
+POD_IP_ENV = "DISAGG_POD_IP"
+
+
+# ---- settings -----------------------------------------------------------------------------------
+def add_settings_flags(
+    parser: argparse.ArgumentParser, settings: type[BaseSettings]
+) -> argparse.ArgumentParser:
+    """One `--flag-name` per settings field, help from the field's description; unset flags are None."""
+    for name, field in settings.model_fields.items():
+        parser.add_argument(f"--{name.replace('_', '-')}", dest=name, default=None, help=field.description)
+    return parser
+
+
+def settings_from_args(settings: type[S], args: argparse.Namespace, role: str) -> S:
+    """Flags given on the command line win over the environment; pydantic validates both."""
+    given = {
+        name: value for name in settings.model_fields if (value := getattr(args, name, None)) is not None
+    }
+    try:
+        return settings(**given)
+    except ValidationError as exc:
+        raise DisaggError(f"invalid {role} pod settings: {exc}") from None
+
+
+# ---- gRPC server with health --------------------------------------------------------------------
+@dataclass(slots=True)
+class GrpcPodServer:
+    server: grpc.Server
+    health: health.HealthServicer
+    port: int  # the bound port (the setting, or the one picked for port 0)
+
+    def stop(self, grace_s: float) -> None:
+        """NOT_SERVING first (routers stop sending), then open calls get `grace_s` before UNAVAILABLE."""
+        self.health.enter_graceful_shutdown()
+        self.server.stop(grace_s).wait(grace_s + 5)
+
+
+def start_grpc_server(
+    host: str,
+    port: int,
+    *,
+    threads: int,
+    max_message_bytes: int,
+    servicers: Sequence[tuple[Callable[[Any, grpc.Server], None], Any]],
+    service_names: Sequence[str],
+) -> GrpcPodServer:
+    """A sync gRPC server (one thread per open call, calls past `threads` get RESOURCE_EXHAUSTED),
+    with the standard health service SERVING for "" and each of `service_names`."""
+    server = grpc.server(
+        futures.ThreadPoolExecutor(max_workers=threads, thread_name_prefix="rpc"),
+        options=[*grpc_message_options(max_message_bytes), ("grpc.so_reuseport", 0)],
+        maximum_concurrent_rpcs=threads,
+    )
+    for add, servicer in servicers:
+        add(servicer, server)
+    health_servicer = health.HealthServicer()
+    health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
+    try:
+        bound = server.add_insecure_port(f"{host}:{port}")
+    except RuntimeError as exc:
+        raise DisaggError(f"cannot listen on {host}:{port} ({exc}); pick another port") from exc
+    server.start()
+    for name in ("", *service_names):
+        health_servicer.set(name, health_pb2.HealthCheckResponse.SERVING)
+    return GrpcPodServer(server, health_servicer, bound)
+
+
+# ---- Redis registration -------------------------------------------------------------------------
+def advertised_address(host: str, port: int) -> str:
+    """host:port where other pods reach this one (see the module docstring)."""
+    if host in ("0.0.0.0", "::", ""):
+        host = os.environ.get(POD_IP_ENV) or socket.gethostbyname(socket.gethostname())
+    return f"{host}:{port}"
+
+
+def redis_url_or_env(url: str | None) -> str | None:
+    """The pod's `--redis-url`, else DISAGG_REDIS_URL, else None (standalone: no registration)."""
+    return url or os.environ.get("DISAGG_REDIS_URL") or None
+
+
+class PodRegistration:
+    """A pod's entry in the Redis registry, kept alive by heartbeats; `stop()` deregisters."""
+
+    def __init__(self, heartbeater: Heartbeater | None) -> None:
+        self._heartbeater = heartbeater
+
+    @classmethod
+    def start(
+        cls,
+        redis_url: str | None,
+        *,
+        pod_id: str,
+        role: Role,
+        address: str,
+        model: str,
+        capacity: Capacity,
+        load: Callable[[], int],
+    ) -> PodRegistration:
+        url = redis_url_or_env(redis_url)
+        if url is None:
+            log.info("%s pod %s: no Redis URL, serving standalone (not registered)", role, pod_id)
+            return cls(None)
+        settings = RedisSettings(url=url)
+        info = PodInfo(pod_id, role, address, model, capacity, started_at=time.time())
+        registry = PodRegistry(connect(settings), settings)
+        log.info("%s pod %s: registering %s in %s", role, pod_id, address, url)
+        return cls(Heartbeater(registry, info, load).start())
+
+    @property
+    def registered(self) -> bool:
+        return self._heartbeater is not None
+
+    def stop(self) -> None:
+        if self._heartbeater is not None:
+            self._heartbeater.stop(deregister=True)
+            self._heartbeater = None
+
+
+# ---- process lifecycle --------------------------------------------------------------------------
+def wait_for_signal(poll_s: float = 0.5) -> int:
+    """Block the main thread until SIGTERM or SIGINT; returns the signal number."""
+    got: list[int] = []
+    stopping = threading.Event()
+
+    def handler(signum: int, _frame: object) -> None:
+        got.append(signum)
+        stopping.set()
+
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, handler)
+    while not stopping.wait(poll_s):
+        pass
+    return got[0]
+
+
+def pod_id_default() -> str:
+    """The hostname (a Kubernetes pod name) plus the pid, so local pods on one host differ."""
+    return f"{socket.gethostname()}-{os.getpid()}"
