@@ -112,7 +112,7 @@ class RemoteAttention(AttentionPart):
                 for e, r in zip(placement.entries, results, strict=True)
                 if not isinstance(r, AttentionPodError)
             ]
-            self._call_all(opened, "Free", lambda _: pb.FreeRequest(seq_id=self._wire(seq_id)))
+            self._call_all(opened, "Free", lambda _: pb.FreeRequest(seq_id=self.wire_id(seq_id)))
             raise failures[0]
         self._seqs[seq_id] = _Seq(placement, capacity=0)
 
@@ -120,7 +120,7 @@ class RemoteAttention(AttentionPart):
         seq = self._seq(seq_id)
         if num_tokens <= seq.capacity:  # most decode steps: no call at all
             return Reserved(capacity_tokens=seq.capacity, new_blocks=0)
-        request = pb.ReserveRequest(seq_id=self._wire(seq_id), num_tokens=num_tokens)
+        request = pb.ReserveRequest(seq_id=self.wire_id(seq_id), num_tokens=num_tokens)
         results = self._call_all(seq.placement.entries, "Reserve", lambda _: request)
         for result in results:
             if isinstance(result, AttentionPodError):
@@ -147,7 +147,7 @@ class RemoteAttention(AttentionPart):
             for e, r in zip(seq.placement.entries, results, strict=True)
             if r.WhichOneof("result") == "reserved" and r.reserved.new_blocks > 0
         ]
-        self._call_all(took, "Free", lambda _: pb.FreeRequest(seq_id=self._wire(seq_id)))
+        self._call_all(took, "Free", lambda _: pb.FreeRequest(seq_id=self.wire_id(seq_id)))
         for result in self._call_all(took, "Open", lambda e: self._open_request(seq_id, e)):
             if isinstance(result, AttentionPodError):
                 raise result
@@ -156,7 +156,7 @@ class RemoteAttention(AttentionPart):
         seq = self._seqs.pop(seq_id, None)
         if seq is None:
             return
-        request = pb.FreeRequest(seq_id=self._wire(seq_id))
+        request = pb.FreeRequest(seq_id=self.wire_id(seq_id))
         for result in self._call_all(seq.placement.entries, "Free", lambda _: request):
             if isinstance(result, AttentionPodError):  # its KV is unreachable anyway; keep serving
                 log.warning("could not free sequence %d: %s", seq_id, result)
@@ -181,7 +181,8 @@ class RemoteAttention(AttentionPart):
         self._watchdog.stop()
 
     # ---- helpers -------------------------------------------------------------------------------
-    def _wire(self, seq_id: int) -> int:
+    def wire_id(self, seq_id: int) -> int:
+        """The id of engine sequence `seq_id` on the attention pods (what a prefill pod imports into)."""
         if not 0 <= seq_id < 1 << 32:
             raise DisaggError(f"sequence id {seq_id} does not fit in 32 bits")
         return self._namespace << 32 | seq_id
@@ -194,7 +195,7 @@ class RemoteAttention(AttentionPart):
 
     def _open_request(self, seq_id: int, entry: PlacementEntry) -> pb.OpenRequest:
         return pb.OpenRequest(
-            seq_id=self._wire(seq_id),
+            seq_id=self.wire_id(seq_id),
             kv_head_start=entry.kv_head_start,
             kv_head_count=entry.kv_head_count,
             policy="dense",
@@ -260,7 +261,7 @@ class _RemoteStep(AttentionStep):
             stream = part._pod(address).stream()
             begin = pb.StepBegin(step_id=step_id)
             for chunk, _, _ in share:
-                begin.chunks.add(seq_id=part._wire(chunk.seq_id), start=chunk.start, length=chunk.length)
+                begin.chunks.add(seq_id=part.wire_id(chunk.seq_id), start=chunk.start, length=chunk.length)
             stream.send(pb.StepRequest(begin=begin))
             everything = len(share) == len(chunks) and all(e.kv_head_count == heads for _, _, e in share)
             lanes = None if everything else _lane_ids(share, heads)
