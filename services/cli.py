@@ -53,7 +53,12 @@ def _add_model_args(p: argparse.ArgumentParser) -> None:
         help="weight and KV dtype (float32 on CPU; bf16/fp16 for GPUs)",
     )
     p.add_argument("--device", default="cpu", help="torch device, e.g. cpu or cuda:0")
-    p.add_argument("--kv-budget-gb", type=float, default=2.0, help="KV cache memory budget in GiB")
+    p.add_argument(
+        "--kv-budget-gb",
+        type=float,
+        default=2.0,
+        help="KV cache memory budget in GiB (for `up`: split over the attention pods)",
+    )
 
 
 def _add_generate(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
@@ -132,53 +137,88 @@ def cmd_generate(args: argparse.Namespace) -> int:
     return 0
 
 
+_SERVE_ROLES = {
+    "gateway": "services.gateway.server",  # the OpenAI API (FastAPI); --colocated or the cluster
+    "attention": "services.attention.server",  # KV cache + attention, no weights
+    "prefill": "services.prefill.server",  # full model over prompts, KV shipped to attention pods
+    "decode": "services.decode.server",  # continuous batching, attention on attention pods
+}
+
+
 def _add_serve(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     p = sub.add_parser(
         "serve",
-        help="run one pod: gateway | attention (what each Kubernetes pod runs)",
-        description="Run one pod in the foreground. `disagg serve ROLE --help` lists the role's flags.",
+        help="run one pod: gateway | attention | prefill | decode (what each Kubernetes pod runs)",
+        description="Run one pod in the foreground until SIGTERM. `disagg serve ROLE --help` lists the "
+        "role's flags; every pod flag also reads an environment variable DISAGG_<ROLE>_<FLAG>.",
     )
-    p.add_argument("role", choices=["gateway", "attention"], help="which pod to run")
+    p.add_argument("role", choices=list(_SERVE_ROLES), help="which pod to run")
     p.add_argument("args", nargs=argparse.REMAINDER, help="the role's own flags")
     p.set_defaults(func=cmd_serve)
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
-    if args.role == "gateway":
-        from services.gateway.server import main as gateway_main
+    import importlib
 
-        return gateway_main(args.args)
-    from services.attention.server import main as attention_main
-
-    return int(attention_main(args.args) or 0)
+    module = importlib.import_module(_SERVE_ROLES[args.role])
+    return int(module.main(args.args) or 0)
 
 
 def _add_up(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     p = sub.add_parser(
         "up",
         help="start a local cluster and serve the OpenAI API",
-        description="Start the services as local processes and serve the OpenAI API until Ctrl-C. "
-        "This build serves --colocated (one engine process, local attention); the disaggregated "
-        "cluster (Redis, prefill/decode/attention pods) is being wired.",
+        description="Start Redis (valkey), attention, prefill and decode pods and the gateway as local "
+        "processes; print `ready: URL` once requests are served; stop everything on Ctrl-C or SIGTERM. "
+        "--colocated serves the same API from one process with local attention instead (the baseline).",
     )
     p.add_argument("--port", type=int, default=8000, help="gateway port (0 = pick a free one)")
     p.add_argument("--host", default="127.0.0.1", help="gateway bind address")
+    p.add_argument("--prefill", type=int, default=1, help="prefill pods (0: decode pods prefill; default 1)")
+    p.add_argument("--decode", type=int, default=1, help="dense-decode pods (default 1)")
+    p.add_argument("--attention", type=int, default=2, help="attention-memory pods (default 2)")
+    p.add_argument(
+        "--placement",
+        choices=["request", "head"],
+        default="head",
+        help="KV of a request on one attention pod (request) or its KV heads split across pods "
+        "(head, Lamina; default)",
+    )
+    p.add_argument("--redis-url", help="use this Redis instead of starting a private valkey-server")
+    p.add_argument("--max-num-seqs", type=int, default=64, help="running batch per decode pod (default 64)")
     p.add_argument("--colocated", action="store_true", help="one engine process with local attention")
     _add_model_args(p)
     p.set_defaults(func=cmd_up)
 
 
 def cmd_up(args: argparse.Namespace) -> int:
-    if not args.colocated:
-        raise DisaggError(
-            "the disaggregated cluster (Redis + prefill/decode/attention pods) is not wired in this "
-            "build yet; run `disagg up --colocated`"
-        )
-    from services.gateway.server import main as gateway_main
+    if args.colocated:
+        from services.gateway.server import main as gateway_main
 
-    argv = ["--colocated", "--model", args.model, "--dtype", args.dtype, "--device", args.device]
-    argv += ["--kv-budget-gb", str(args.kv_budget_gb), "--host", args.host, "--port", str(args.port)]
-    return gateway_main(argv)
+        argv = ["--colocated", "--model", args.model, "--dtype", args.dtype, "--device", args.device]
+        argv += ["--kv-budget-gb", str(args.kv_budget_gb), "--host", args.host, "--port", str(args.port)]
+        return gateway_main(argv)
+    import logging
+
+    from services.core.router import PlacementMode
+    from services.launcher import ClusterPlan, run
+
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    plan = ClusterPlan(
+        port=args.port,
+        host=args.host,
+        prefill=args.prefill,
+        decode=args.decode,
+        attention=args.attention,
+        placement=PlacementMode(args.placement),
+        redis_url=args.redis_url,
+        model=args.model,
+        dtype=args.dtype,
+        device=args.device,
+        attention_kv_gb=args.kv_budget_gb / args.attention,
+        max_num_seqs=args.max_num_seqs,
+    )
+    return run(plan)
 
 
 if __name__ == "__main__":

@@ -32,6 +32,7 @@ from types import TracebackType
 import redis
 
 from services.core.errors import DisaggError
+from services.core.runtime import die_with_parent
 
 log = logging.getLogger(__name__)
 
@@ -171,7 +172,13 @@ class RedisServer:
         ]  # fmt: skip
         # The log goes to a file, never a pipe: nobody reads a pipe while the server runs.
         with open(workdir / "stdout.log", "wb") as out:
-            proc = subprocess.Popen(args, stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
+            proc = subprocess.Popen(
+                args,
+                stdout=out,
+                stderr=subprocess.STDOUT,
+                stdin=subprocess.DEVNULL,
+                preexec_fn=die_with_parent,  # prctl only: safe between fork and exec
+            )
         self._proc, self._workdir, self._port = proc, workdir, port
         self._finalizer = weakref.finalize(self, _cleanup, proc, workdir, self.stop_timeout_s)
         self._wait_ready(proc, port, log_path)

@@ -6,6 +6,7 @@ Decisions are pure functions over snapshots (tested without Redis in tests/unit/
     Router.place(request, model, num_kv_heads, num_tokens)
       ├─ live pods of each role (registry) + free KV blocks per attention pod (reservations)
       ├─ pick_least_loaded(decode)  pick_least_loaded(prefill)  plan_attention(attention)
+      │  (no live prefill pod is not an error: the decode pod then prefills the prompt itself)
       └─ reserve the plan's blocks atomically ──▶ Route   (refused: the snapshot was stale → re-plan)
 
 Attention placement is one code path for both modes: request-partitioned is head-partitioned over
@@ -17,7 +18,7 @@ are tried, because a pod with almost no room should not make the request fail.
 from __future__ import annotations
 
 import logging
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from enum import StrEnum
 
@@ -73,22 +74,26 @@ class Route:
 
     request_id: str
     decode: PodStatus
-    prefill: PodStatus
+    prefill: PodStatus | None  # None: the decode pod prefills the prompt itself
     attention: AttentionPlan
 
 
 # ---- pure decisions -----------------------------------------------------------------------------
-def pick_least_loaded(pods: Sequence[PodStatus], what: str) -> PodStatus:
-    """The pod with the lowest reported load; ties go to the smallest pod id (deterministic).
+def pick_least_loaded(
+    pods: Sequence[PodStatus], what: str, pending: Mapping[str, int] | None = None
+) -> PodStatus:
+    """The pod with the lowest load; ties go to the smallest pod id (deterministic).
 
-    Loads are as fresh as the last heartbeat (1 s): a caller placing many requests per second
-    should add its own not-yet-reported placements to `load` to avoid piling onto one pod.
+    Reported loads are as fresh as the last heartbeat (1 s), so a caller placing many requests per
+    second passes its own in-flight placements per pod id as `pending`, added to the reported load;
+    otherwise a burst piles onto one pod.
     """
     if not pods:
         raise NoCapacityError(
             f"no live {what} pod: start one (`disagg serve {what}`) or check its heartbeats"
         )
-    return min(pods, key=lambda p: (p.load, p.pod_id))
+    extra = pending or {}
+    return min(pods, key=lambda p: (p.load + extra.get(p.pod_id, 0), p.pod_id))
 
 
 def newest_per_address(pods: Sequence[PodStatus]) -> list[PodStatus]:
@@ -174,19 +179,33 @@ class Router:
         self.max_attention_pods = max_attention_pods
         self.attempts = attempts
 
-    def place(self, request_id: str, model: str, num_kv_heads: int, num_tokens: int) -> Route:
-        """Choose pods and reserve KV blocks; raises NoCapacityError when nothing fits."""
-        decode = pick_least_loaded(newest_per_address(self.registry.live_pods(Role.DECODE, model)), "decode")
-        prefill = pick_least_loaded(
-            newest_per_address(self.registry.live_pods(Role.PREFILL, model)), "prefill"
+    def place(
+        self,
+        request_id: str,
+        model: str,
+        num_kv_heads: int,
+        num_tokens: int,
+        *,
+        prefill: bool = True,
+        pending: Mapping[str, int] | None = None,
+    ) -> Route:
+        """Choose pods and reserve KV blocks; raises NoCapacityError when nothing fits.
+
+        `prefill=False` (a one-token prompt) or no live prefill pod: the decode pod prefills itself.
+        `pending`: the caller's not-yet-reported load per pod id (see `pick_least_loaded`).
+        """
+        decode = pick_least_loaded(
+            newest_per_address(self.registry.live_pods(Role.DECODE, model)), "decode", pending
         )
+        prefill_pods = newest_per_address(self.registry.live_pods(Role.PREFILL, model)) if prefill else []
+        prefill_pod = pick_least_loaded(prefill_pods, "prefill", pending) if prefill_pods else None
         for attempt in range(1, self.attempts + 1):
             plan = plan_attention(
                 self.attention_candidates(model), num_kv_heads, num_tokens, self.mode, self.max_attention_pods
             )
             result = self.reservations.reserve(request_id, plan.blocks)
             if isinstance(result, Granted):
-                return Route(request_id, decode, prefill, plan)
+                return Route(request_id, decode, prefill_pod, plan)
             # Another gateway reserved in between (or a pod died): re-read and re-plan.
             log.debug("request %s: reservation refused (%s), attempt %d", request_id, result, attempt)
         raise NoCapacityError(

@@ -1,6 +1,7 @@
 """Run the gateway under uvicorn.
 
-    python -m services.gateway.server --colocated --model smollm2-135m --port 0
+    python -m services.gateway.server --colocated --model smollm2-135m --port 0      # one process
+    python -m services.gateway.server --redis-url redis://HOST:6379/0 --port 8000      # the cluster
 
 Lifecycle: load the model and start the backend -> bind the socket (port 0 picks a free one) ->
 serve, and print one line `ready: http://HOST:PORT` once requests are served -> on SIGTERM or
@@ -122,13 +123,27 @@ def build_parser() -> argparse.ArgumentParser:
         description="Serve the OpenAI-compatible API. Flags override DISAGG_GATEWAY_* variables.",
     )
     p.add_argument(
-        "--colocated", action="store_true", help="serve from one in-process engine (required for now)"
+        "--colocated",
+        action="store_true",
+        help="serve from one in-process engine with local attention (else: the cluster through Redis)",
     )
+    p.add_argument(
+        "--redis-url",
+        help="the cluster's Redis (default: DISAGG_CLUSTER_REDIS_URL or redis://127.0.0.1:6379/0)",
+    )
+    p.add_argument(
+        "--placement",
+        choices=["request", "head"],
+        help="KV placement: all heads of a request on one attention pod, or split across pods (default head)",
+    )
+    p.add_argument("--max-attention-pods", type=int, help="attention pods one request's heads spread over")
     p.add_argument("--model", default=DEFAULT_MODEL, help=f"model name or folder (default {DEFAULT_MODEL})")
     p.add_argument("--served-model-name", action="append", help="model id clients send (repeatable)")
     p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
     p.add_argument("--device", default="cpu", help="torch device, e.g. cpu or cuda:0")
-    p.add_argument("--kv-budget-gb", type=float, default=2.0, help="KV cache memory budget in GiB")
+    p.add_argument(
+        "--kv-budget-gb", type=float, default=2.0, help="KV cache memory budget in GiB (--colocated)"
+    )
     p.add_argument("--host", help="address to listen on (default 127.0.0.1)")
     p.add_argument("--port", type=int, help="port (default 8000; 0 = any free port)")
     p.add_argument("--request-timeout", type=float, dest="request_timeout_seconds", help="seconds")
@@ -154,6 +169,24 @@ def colocated_backend(args: argparse.Namespace) -> Backend:
     return ColocatedBackend(model, model_name=args.model, kv_budget_bytes=int(args.kv_budget_gb * (1 << 30)))
 
 
+def cluster_backend(args: argparse.Namespace) -> Backend:
+    """The gateway in front of the pods: only the tokenizer and config.json are read, no weights."""
+    from services.core.model.config import ModelConfig
+    from services.core.model.sources import resolve_model
+    from services.core.model.tokenizer import Tokenizer
+    from services.gateway.cluster import ClusterBackend, ClusterSettings
+
+    overrides = {
+        name: value
+        for name in ("redis_url", "placement", "max_attention_pods")
+        if (value := getattr(args, name)) is not None
+    }
+    folder = resolve_model(args.model, show_progress=False)
+    config = ModelConfig.from_folder(folder)
+    tokenizer = Tokenizer.from_folder(folder, extra_eos_token_ids=config.eos_token_ids)
+    return ClusterBackend(ClusterSettings(**overrides), tokenizer, config, args.model)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
@@ -161,12 +194,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         settings = settings_from_args(args)
         log.info("gateway settings: %s", settings.model_dump())
-        if not args.colocated:
-            raise DisaggError(
-                "only --colocated is available in this build; the disaggregated backend (decode pods "
-                "through Redis) is not wired yet"
-            )
-        serve(settings, colocated_backend(args))
+        serve(settings, colocated_backend(args) if args.colocated else cluster_backend(args))
     except (DisaggError, ValidationError) as exc:
         print(f"gateway: error: {exc}", file=sys.stderr)
         return EXIT_USAGE

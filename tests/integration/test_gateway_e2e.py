@@ -1,5 +1,10 @@
-"""The gateway as users run it: a real `python -m services.gateway.server --colocated` process on a
-free port, driven by the official `openai` client (and httpx for malformed requests).
+"""The API as users run it, driven by the official `openai` client (and httpx for malformed requests),
+against each way of serving it:
+
+    colocated   `python -m services.gateway.server --colocated`: one process, local attention
+    head        `disagg up --placement head`: valkey + 2 attention pods + prefill + decode + gateway,
+                each request's KV heads split over both attention pods (Lamina)
+    request     `disagg up --placement request`: the same cluster, each request on one attention pod
 
 Greedy outputs are compared with transformers on the same GGUF weights: the response text must equal
 `tokenizer.decode(reference_ids)`, and the streamed deltas must add up to it.
@@ -18,12 +23,15 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import grpc
 import httpx
 import openai
 import pytest
 import torch
 
 from services.core.model.tokenizer import Tokenizer
+from services.core.registry import PodRegistry, RedisSettings, Role, connect
+from services.proto import attention_pb2, attention_pb2_grpc
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(300)]
 
@@ -54,29 +62,29 @@ class Case:
 
 
 class Gateway:
-    """A gateway subprocess; stdout and stderr go to files so that no pipe can fill up and block it."""
+    """A gateway (`colocated`) or a whole `disagg up` cluster (`head`, `request`) as a subprocess;
+    stdout and stderr go to files so that no pipe can fill up and block it."""
 
-    def __init__(self, cache: Path, logs: Path, env: dict[str, str] | None = None) -> None:
-        self.stdout, self.stderr = logs / "gateway.out", logs / "gateway.err"
-        command = [
-            sys.executable,
-            "-m",
-            "services.gateway.server",
-            "--colocated",
-            "--model",
-            MODEL,
-            "--port",
-            "0",
-        ]
+    def __init__(
+        self, cache: Path, logs: Path, env: dict[str, str] | None = None, mode: str = "colocated"
+    ) -> None:
+        self.mode = mode
+        self.stdout, self.stderr = logs / f"{mode}.out", logs / f"{mode}.err"
+        if mode == "colocated":
+            command = ["-m", "services.gateway.server", "--colocated", "--model", MODEL, "--port", "0"]
+        else:
+            command = ["-m", "services.cli", "up", "--port", "0", "--model", MODEL, "--placement", mode]
+            command += ["--attention", "2", "--prefill", "1", "--decode", "1", "--kv-budget-gb", "0.5"]
         with self.stdout.open("w") as out, self.stderr.open("w") as err:
             self.process = subprocess.Popen(
-                command,
+                [sys.executable, *command],
                 cwd=ROOT,
                 stdout=out,
                 stderr=err,
                 env={**os.environ, "DISAGG_CACHE_DIR": str(cache), **(env or {})},
             )
-        self.url = self._wait_ready(timeout=120)
+        self.url = self._wait_ready(timeout=240)
+        self.children = child_pids(self.process.pid)  # the pods, when this is a cluster
 
     def _wait_ready(self, timeout: float) -> str:
         deadline = time.monotonic() + timeout
@@ -86,11 +94,11 @@ class Gateway:
                 return lines[0].removeprefix("ready: ")
             if self.process.poll() is not None:
                 raise AssertionError(
-                    f"the gateway exited with {self.process.returncode}:\n{self.stderr.read_text()}"
+                    f"the server exited with {self.process.returncode}:\n{self.stderr.read_text()[-5000:]}"
                 )
             time.sleep(0.1)
         raise AssertionError(
-            f"the gateway did not print its ready line in {timeout} s:\n{self.stderr.read_text()}"
+            f"the server did not print its ready line in {timeout} s:\n{self.stderr.read_text()[-5000:]}"
         )
 
     def health(self) -> dict[str, Any]:
@@ -98,10 +106,37 @@ class Gateway:
         return body
 
     def wait_idle(self, timeout: float = 15.0) -> None:
+        """No request in flight, and (cluster) no KV block held on any attention pod."""
         deadline = time.monotonic() + timeout
         while (health := self.health())["running"] or health["waiting"] or health["in_flight"]:
             assert time.monotonic() < deadline, f"requests still in the engine: {health}"
             time.sleep(0.05)
+        while self.mode != "colocated" and (used := self.kv_blocks_used()):
+            assert time.monotonic() < deadline, f"attention pods still hold {used} KV blocks"
+            time.sleep(0.05)
+
+    def redis_url(self) -> str:
+        """The cluster's Redis, as the launcher passed it to its pods."""
+        for pid in self.children:
+            argv = Path(f"/proc/{pid}/cmdline").read_bytes().decode().split("\0")
+            if "--redis-url" in argv:
+                return argv[argv.index("--redis-url") + 1]
+        raise AssertionError("no pod was started with --redis-url")
+
+    def attention_pods(self) -> list[str]:
+        settings = RedisSettings(url=self.redis_url())
+        return [p.info.address for p in PodRegistry(connect(settings), settings).live_pods(Role.ATTENTION)]
+
+    def kv_blocks_used(self) -> int:
+        """KV blocks held on every live attention pod, from their Stats RPC."""
+        used = 0
+        for address in self.attention_pods():
+            with grpc.insecure_channel(address) as channel:
+                stats = attention_pb2_grpc.AttentionStub(channel).Stats(
+                    attention_pb2.StatsRequest(), timeout=5
+                )
+                used += stats.blocks_used
+        return used
 
     def stop(self, timeout: float = 20.0) -> int:
         if self.process.poll() is None:
@@ -114,13 +149,40 @@ class Gateway:
         return self.process.returncode
 
 
-@pytest.fixture(scope="module")
-def gateway(model_folder: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Gateway]:
-    server = Gateway(model_folder.parent, tmp_path_factory.mktemp("gateway"))
+def child_pids(pid: int) -> list[int]:
+    """Direct children of `pid` (Linux /proc)."""
+    children = []
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        if int(fields[1]) == pid:
+            children.append(int(stat.parent.name))
+    return children
+
+
+def alive(pid: int) -> bool:
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except OSError:
+        return False
+    return state != "Z"
+
+
+@pytest.fixture(scope="module", params=["colocated", "head", "request"])
+def gateway(
+    request: pytest.FixtureRequest, model_folder: Path, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[Gateway]:
+    server = Gateway(model_folder.parent, tmp_path_factory.mktemp("gateway"), mode=request.param)
     try:
         yield server
     finally:
+        started = time.monotonic()
         assert server.stop() == 0, server.stderr.read_text()[-3000:]
+        if server.mode != "colocated":  # Ctrl-C / SIGTERM stops every child within 10 s
+            assert time.monotonic() - started < 10
+            assert server.children and not [pid for pid in server.children if alive(pid)]
 
 
 @pytest.fixture(scope="module")

@@ -231,6 +231,7 @@ def cluster(redis_client: redis.Redis, redis_settings: RedisSettings) -> tuple[P
 def test_router_head_partitioned(cluster: tuple[PodRegistry, KvReservations]) -> None:
     registry, reservations = cluster
     route = Router(registry, reservations, PlacementMode.HEAD).place("r1", "m", num_kv_heads=3, num_tokens=40)
+    assert route.prefill is not None
     assert (route.decode.pod_id, route.prefill.pod_id) == ("d2", "p2")
     assert [(s.pod_id, s.entry.kv_head_count, s.blocks) for s in route.attention.shares] == [
         ("a1", 2, 6),
@@ -239,6 +240,18 @@ def test_router_head_partitioned(cluster: tuple[PodRegistry, KvReservations]) ->
     assert reservations.held("r1") == {"a1": 6, "a2": 3}
     assert [u.free for u in reservations.usage(["a1", "a2"])] == [94, 57]
     assert reservations.release("r1") == 9
+
+
+def test_router_counts_the_callers_pending_load_and_optional_prefill(
+    cluster: tuple[PodRegistry, KvReservations],
+) -> None:
+    registry, reservations = cluster
+    router = Router(registry, reservations, PlacementMode.HEAD)
+    # d2 reports 2, d1 reports 5: four placements of ours on d2 not yet in its heartbeat tip it over.
+    route = router.place("r1", "m", 3, 16, pending={"d2": 4})
+    assert route.decode.pod_id == "d1"
+    one_token = router.place("r2", "m", 3, 16, prefill=False)
+    assert one_token.prefill is None and one_token.decode.pod_id == "d2"
 
 
 def test_router_request_partitioned_until_full(cluster: tuple[PodRegistry, KvReservations]) -> None:
@@ -275,3 +288,13 @@ def test_router_without_pods_is_no_capacity(redis_client: redis.Redis, redis_set
     )
     with pytest.raises(NoCapacityError, match="disagg serve decode"):
         router.place("r1", "m", 3, 16)
+
+
+def test_router_without_prefill_pods_lets_decode_prefill(
+    redis_client: redis.Redis, redis_settings: RedisSettings
+) -> None:
+    registry = PodRegistry(redis_client, redis_settings)
+    registry.register(pod("d1"))
+    registry.register(pod("a1", Role.ATTENTION))
+    router = Router(registry, KvReservations(redis_client, redis_settings), PlacementMode.HEAD)
+    assert router.place("r1", "m", 3, 16).prefill is None
