@@ -159,6 +159,7 @@ def _prepared(
         top_k=body.top_k or 0,
         seed=body.seed,
         stop=stop,
+        ignore_eos=bool(body.ignore_eos),
     )  # raises InvalidRequestError naming the field
     include_usage = body.stream and body.stream_options is not None and body.stream_options.include_usage
     return PreparedRequest(model, ids, params, body.stream, include_usage)

@@ -24,6 +24,7 @@ class _Request(BaseModel):
     temperature: float | None = None  # default 1.0, 0 = greedy
     top_p: float | None = None
     top_k: int | None = None  # extension (vLLM); 0 = off
+    ignore_eos: bool | None = None  # extension (vLLM): always generate max_tokens (benchmarks)
     seed: int | None = Field(default=None, ge=SEED_MIN, le=SEED_MAX)
     stop: str | list[str] | None = None
     stream: bool = False

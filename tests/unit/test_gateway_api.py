@@ -164,6 +164,14 @@ def test_seeded_sampling_repeats_and_unknown_fields_are_ignored(client: TestClie
     assert first["choices"][0]["text"] == second["choices"][0]["text"]
 
 
+def test_ignore_eos_generates_max_tokens(client: TestClient) -> None:
+    """vLLM's extension, which benchmark tools send: the chat turn ends with EOS, yet 40 tokens come."""
+    natural = chat(client, messages=FRANCE, temperature=0, max_tokens=40).json()
+    assert natural["choices"][0]["finish_reason"] == "stop" and natural["usage"]["completion_tokens"] < 40
+    forced = chat(client, messages=FRANCE, temperature=0, max_tokens=40, ignore_eos=True).json()
+    assert forced["choices"][0]["finish_reason"] == "length" and forced["usage"]["completion_tokens"] == 40
+
+
 def test_models_health_and_docs(client: TestClient) -> None:
     models = client.get("/v1/models").json()
     assert models["object"] == "list"
