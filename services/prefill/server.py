@@ -1,0 +1,261 @@
+"""The prefill pod's gRPC edge: `disagg.v1.Prefill` over a `PrefillEngine`, plus health.
+
+    python -m services.prefill.server [--port 0 --model smollm2-135m ...]   # or DISAGG_PREFILL_*
+    prints: prefill pod <pod_id> listening on <host>:<port>
+
+Lifecycle: settings validated ─▶ model loaded (all weights) ─▶ worker thread started ─▶ serving
+(health SERVING, registered in Redis with its queued tokens as load) ─▶ SIGTERM/SIGINT ─▶ health
+NOT_SERVING, deregistered, new Prefill calls get UNAVAILABLE, queued and running prompts get
+`shutdown_grace_s` to finish, whatever is left gets UNAVAILABLE ─▶ exit.
+
+Each Prefill call holds one RPC thread while its prompt waits and runs (the sync `grpc.server`, as
+on attention pods): the thread only validates, queues and waits; the engine's single worker thread
+does every forward. Calls past `threads` get RESOURCE_EXHAUSTED from gRPC.
+
+Errors map to status codes here and only here (see `_STATUS`).
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass
+from typing import Literal
+
+import grpc
+from pydantic import Field
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+from services.core.errors import DisaggError
+from services.core.model.load import load_model, parse_dtype
+from services.core.model.sources import DEFAULT_MODEL
+from services.core.placement import placement_from_proto
+from services.core.pod import (
+    GrpcPodServer,
+    PodRegistration,
+    add_settings_flags,
+    advertised_address,
+    pod_id_default,
+    settings_from_args,
+    start_grpc_server,
+    wait_for_signal,
+)
+from services.core.registry import PrefillCapacity, Role
+from services.core.runtime import keep_freed_memory
+from services.prefill.engine import (
+    CallerGoneError,
+    PodClosingError,
+    PrefillEngine,
+    PrefillFailedError,
+    PrefillOptions,
+    PrefillRequest,
+    QueueFullError,
+)
+from services.prefill.kv_export import (
+    AttentionChannels,
+    AttentionPodUnreachableError,
+    ImportRefusedError,
+    KVExporter,
+)
+from services.proto import prefill_pb2 as pb
+from services.proto import prefill_pb2_grpc as pb_grpc
+
+log = logging.getLogger(__name__)
+SERVICE_NAME = "disagg.v1.Prefill"
+
+
+class PrefillSettings(BaseSettings):
+    """Everything a prefill pod is configured with; env DISAGG_PREFILL_<FIELD> or flags."""
+
+    model_config = SettingsConfigDict(env_prefix="DISAGG_PREFILL_", extra="forbid")
+
+    host: str = Field("127.0.0.1", description="address to bind; 0.0.0.0 in a cluster")
+    port: int = Field(50071, ge=0, le=65535, description="gRPC port; 0 picks a free one (printed)")
+    model: str = Field(DEFAULT_MODEL, description="model name or folder (all weights are loaded)")
+    dtype: Literal["float32", "bfloat16", "float16"] = Field(
+        "float32", description="weights and K/V dtype; attention pods must use the same"
+    )
+    device: str = Field("cpu", description="torch device of the model")
+    max_num_tokens: int = Field(
+        2048, ge=1, description="prompt tokens batched into one forward (a longer prompt runs alone)"
+    )
+    max_queued_tokens: int = Field(
+        65536, ge=1, description="waiting + running prompt tokens past which new prompts are refused"
+    )
+    max_message_bytes: int = Field(64 << 20, ge=1 << 20, le=(1 << 31) - 1, description="per message")
+    import_timeout_s: float = Field(
+        30.0, gt=0, le=3600, description="after a forward, how long attention pods get to acknowledge K/V"
+    )
+    pod_id: str = Field(default_factory=pod_id_default, min_length=1, description="for logs, registry")
+    redis_url: str | None = Field(
+        None, description="Redis to register in (else DISAGG_REDIS_URL; none: standalone)"
+    )
+    threads: int = Field(32, ge=4, le=1024, description="RPC threads; each Prefill call holds one")
+    shutdown_grace_s: float = Field(5.0, ge=0, le=300, description="time queued prompts get on SIGTERM")
+
+
+# Most specific first: the first matching class gives the status.
+_STATUS: tuple[tuple[type[Exception], grpc.StatusCode], ...] = (
+    (AttentionPodUnreachableError, grpc.StatusCode.UNAVAILABLE),
+    (ImportRefusedError, grpc.StatusCode.FAILED_PRECONDITION),
+    (QueueFullError, grpc.StatusCode.RESOURCE_EXHAUSTED),
+    (PodClosingError, grpc.StatusCode.UNAVAILABLE),
+    (PrefillFailedError, grpc.StatusCode.INTERNAL),
+    (DisaggError, grpc.StatusCode.INVALID_ARGUMENT),  # prompt, placement
+)
+
+
+@contextmanager
+def _status(context: grpc.ServicerContext) -> Iterator[None]:
+    """End the call with the status of a known error; anything else is a bug (INTERNAL, logged)."""
+    try:
+        yield
+    except CallerGoneError as exc:  # nobody reads this answer; say what happened anyway
+        remaining = context.time_remaining()
+        expired = remaining is not None and remaining <= 0
+        context.abort(grpc.StatusCode.DEADLINE_EXCEEDED if expired else grpc.StatusCode.CANCELLED, str(exc))
+    except DisaggError as exc:
+        code = next(code for kind, code in _STATUS if isinstance(exc, kind))
+        context.abort(code, str(exc))
+    except Exception as exc:  # a bug: say so instead of gRPC's anonymous UNKNOWN
+        log.exception("prefill pod failed a call")
+        context.abort(grpc.StatusCode.INTERNAL, f"prefill pod bug: {type(exc).__name__}: {exc}")
+
+
+class PrefillServicer(pb_grpc.PrefillServicer):
+    def __init__(self, engine: PrefillEngine, settings: PrefillSettings) -> None:
+        self.engine = engine
+        self.settings = settings
+
+    def Prefill(self, request: pb.PrefillRequest, context: grpc.ServicerContext) -> pb.PrefillResponse:
+        with _status(context):
+            self.engine.check_prompt(request.token_ids)  # bounded before anything is built from it
+            placement = placement_from_proto(request.placement, self.engine.model.config.num_kv_heads)
+            prompt = PrefillRequest(request.seq_id, list(request.token_ids), placement, request.request_id)
+            result = self.engine.submit(prompt, is_active=context.is_active).wait()
+        return pb.PrefillResponse(
+            tokens=result.tokens,
+            kv_bytes=result.kv_bytes,
+            queue_seconds=result.queue_seconds,
+            compute_seconds=result.compute_seconds,
+        )
+
+    def Stats(
+        self, request: pb.PrefillStatsRequest, context: grpc.ServicerContext
+    ) -> pb.PrefillStatsResponse:
+        stats = self.engine.stats()
+        return pb.PrefillStatsResponse(
+            pod_id=self.settings.pod_id,
+            queued_requests=stats.queued_requests,
+            queued_tokens=stats.queued_tokens,
+            max_num_tokens=stats.max_num_tokens,
+            max_model_len=stats.max_model_len,
+            completed=stats.completed,
+        )
+
+
+def build_engine(settings: PrefillSettings) -> PrefillEngine:
+    """Load the model and start the worker thread."""
+    dtype = parse_dtype(settings.dtype)
+    model = load_model(settings.model, dtype=dtype, device=settings.device, show_progress=False)
+    log.info("model %s loaded in %.1f s from %s", settings.model, model.load_seconds, model.folder)
+    exporter = KVExporter(AttentionChannels(settings.max_message_bytes), model.config.head_dim, dtype)
+    options = PrefillOptions(
+        max_num_tokens=settings.max_num_tokens,
+        max_queued_tokens=settings.max_queued_tokens,
+        import_timeout_s=settings.import_timeout_s,
+    )
+    return PrefillEngine(model.dense, exporter, options).start()
+
+
+@dataclass(slots=True)
+class RunningPod:
+    """A started pod; `stop` is the graceful shutdown."""
+
+    grpc: GrpcPodServer
+    engine: PrefillEngine
+    settings: PrefillSettings
+    registration: PodRegistration
+
+    @property
+    def port(self) -> int:
+        return self.grpc.port
+
+    def stop(self) -> None:
+        self.grpc.health.enter_graceful_shutdown()  # NOT_SERVING: routers stop sending new work
+        self.registration.stop()  # out of routing now, not after the TTL
+        self.engine.close()  # new Prefill calls fail with UNAVAILABLE at once
+        if not self.engine.drain(self.settings.shutdown_grace_s):
+            log.warning("prompts still queued after %g s; failing them", self.settings.shutdown_grace_s)
+        self.engine.stop()  # what is left answers UNAVAILABLE
+        self.grpc.stop(1.0)  # the RPC threads have their answers; let them send them
+
+
+def start(settings: PrefillSettings) -> RunningPod:
+    engine = build_engine(settings)
+    server = start_grpc_server(
+        settings.host,
+        settings.port,
+        threads=settings.threads,
+        max_message_bytes=settings.max_message_bytes,
+        servicers=[(pb_grpc.add_PrefillServicer_to_server, PrefillServicer(engine, settings))],
+        service_names=[SERVICE_NAME],
+    )
+    registration = PodRegistration.start(
+        settings.redis_url,
+        pod_id=settings.pod_id,
+        role=Role.PREFILL,
+        address=advertised_address(settings.host, server.port),
+        model=settings.model,
+        capacity=PrefillCapacity(settings.max_num_tokens),
+        load=lambda: engine.stats().queued_tokens,
+    )
+    return RunningPod(server, engine, settings, registration)
+
+
+def serve(settings: PrefillSettings) -> None:
+    """Run a pod until SIGTERM or SIGINT, then shut down gracefully (call from the main thread)."""
+    log.info("prefill pod settings: %s", settings.model_dump())
+    pod = start(settings)
+    print(f"prefill pod {settings.pod_id} listening on {settings.host}:{pod.port}", flush=True)
+    wait_for_signal()
+    log.info("prefill pod %s shutting down", settings.pod_id)
+    pod.stop()
+
+
+def add_cli(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) -> argparse.ArgumentParser:
+    """Add `prefill` to `disagg serve`: its `func(args)` runs the pod and returns an exit code."""
+    parser = subparsers.add_parser(
+        "prefill",
+        help="serve a prefill pod (whole model; writes prompts' K/V into attention pods)",
+        description="Serve a prefill pod. Every flag also reads DISAGG_PREFILL_<FLAG>.",
+    )
+    add_settings_flags(parser, PrefillSettings)
+    parser.set_defaults(func=run)
+    return parser
+
+
+def run(args: argparse.Namespace) -> int:
+    serve(settings_from_args(PrefillSettings, args, "prefill"))
+    return 0
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """`python -m services.prefill.server [flags]`, the same as `disagg serve prefill [flags]`."""
+    parser = argparse.ArgumentParser(prog="disagg serve")
+    add_cli(parser.add_subparsers(dest="role", required=True))
+    args = parser.parse_args(["prefill", *(sys.argv[1:] if argv is None else argv)])
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    keep_freed_memory()
+    try:
+        return int(args.func(args))
+    except DisaggError as exc:
+        print(f"disagg serve prefill: error: {exc}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())
