@@ -220,23 +220,26 @@ def _health_ok(url: str) -> bool:
 
 
 def run(plan: ClusterPlan) -> int:
-    """Start the cluster, print `ready: URL`, serve until SIGINT/SIGTERM, stop everything."""
-    stop = threading.Event()
-    for sig in (signal.SIGINT, signal.SIGTERM):
-        signal.signal(sig, lambda *_: stop.set())
+    """Start the cluster, print `ready: URL`, serve until SIGINT/SIGTERM, stop everything.
+
+    Everything runs on the main thread: PR_SET_PDEATHSIG fires when the *thread* that spawned a
+    child exits, so children spawned from a helper thread would die with it.
+    """
     cluster = LocalCluster(plan)
-    errors: list[BaseException] = []
-    starter = threading.Thread(target=_start_into, args=(cluster, errors), name="start", daemon=True)
-    starter.start()
-    while starter.is_alive():  # the main thread stays free for signals while the cluster starts
-        if stop.wait(0.2):
-            cluster.abort.set()  # start() raises at its next check and stops what it started
-            starter.join()
-    if stop.is_set():
-        cluster.stop()
-        return 130
-    if errors:
-        raise errors[0]
+    stop = threading.Event()
+
+    def on_signal(*_: object) -> None:
+        stop.set()
+        cluster.abort.set()  # while starting: start() gives up at its next check and cleans up
+
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, on_signal)
+    try:
+        cluster.start()
+    except DisaggError:
+        if stop.is_set():
+            return 130
+        raise
     print(f"ready: {cluster.url}", flush=True)
     try:
         cluster.watch(stop)
@@ -244,10 +247,3 @@ def run(plan: ClusterPlan) -> int:
         log.info("stopping the cluster")
         cluster.stop()
     return 0
-
-
-def _start_into(cluster: LocalCluster, errors: list[BaseException]) -> None:
-    try:
-        cluster.start()
-    except BaseException as exc:
-        errors.append(exc)
