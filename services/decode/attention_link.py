@@ -1,7 +1,7 @@
 """One attention pod as the decode side sees it: channel, stub, the Step stream and its deadline.
 
     link = PodLink(address, options, watchdog)   # connects: Stats, waiting for the pod to come up
-    link.check_geometry(model_config, dtype)     # same model and dtype on both sides
+    link.check_geometry(model_config, dtype)     # same model and dtype, else AttentionPodError
     stream = link.stream()                       # the live Step stream (a fresh one after a failure)
     stream.send(frame); response = stream.receive(timeout_s)
 
@@ -152,14 +152,7 @@ class PodLink:
             raise AttentionPodError.from_rpc(address, "Stats", exc) from None
 
     def check_geometry(self, config: ModelConfig, dtype: torch.dtype) -> None:
-        s = self.stats
-        theirs = (s.num_layers, s.num_kv_heads, s.group_size, s.head_dim, WIRE_TO_DTYPE.get(s.dtype))
-        ours = (config.num_layers, config.num_kv_heads, config.group_size, config.head_dim, dtype)
-        if theirs != ours:
-            raise DisaggError(
-                f"attention pod {self.address} serves (layers, KV heads, group, head dim, dtype) = {theirs} "
-                f"but this model has {ours}; start every pod with the same --model and --dtype"
-            )
+        check_geometry(self.address, self.stats, config, dtype)
 
     def stream(self) -> StepStream:
         """The live Step stream, opening a fresh one if the last one failed."""
@@ -172,3 +165,28 @@ class PodLink:
         if self._stream is not None:
             self._stream.close()
         self.channel.close()
+
+
+def check_geometry(address: str, stats: pb.StatsResponse, config: ModelConfig, dtype: torch.dtype) -> None:
+    """Raise AttentionPodError unless the pod serves this model's geometry and dtype."""
+    s = stats
+    theirs = (s.num_layers, s.num_kv_heads, s.group_size, s.head_dim, WIRE_TO_DTYPE.get(s.dtype))
+    ours = (config.num_layers, config.num_kv_heads, config.group_size, config.head_dim, dtype)
+    if theirs != ours:
+        raise AttentionPodError(
+            address,
+            f"serves (layers, KV heads, group, head dim, dtype) = {theirs} but this model has {ours}; "
+            "start every pod with the same --model and --dtype",
+        )
+
+
+def probe_pod(address: str, config: ModelConfig, dtype: torch.dtype, timeout_s: float) -> None:
+    """One Stats call, not waiting for a pod that is down: raise AttentionPodError unless the pod
+    answers within `timeout_s` with this model's geometry. For servers, to check a placement off
+    the engine thread before a request reaches it (a `PodLink` waits for a pod to come up)."""
+    with grpc.insecure_channel(address) as channel:
+        try:
+            stats = pb_grpc.AttentionStub(channel).Stats(pb.StatsRequest(), timeout=timeout_s)
+        except grpc.RpcError as exc:
+            raise AttentionPodError.from_rpc(address, "Stats", exc) from None
+    check_geometry(address, stats, config, dtype)

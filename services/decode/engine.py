@@ -7,19 +7,33 @@
 One `step` is one forward pass over the scheduler's rows (decode rows and prefill chunks together).
 Requests join and leave between steps; `abort` frees a request's KV at once. Text (incremental
 detokenization and stop strings) is produced here so that every serving path streams the same text.
+
+Remote prefill (a prefill pod computes the prompt's K/V, docs/architecture.md):
+
+    engine.open_for_prefill(seq_id, len(prompt))      # open on the attention part, room for the prompt
+    ... the prefill pod writes positions [0, n-1) ...
+    engine.add_request(prompt, params, seq_id, prefilled=n - 1)   # first forward: the last token
+    # or, when the prefill failed or was cancelled:  engine.free_prefill(seq_id)
+
+Attention pod failures: when `step` raises `AttentionPodError`, `fail_pod` ends the requests with
+KV on that pod (the others are untouched) and the next `step` runs the same rows for the rest —
+nothing advanced, and K/V are written at explicit positions, so running them again is harmless.
 """
 
 from __future__ import annotations
 
 import itertools
+import logging
 from collections.abc import Iterable
 from dataclasses import dataclass
+from typing import Protocol, runtime_checkable
 
 import torch
 
-from services.core.attention import AttentionPart
+from services.core.attention import AttentionPart, OutOfBlocks
 from services.core.model.dense import DenseModel
 from services.core.model.tokenizer import TextStream, Tokenizer
+from services.decode.attention_link import AttentionPodError
 from services.decode.sampling import SamplingParams, sample
 from services.decode.scheduler import (
     FinishReason,
@@ -28,6 +42,8 @@ from services.decode.scheduler import (
     SchedulerOutput,
     Sequence,
 )
+
+log = logging.getLogger(__name__)
 
 
 @dataclass(slots=True, frozen=True)
@@ -47,6 +63,15 @@ class Completion:
     token_ids: list[int]  # generated, including a final EOS if one was produced
     text: str
     finish_reason: FinishReason
+
+
+@runtime_checkable
+class PodPlacements(Protocol):
+    """An attention part whose sequences live on attention pods (RemoteAttention) says which."""
+
+    def placed_on(self, seq_id: int, address: str) -> bool:
+        """True when pod `address` holds (or will hold, once opened) KV heads of sequence `seq_id`."""
+        ...
 
 
 @dataclass(slots=True)
@@ -79,8 +104,27 @@ class Engine:
         """Raise PromptTooLongError if the prompt can never run here; touches no state."""
         self.scheduler.check_prompt(len(prompt_ids))
 
-    def add_request(self, prompt_ids: list[int], params: SamplingParams, seq_id: int | None = None) -> int:
-        seq = Sequence(next(self._ids) if seq_id is None else seq_id, list(prompt_ids), params)
+    def add_request(
+        self,
+        prompt_ids: list[int],
+        params: SamplingParams,
+        seq_id: int | None = None,
+        prefilled: int = 0,
+    ) -> int:
+        """Queue a request; returns its sequence id.
+
+        `prefilled > 0`: the caller guarantees that the attention part already has the sequence
+        open (`open_for_prefill`) with the K/V of positions [0, prefilled) written, so its first
+        forward is only the remaining prompt tokens (normally just the last one, whose logits give
+        the first generated token here, with the request's own sampler).
+        """
+        seq = Sequence(
+            next(self._ids) if seq_id is None else seq_id,
+            list(prompt_ids),
+            params,
+            num_computed=prefilled,
+            kv_open=prefilled > 0,
+        )
         self.scheduler.add(seq)  # raises PromptTooLongError before anything is kept
         stop_ids = frozenset(params.stop_token_ids) | (
             frozenset() if params.ignore_eos else frozenset(self.tokenizer.eos_token_ids)
@@ -96,6 +140,48 @@ class Engine:
             return None
         self.scheduler.finish(request.seq, FinishReason.ABORT)
         return TokenEvent(seq_id, None, "", FinishReason.ABORT)
+
+    def abort_all(self) -> list[TokenEvent]:
+        """Abort every request (shutdown): their KV is freed, which matters when it lives on pods."""
+        return [event for seq_id in list(self._requests) if (event := self.abort(seq_id))]
+
+    def open_for_prefill(self, seq_id: int, num_tokens: int) -> bool:
+        """Open `seq_id` on the attention part with room for `num_tokens` positions (the whole
+        prompt), for a prefill computed elsewhere. False when the KV has no room now: nothing is
+        kept, and the request is better queued here (`add_request`), where it waits for room."""
+        self.attention.open(seq_id)
+        try:
+            result = self.attention.reserve(seq_id, num_tokens)
+        except Exception:
+            self.attention.free(seq_id)
+            raise
+        if isinstance(result, OutOfBlocks):
+            self.attention.free(seq_id)
+            return False
+        return True
+
+    def free_prefill(self, seq_id: int) -> None:
+        """Drop a sequence opened by `open_for_prefill` that will not join (its prefill failed or
+        the request was cancelled meanwhile)."""
+        self.attention.free(seq_id)
+
+    def fail_pod(self, error: AttentionPodError) -> list[int]:
+        """End every request with KV on the pod that failed; returns their sequence ids.
+
+        Their KV is freed (on the failed pod that is only logged). Raises `error` again when the
+        attention part cannot say where sequences live, or no request is on that pod: then ending
+        requests cannot help, and retrying would fail the same way.
+        """
+        if not isinstance(self.attention, PodPlacements):
+            raise error
+        placements = self.attention
+        failed = [seq_id for seq_id in self._requests if placements.placed_on(seq_id, error.address)]
+        if not failed:
+            raise error
+        log.warning("attention pod %s failed; ending its %d requests: %s", error.address, len(failed), error)
+        for seq_id in failed:
+            self.scheduler.finish(self._requests.pop(seq_id).seq, FinishReason.ABORT)
+        return failed
 
     def has_work(self) -> bool:
         return self.scheduler.has_work()

@@ -161,6 +161,17 @@ class RemoteAttention(AttentionPart):
             if isinstance(result, AttentionPodError):  # its KV is unreachable anyway; keep serving
                 log.warning("could not free sequence %d: %s", seq_id, result)
 
+    def placed_on(self, seq_id: int, address: str) -> bool:
+        """True when pod `address` holds KV heads of `seq_id`: open sequences by their placement,
+        others by what `placement` says (the engine asks this to end only a failed pod's requests)."""
+        seq = self._seqs.get(seq_id)
+        if seq is not None:
+            return address in seq.placement.addresses
+        try:
+            return address in self._placement_for(seq_id).addresses
+        except KeyError:  # a placement table that no longer knows the sequence: not on any pod
+            return False
+
     def max_tokens_per_sequence(self) -> int:
         """The longest sequence the fixed placement's pods could hold (router placements: the
         router checks capacity when it places, so the bound is the model's context window)."""
@@ -214,7 +225,11 @@ class RemoteAttention(AttentionPart):
         pod = self._pods.get(address)
         if pod is None:
             pod = PodLink(address, self.options, self._watchdog)
-            pod.check_geometry(self.config, self.dtype)
+            try:
+                pod.check_geometry(self.config, self.dtype)
+            except AttentionPodError:
+                pod.close()
+                raise
             self._pods[address] = pod
         return pod
 

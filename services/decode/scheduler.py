@@ -12,6 +12,16 @@ sequence does not fit, it simply waits. A prompt too large for the whole pool is
 
 A sequence samples a token whenever a forward completes all of its known tokens (end of prefill, or
 a decode row); `update` appends it.
+
+A *prefilled* sequence arrives with the K/V of its first `num_computed` prompt positions already in
+the attention part (a prefill pod wrote them) and its KV open: its first forward is just the rest
+of the prompt (normally the last prompt token). It joins the queue ahead of sequences holding no KV:
+it needs no new blocks to start, and running it is what gives its blocks back, so it can never be
+stuck behind a sequence waiting for those very blocks. Preempted, it is recomputed from position 0
+like any other sequence.
+
+If the forward fails, `update` is not called: nothing advances, and the next `schedule` plans the
+same rows again (K/V are written at explicit positions, so re-running them is harmless).
 """
 
 from __future__ import annotations
@@ -112,8 +122,18 @@ class Scheduler:
             )
 
     def add(self, seq: Sequence) -> None:
+        """Queue a new sequence: FIFO, except that prefilled ones (holding KV) go ahead of the rest."""
         self.check_prompt(len(seq.prompt_ids))
-        self.waiting.append(seq)
+        if seq.num_computed == 0:
+            self.waiting.append(seq)
+            return
+        if not seq.kv_open or seq.num_computed >= len(seq.prompt_ids):
+            raise ValueError(
+                f"sequence {seq.seq_id}: a prefilled sequence has its KV open and at least its last "
+                f"prompt token still to run (num_computed {seq.num_computed}, prompt {len(seq.prompt_ids)})"
+            )
+        first_without_kv = next((i for i, s in enumerate(self.waiting) if s.num_computed == 0), None)
+        self.waiting.insert(len(self.waiting) if first_without_kv is None else first_without_kv, seq)
 
     def has_work(self) -> bool:
         return bool(self.waiting or self.running)

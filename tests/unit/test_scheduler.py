@@ -108,3 +108,83 @@ def test_finish_frees_kv_of_waiting_and_running_sequences() -> None:
 def test_config_rejects_a_budget_smaller_than_the_batch() -> None:
     with pytest.raises(ValueError, match="max_num_batched_tokens"):
         SchedulerConfig(max_num_seqs=8, max_num_batched_tokens=4)
+
+
+# ---- prefilled admission (a prefill pod wrote the prompt's KV) ----------------------------------
+def prefilled(s: Scheduler, seq_id: int, prompt_len: int) -> Sequence:
+    """A sequence whose first prompt_len - 1 positions are in the KV already, as after a remote prefill."""
+    s.kv.open(seq_id)
+    s.kv.reserve(seq_id, prompt_len)
+    sequence = Sequence(
+        seq_id,
+        list(range(prompt_len)),
+        SamplingParams(max_tokens=100),
+        num_computed=prompt_len - 1,
+        kv_open=True,
+    )
+    s.add(sequence)
+    return sequence
+
+
+def test_a_prefilled_sequence_runs_only_its_last_prompt_token() -> None:
+    s, pool = make_scheduler(num_blocks=16, block_size=4)
+    prefilled(s, 0, 10)
+    used = pool.allocator.num_used_blocks
+    assert run_step(s) == [(0, 9, 1, True)]
+    assert run_step(s) == [(0, 10, 1, True)]
+    assert pool.allocator.num_used_blocks == used  # 11 positions fit the 3 blocks reserved for 10
+
+
+def test_prefilled_sequences_go_ahead_of_those_without_kv_in_arrival_order() -> None:
+    s, _ = make_scheduler(num_blocks=64, max_num_seqs=8)
+    s.add(seq(0, 3))
+    prefilled(s, 1, 5)
+    prefilled(s, 2, 5)
+    assert [x.seq_id for x in s.waiting] == [1, 2, 0]
+    assert run_step(s) == [(1, 4, 1, True), (2, 4, 1, True), (0, 0, 3, True)]
+
+
+def test_a_prefilled_sequence_is_not_stuck_behind_one_waiting_for_its_blocks() -> None:
+    """The pool is full of a prefilled sequence's KV: admitting it first is what frees the blocks."""
+    s, pool = make_scheduler(num_blocks=3, block_size=4)
+    s.add(seq(0, 8))  # needs 2 blocks; only 1 is free once 1 holds its 2
+    first = prefilled(s, 1, 8)
+    assert run_step(s) == [(1, 7, 1, True)]
+    s.finish(first, FinishReason.STOP)
+    assert pool.allocator.num_free_blocks == 3
+    assert run_step(s) == [(0, 0, 8, True)]
+
+
+def test_a_preempted_prefilled_sequence_is_recomputed_from_position_zero() -> None:
+    s, pool = make_scheduler(num_blocks=4, block_size=4)
+    s.add(seq(0, 7))
+    run_step(s)  # 0 holds 2 blocks
+    prefilled(s, 1, 8)  # 1 holds 2 blocks: the pool is full
+    assert run_step(s) == [(0, 7, 1, True), (1, 7, 1, True)]  # neither needs a new block yet
+    out = s.schedule()  # 0 needs a third block for position 8: 1, the newest, is preempted
+    preempted = [x.seq_id for x in out.preempted]
+    assert preempted == [1]
+    victim = s.waiting[0]
+    assert victim.num_computed == 0 and not victim.kv_open and len(victim.output_ids) == 1
+    s.update(out, {0: 7})
+    s.finish(s.running[0], FinishReason.STOP)
+    assert run_step(s) == [(1, 0, 9, True)]  # prompt + its first token, computed here
+    assert pool.allocator.num_used_blocks == 3
+
+
+def test_prefilled_sequences_must_hold_kv_and_leave_a_token_to_run() -> None:
+    s, _ = make_scheduler()
+    with pytest.raises(ValueError, match="prefilled"):
+        s.add(Sequence(0, [1, 2, 3], SamplingParams(), num_computed=2, kv_open=False))
+    s.kv.open(1)
+    with pytest.raises(ValueError, match="prefilled"):
+        s.add(Sequence(1, [1, 2, 3], SamplingParams(), num_computed=3, kv_open=True))
+
+
+def test_a_failed_forward_is_planned_again_unchanged() -> None:
+    """The engine does not call update when the forward raises: the next plan is the same rows."""
+    s, _ = make_scheduler(max_num_batched_tokens=8, max_num_seqs=4)
+    s.add(seq(0, 3))
+    s.add(seq(1, 13))
+    plan = [(i.seq.seq_id, i.chunk.start, i.chunk.length, i.samples) for i in s.schedule().scheduled]
+    assert run_step(s) == plan == [(0, 0, 3, True), (1, 0, 5, False)]
