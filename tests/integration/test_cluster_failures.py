@@ -23,7 +23,9 @@ from tests.integration.test_gateway_e2e import MODEL, Gateway, alive
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(300)]
 
-LONG = {"model": MODEL, "prompt": "Once upon a time", "max_tokens": 3000, "temperature": 0, "stream": True}
+# KV is reserved for prompt + max_tokens: 1000 tokens × 3 KV heads = 189 blocks, so the test cluster's
+# attention pods (0.25 GiB, 1092 blocks each) hold several of these at once.
+LONG = {"model": MODEL, "prompt": "Once upon a time", "max_tokens": 1000, "temperature": 0, "stream": True}
 SHORT = {"model": MODEL, "prompt": "The capital of France is", "max_tokens": 4, "temperature": 0}
 
 
@@ -40,7 +42,10 @@ def pod_pid(cluster: Gateway, role: str, index: int = 0) -> int:
     """The pid of the launcher's child running `serve ROLE` (the index-th of them, in start order)."""
     pids = []
     for pid in sorted(cluster.children):
-        argv = Path(f"/proc/{pid}/cmdline").read_bytes().decode().split("\0")
+        try:
+            argv = Path(f"/proc/{pid}/cmdline").read_bytes().decode().split("\0")
+        except OSError:  # killed by an earlier test
+            continue
         if "serve" in argv and argv[argv.index("serve") + 1] == role and alive(pid):
             pids.append(pid)
     return pids[index]
@@ -132,10 +137,14 @@ def test_killed_prefill_pod_is_routed_around(cluster: Gateway) -> None:
 def test_killed_decode_pod_ends_its_streams_and_then_no_capacity(cluster: Gateway) -> None:
     with ThreadPoolExecutor(2) as pool:
         streams = [Stream(pool, cluster.url) for _ in range(2)]
-        wait_for(lambda: all(s.events >= 5 for s in streams), "the streams did not start")
-        os.kill(pod_pid(cluster, "decode"), signal.SIGKILL)
-        killed_at = time.monotonic()
-        wait_for(lambda: all(s.ended_at is not None for s in streams), "streams hang", timeout=15)
+        try:
+            wait_for(lambda: all(s.events >= 5 for s in streams), "the streams did not start")
+            os.kill(pod_pid(cluster, "decode"), signal.SIGKILL)
+            killed_at = time.monotonic()
+            wait_for(lambda: all(s.ended_at is not None for s in streams), "streams hang", timeout=15)
+        finally:
+            for s in streams:
+                s.stop.set()
     for s in streams:
         assert s.error is not None and s.error["code"] == "backend_unavailable", s.last
         assert "decode pod" in s.error["message"]
