@@ -85,6 +85,7 @@ class PodSequence:
     kv_head_start: int  # first of the model's KV heads held here
     kv_head_count: int  # lanes per token
     policy: AttentionPolicy
+    owner: str = ""  # the decode pod that opened it ("" = none given)
 
 
 @dataclass(slots=True, frozen=True)
@@ -114,7 +115,14 @@ class AttentionEngine:
         self._closing = False
 
     # ---- sequences -----------------------------------------------------------------------------
-    def open(self, seq_id: int, kv_head_start: int, kv_head_count: int, policy: AttentionPolicy) -> None:
+    def open(
+        self,
+        seq_id: int,
+        kv_head_start: int,
+        kv_head_count: int,
+        policy: AttentionPolicy,
+        owner: str = "",
+    ) -> None:
         heads = self.geometry.num_kv_heads
         if kv_head_count < 1 or kv_head_start < 0 or kv_head_start + kv_head_count > heads:
             raise InvalidFrameError(
@@ -125,7 +133,7 @@ class AttentionEngine:
             if seq_id in self._sequences:
                 raise SequenceExistsError(f"sequence {seq_id} is already open on this pod; free it first")
             self._local.open(seq_id, kv_head_count)
-            self._sequences[seq_id] = PodSequence(kv_head_start, kv_head_count, policy)
+            self._sequences[seq_id] = PodSequence(kv_head_start, kv_head_count, policy, owner)
 
     def reserve(self, seq_id: int, num_tokens: int) -> ReserveResult:
         with self._lock:
@@ -136,6 +144,18 @@ class AttentionEngine:
         with self._lock:
             self._sequences.pop(seq_id, None)
             return self.pool.allocator.free(seq_id)
+
+    def owners(self) -> set[str]:
+        """Owners (decode pod ids) of the open sequences; "" for sequences opened without one."""
+        with self._lock:
+            return {seq.owner for seq in self._sequences.values()}
+
+    def free_owned_by(self, owner: str) -> tuple[int, int]:
+        """Free every sequence of `owner` (a decode pod that went away); (sequences, blocks) freed."""
+        with self._lock:
+            ids = [i for i, seq in self._sequences.items() if seq.owner == owner]
+        blocks = sum(self.free(i) for i in ids)
+        return len(ids), blocks
 
     def import_kv(self, seq_id: int, layer: int, start: int, k: torch.Tensor, v: torch.Tensor) -> None:
         """Write K/V computed elsewhere. k, v: [T, h, D], h = the sequence's head count here."""

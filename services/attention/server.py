@@ -22,12 +22,14 @@ from __future__ import annotations
 import argparse
 import logging
 import sys
+import threading
 from collections.abc import Iterable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Literal
 
 import grpc
+import redis
 from pydantic import Field
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
@@ -59,7 +61,7 @@ from services.core.pod import (
     start_grpc_server,
     wait_for_signal,
 )
-from services.core.registry import AttentionCapacity, Role
+from services.core.registry import ID_PATTERN, AttentionCapacity, PodRegistry, Role
 from services.core.runtime import keep_freed_memory
 from services.core.wire import (
     DTYPE_TO_WIRE,
@@ -131,7 +133,13 @@ class AttentionServicer(pb_grpc.AttentionServicer):
     def Open(self, request: pb.OpenRequest, context: grpc.ServicerContext) -> pb.OpenResponse:
         with _status(context):
             policy = AttentionPolicy.parse(request.policy)
-            self.engine.open(request.seq_id, request.kv_head_start, request.kv_head_count, policy)
+            if request.owner and not ID_PATTERN.fullmatch(request.owner):
+                raise InvalidFrameError(
+                    f"owner {request.owner[:140]!r} is not a pod id ({ID_PATTERN.pattern})"
+                )
+            self.engine.open(
+                request.seq_id, request.kv_head_start, request.kv_head_count, policy, request.owner
+            )
         return pb.OpenResponse()
 
     def Reserve(self, request: pb.ReserveRequest, context: grpc.ServicerContext) -> pb.ReserveResponse:
@@ -234,6 +242,7 @@ class RunningPod:
     engine: AttentionEngine
     settings: AttentionSettings
     registration: PodRegistration
+    reaper: OrphanReaper | None
 
     @property
     def port(self) -> int:
@@ -241,6 +250,8 @@ class RunningPod:
 
     def stop(self) -> None:
         self.grpc.health.enter_graceful_shutdown()  # NOT_SERVING: routers stop sending new work
+        if self.reaper is not None:
+            self.reaper.stop()
         self.registration.stop()  # out of routing now, not after the TTL
         self.engine.close()  # new steps fail with UNAVAILABLE at once
         self.grpc.stop(self.settings.shutdown_grace_s)  # then open calls end with UNAVAILABLE
@@ -266,7 +277,61 @@ def start(settings: AttentionSettings) -> RunningPod:
         capacity=AttentionCapacity(stats.blocks_total, stats.block_size, stats.bytes_per_block),
         load=lambda: engine.stats().sequences,
     )
-    return RunningPod(server, engine, settings, registration)
+    registry = registration.registry
+    reaper = OrphanReaper(engine, registry).start() if registry is not None else None
+    return RunningPod(server, engine, settings, registration, reaper)
+
+
+class OrphanReaper:
+    """Frees the sequences of decode pods that left the registry (SIGKILL, crash, partition).
+
+    A decode pod that dies cannot free what it opened here, and the gateway gives the blocks back to
+    the Redis ledger when the request fails, so without this the pod would hold blocks the router
+    thinks are free. Every pod TTL it lists live decode pods; an owner missing from two lists in a
+    row (one TTL of slack for a late heartbeat) loses its sequences. Redis errors skip a round.
+    """
+
+    def __init__(self, engine: AttentionEngine, registry: PodRegistry) -> None:
+        self.engine = engine
+        self.registry = registry
+        self.interval_s = registry.settings.pod_ttl_s
+        self._missing: set[str] = set()
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="orphan-reaper", daemon=True)
+
+    def start(self) -> OrphanReaper:
+        self._thread.start()
+        return self
+
+    def stop(self) -> None:
+        self._stop.set()
+        self._thread.join(5)
+
+    def _run(self) -> None:
+        while not self._stop.wait(self.interval_s):
+            try:
+                self.reap_once()
+            except redis.RedisError as exc:
+                log.warning(
+                    "orphan reaper: Redis unreachable (%s); next round in %.0f s", exc, self.interval_s
+                )
+
+    def reap_once(self) -> None:
+        owners = self.engine.owners() - {""}
+        if not owners:
+            self._missing.clear()
+            return
+        live = {pod.pod_id for pod in self.registry.live_pods(Role.DECODE)}
+        missing = owners - live
+        for owner in missing & self._missing:
+            sequences, blocks = self.engine.free_owned_by(owner)
+            log.warning(
+                "decode pod %s left the registry: freed its %d sequences (%d blocks)",
+                owner,
+                sequences,
+                blocks,
+            )
+        self._missing = missing - self._missing
 
 
 def serve(settings: AttentionSettings) -> None:

@@ -153,6 +153,10 @@ class PodRegistration:
     def registered(self) -> bool:
         return self._heartbeater is not None
 
+    @property
+    def registry(self) -> PodRegistry | None:
+        return self._heartbeater.registry if self._heartbeater is not None else None
+
     def stop(self) -> None:
         if self._heartbeater is not None:
             self._heartbeater.stop(deregister=True)

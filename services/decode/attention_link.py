@@ -47,6 +47,7 @@ class RemoteAttentionOptions:
     connect_timeout_s: float = 30.0  # how long the first call waits for a pod to come up
     layer_timeout_s: float = 30.0  # how long `attend` waits for one layer's output
     max_message_bytes: int = 64 << 20  # per message, both directions
+    owner: str = ""  # this decode pod's id: attention pods free its sequences if it leaves the registry
 
 
 class StepStream:

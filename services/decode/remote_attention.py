@@ -210,6 +210,7 @@ class RemoteAttention(AttentionPart):
             kv_head_start=entry.kv_head_start,
             kv_head_count=entry.kv_head_count,
             policy="dense",
+            owner=self.options.owner,
         )
 
     def _check_placement(self, placement: Placement) -> None:

@@ -422,6 +422,7 @@ def start(settings: DecodeSettings) -> RunningPod:
         connect_timeout_s=settings.connect_timeout_s,
         layer_timeout_s=settings.layer_timeout_s,
         max_message_bytes=settings.max_message_bytes,
+        owner=settings.pod_id,
     )
     placements: dict[int, Placement] = {}
     attention = RemoteAttention(model.config, model.dense.dtype, placements.__getitem__, options)

@@ -25,7 +25,7 @@ _sym_db = _symbol_database.Default()
 from disagg.v1 import tensor_pb2 as disagg_dot_v1_dot_tensor__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x19\x64isagg/v1/attention.proto\x12\tdisagg.v1\x1a\x16\x64isagg/v1/tensor.proto\"[\n\x0bOpenRequest\x12\x0e\n\x06seq_id\x18\x01 \x01(\x04\x12\x15\n\rkv_head_start\x18\x02 \x01(\r\x12\x15\n\rkv_head_count\x18\x03 \x01(\r\x12\x0e\n\x06policy\x18\x04 \x01(\t\"\x0e\n\x0cOpenResponse\"4\n\x0eReserveRequest\x12\x0e\n\x06seq_id\x18\x01 \x01(\x04\x12\x12\n\nnum_tokens\x18\x02 \x01(\x04\"u\n\x0fReserveResponse\x12\'\n\x08reserved\x18\x01 \x01(\x0b\x32\x13.disagg.v1.ReservedH\x00\x12/\n\rout_of_blocks\x18\x02 \x01(\x0b\x32\x16.disagg.v1.OutOfBlocksH\x00\x42\x08\n\x06result\"7\n\x08Reserved\x12\x17\n\x0f\x63\x61pacity_tokens\x18\x01 \x01(\x04\x12\x12\n\nnew_blocks\x18\x02 \x01(\x04\"9\n\x0bOutOfBlocks\x12\x15\n\rneeded_blocks\x18\x01 \x01(\x04\x12\x13\n\x0b\x66ree_blocks\x18\x02 \x01(\x04\"y\n\rImportKVChunk\x12\x0e\n\x06seq_id\x18\x01 \x01(\x04\x12\r\n\x05layer\x18\x02 \x01(\r\x12\r\n\x05start\x18\x03 \x01(\x04\x12\x1c\n\x01k\x18\x04 \x01(\x0b\x32\x11.disagg.v1.Tensor\x12\x1c\n\x01v\x18\x05 \x01(\x0b\x32\x11.disagg.v1.Tensor\"1\n\x10ImportKVResponse\x12\x0e\n\x06\x63hunks\x18\x01 \x01(\x04\x12\r\n\x05\x62ytes\x18\x02 \x01(\x04\"\x1d\n\x0b\x46reeRequest\x12\x0e\n\x06seq_id\x18\x01 \x01(\x04\"\'\n\x0c\x46reeResponse\x12\x17\n\x0freleased_blocks\x18\x01 \x01(\x04\"\x0e\n\x0cStatsRequest\"\xbb\x02\n\rStatsResponse\x12\x0e\n\x06pod_id\x18\x01 \x01(\t\x12\x14\n\x0c\x62locks_total\x18\x02 \x01(\x04\x12\x13\n\x0b\x62locks_free\x18\x03 \x01(\x04\x12\x13\n\x0b\x62locks_used\x18\x04 \x01(\x04\x12\x12\n\nblock_size\x18\x05 \x01(\r\x12\x11\n\tsequences\x18\x06 \x01(\x04\x12\x13\n\x0b\x62ytes_total\x18\x07 \x01(\x04\x12\x12\n\nbytes_used\x18\x08 \x01(\x04\x12\x12\n\nnum_layers\x18\t \x01(\r\x12\x14\n\x0cnum_kv_heads\x18\n \x01(\r\x12\x12\n\ngroup_size\x18\x0b \x01(\r\x12\x10\n\x08head_dim\x18\x0c \x01(\r\x12\x1f\n\x05\x64type\x18\r \x01(\x0e\x32\x10.disagg.v1.DType\x12\x19\n\x11max_message_bytes\x18\x0e \x01(\x04\"d\n\x0bStepRequest\x12%\n\x05\x62\x65gin\x18\x01 \x01(\x0b\x32\x14.disagg.v1.StepBeginH\x00\x12%\n\x05layer\x18\x02 \x01(\x0b\x32\x14.disagg.v1.StepLayerH\x00\x42\x07\n\x05\x66rame\":\n\tStepChunk\x12\x0e\n\x06seq_id\x18\x01 \x01(\x04\x12\r\n\x05start\x18\x02 \x01(\x04\x12\x0e\n\x06length\x18\x03 \x01(\x04\"B\n\tStepBegin\x12\x0f\n\x07step_id\x18\x01 \x01(\x04\x12$\n\x06\x63hunks\x18\x02 \x03(\x0b\x32\x14.disagg.v1.StepChunk\"\x8d\x01\n\tStepLayer\x12\x0f\n\x07step_id\x18\x01 \x01(\x04\x12\r\n\x05layer\x18\x02 \x01(\r\x12\x1c\n\x01q\x18\x03 \x01(\x0b\x32\x11.disagg.v1.Tensor\x12 \n\x05k_new\x18\x04 \x01(\x0b\x32\x11.disagg.v1.Tensor\x12 \n\x05v_new\x18\x05 \x01(\x0b\x32\x11.disagg.v1.Tensor\"L\n\x0cStepResponse\x12\x0f\n\x07step_id\x18\x01 \x01(\x04\x12\r\n\x05layer\x18\x02 \x01(\r\x12\x1c\n\x01o\x18\x03 \x01(\x0b\x32\x11.disagg.v1.Tensor2\xfd\x02\n\tAttention\x12\x37\n\x04Open\x12\x16.disagg.v1.OpenRequest\x1a\x17.disagg.v1.OpenResponse\x12@\n\x07Reserve\x12\x19.disagg.v1.ReserveRequest\x1a\x1a.disagg.v1.ReserveResponse\x12\x43\n\x08ImportKV\x12\x18.disagg.v1.ImportKVChunk\x1a\x1b.disagg.v1.ImportKVResponse(\x01\x12\x37\n\x04\x46ree\x12\x16.disagg.v1.FreeRequest\x1a\x17.disagg.v1.FreeResponse\x12:\n\x05Stats\x12\x17.disagg.v1.StatsRequest\x1a\x18.disagg.v1.StatsResponse\x12;\n\x04Step\x12\x16.disagg.v1.StepRequest\x1a\x17.disagg.v1.StepResponse(\x01\x30\x01\x62\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x19\x64isagg/v1/attention.proto\x12\tdisagg.v1\x1a\x16\x64isagg/v1/tensor.proto\"j\n\x0bOpenRequest\x12\x0e\n\x06seq_id\x18\x01 \x01(\x04\x12\x15\n\rkv_head_start\x18\x02 \x01(\r\x12\x15\n\rkv_head_count\x18\x03 \x01(\r\x12\x0e\n\x06policy\x18\x04 \x01(\t\x12\r\n\x05owner\x18\x05 \x01(\t\"\x0e\n\x0cOpenResponse\"4\n\x0eReserveRequest\x12\x0e\n\x06seq_id\x18\x01 \x01(\x04\x12\x12\n\nnum_tokens\x18\x02 \x01(\x04\"u\n\x0fReserveResponse\x12\'\n\x08reserved\x18\x01 \x01(\x0b\x32\x13.disagg.v1.ReservedH\x00\x12/\n\rout_of_blocks\x18\x02 \x01(\x0b\x32\x16.disagg.v1.OutOfBlocksH\x00\x42\x08\n\x06result\"7\n\x08Reserved\x12\x17\n\x0f\x63\x61pacity_tokens\x18\x01 \x01(\x04\x12\x12\n\nnew_blocks\x18\x02 \x01(\x04\"9\n\x0bOutOfBlocks\x12\x15\n\rneeded_blocks\x18\x01 \x01(\x04\x12\x13\n\x0b\x66ree_blocks\x18\x02 \x01(\x04\"y\n\rImportKVChunk\x12\x0e\n\x06seq_id\x18\x01 \x01(\x04\x12\r\n\x05layer\x18\x02 \x01(\r\x12\r\n\x05start\x18\x03 \x01(\x04\x12\x1c\n\x01k\x18\x04 \x01(\x0b\x32\x11.disagg.v1.Tensor\x12\x1c\n\x01v\x18\x05 \x01(\x0b\x32\x11.disagg.v1.Tensor\"1\n\x10ImportKVResponse\x12\x0e\n\x06\x63hunks\x18\x01 \x01(\x04\x12\r\n\x05\x62ytes\x18\x02 \x01(\x04\"\x1d\n\x0b\x46reeRequest\x12\x0e\n\x06seq_id\x18\x01 \x01(\x04\"\'\n\x0c\x46reeResponse\x12\x17\n\x0freleased_blocks\x18\x01 \x01(\x04\"\x0e\n\x0cStatsRequest\"\xbb\x02\n\rStatsResponse\x12\x0e\n\x06pod_id\x18\x01 \x01(\t\x12\x14\n\x0c\x62locks_total\x18\x02 \x01(\x04\x12\x13\n\x0b\x62locks_free\x18\x03 \x01(\x04\x12\x13\n\x0b\x62locks_used\x18\x04 \x01(\x04\x12\x12\n\nblock_size\x18\x05 \x01(\r\x12\x11\n\tsequences\x18\x06 \x01(\x04\x12\x13\n\x0b\x62ytes_total\x18\x07 \x01(\x04\x12\x12\n\nbytes_used\x18\x08 \x01(\x04\x12\x12\n\nnum_layers\x18\t \x01(\r\x12\x14\n\x0cnum_kv_heads\x18\n \x01(\r\x12\x12\n\ngroup_size\x18\x0b \x01(\r\x12\x10\n\x08head_dim\x18\x0c \x01(\r\x12\x1f\n\x05\x64type\x18\r \x01(\x0e\x32\x10.disagg.v1.DType\x12\x19\n\x11max_message_bytes\x18\x0e \x01(\x04\"d\n\x0bStepRequest\x12%\n\x05\x62\x65gin\x18\x01 \x01(\x0b\x32\x14.disagg.v1.StepBeginH\x00\x12%\n\x05layer\x18\x02 \x01(\x0b\x32\x14.disagg.v1.StepLayerH\x00\x42\x07\n\x05\x66rame\":\n\tStepChunk\x12\x0e\n\x06seq_id\x18\x01 \x01(\x04\x12\r\n\x05start\x18\x02 \x01(\x04\x12\x0e\n\x06length\x18\x03 \x01(\x04\"B\n\tStepBegin\x12\x0f\n\x07step_id\x18\x01 \x01(\x04\x12$\n\x06\x63hunks\x18\x02 \x03(\x0b\x32\x14.disagg.v1.StepChunk\"\x8d\x01\n\tStepLayer\x12\x0f\n\x07step_id\x18\x01 \x01(\x04\x12\r\n\x05layer\x18\x02 \x01(\r\x12\x1c\n\x01q\x18\x03 \x01(\x0b\x32\x11.disagg.v1.Tensor\x12 \n\x05k_new\x18\x04 \x01(\x0b\x32\x11.disagg.v1.Tensor\x12 \n\x05v_new\x18\x05 \x01(\x0b\x32\x11.disagg.v1.Tensor\"L\n\x0cStepResponse\x12\x0f\n\x07step_id\x18\x01 \x01(\x04\x12\r\n\x05layer\x18\x02 \x01(\r\x12\x1c\n\x01o\x18\x03 \x01(\x0b\x32\x11.disagg.v1.Tensor2\xfd\x02\n\tAttention\x12\x37\n\x04Open\x12\x16.disagg.v1.OpenRequest\x1a\x17.disagg.v1.OpenResponse\x12@\n\x07Reserve\x12\x19.disagg.v1.ReserveRequest\x1a\x1a.disagg.v1.ReserveResponse\x12\x43\n\x08ImportKV\x12\x18.disagg.v1.ImportKVChunk\x1a\x1b.disagg.v1.ImportKVResponse(\x01\x12\x37\n\x04\x46ree\x12\x16.disagg.v1.FreeRequest\x1a\x17.disagg.v1.FreeResponse\x12:\n\x05Stats\x12\x17.disagg.v1.StatsRequest\x1a\x18.disagg.v1.StatsResponse\x12;\n\x04Step\x12\x16.disagg.v1.StepRequest\x1a\x17.disagg.v1.StepResponse(\x01\x30\x01\x62\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -33,39 +33,39 @@ _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'disagg.v1.attention_pb2', _
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
   _globals['_OPENREQUEST']._serialized_start=64
-  _globals['_OPENREQUEST']._serialized_end=155
-  _globals['_OPENRESPONSE']._serialized_start=157
-  _globals['_OPENRESPONSE']._serialized_end=171
-  _globals['_RESERVEREQUEST']._serialized_start=173
-  _globals['_RESERVEREQUEST']._serialized_end=225
-  _globals['_RESERVERESPONSE']._serialized_start=227
-  _globals['_RESERVERESPONSE']._serialized_end=344
-  _globals['_RESERVED']._serialized_start=346
-  _globals['_RESERVED']._serialized_end=401
-  _globals['_OUTOFBLOCKS']._serialized_start=403
-  _globals['_OUTOFBLOCKS']._serialized_end=460
-  _globals['_IMPORTKVCHUNK']._serialized_start=462
-  _globals['_IMPORTKVCHUNK']._serialized_end=583
-  _globals['_IMPORTKVRESPONSE']._serialized_start=585
-  _globals['_IMPORTKVRESPONSE']._serialized_end=634
-  _globals['_FREEREQUEST']._serialized_start=636
-  _globals['_FREEREQUEST']._serialized_end=665
-  _globals['_FREERESPONSE']._serialized_start=667
-  _globals['_FREERESPONSE']._serialized_end=706
-  _globals['_STATSREQUEST']._serialized_start=708
-  _globals['_STATSREQUEST']._serialized_end=722
-  _globals['_STATSRESPONSE']._serialized_start=725
-  _globals['_STATSRESPONSE']._serialized_end=1040
-  _globals['_STEPREQUEST']._serialized_start=1042
-  _globals['_STEPREQUEST']._serialized_end=1142
-  _globals['_STEPCHUNK']._serialized_start=1144
-  _globals['_STEPCHUNK']._serialized_end=1202
-  _globals['_STEPBEGIN']._serialized_start=1204
-  _globals['_STEPBEGIN']._serialized_end=1270
-  _globals['_STEPLAYER']._serialized_start=1273
-  _globals['_STEPLAYER']._serialized_end=1414
-  _globals['_STEPRESPONSE']._serialized_start=1416
-  _globals['_STEPRESPONSE']._serialized_end=1492
-  _globals['_ATTENTION']._serialized_start=1495
-  _globals['_ATTENTION']._serialized_end=1876
+  _globals['_OPENREQUEST']._serialized_end=170
+  _globals['_OPENRESPONSE']._serialized_start=172
+  _globals['_OPENRESPONSE']._serialized_end=186
+  _globals['_RESERVEREQUEST']._serialized_start=188
+  _globals['_RESERVEREQUEST']._serialized_end=240
+  _globals['_RESERVERESPONSE']._serialized_start=242
+  _globals['_RESERVERESPONSE']._serialized_end=359
+  _globals['_RESERVED']._serialized_start=361
+  _globals['_RESERVED']._serialized_end=416
+  _globals['_OUTOFBLOCKS']._serialized_start=418
+  _globals['_OUTOFBLOCKS']._serialized_end=475
+  _globals['_IMPORTKVCHUNK']._serialized_start=477
+  _globals['_IMPORTKVCHUNK']._serialized_end=598
+  _globals['_IMPORTKVRESPONSE']._serialized_start=600
+  _globals['_IMPORTKVRESPONSE']._serialized_end=649
+  _globals['_FREEREQUEST']._serialized_start=651
+  _globals['_FREEREQUEST']._serialized_end=680
+  _globals['_FREERESPONSE']._serialized_start=682
+  _globals['_FREERESPONSE']._serialized_end=721
+  _globals['_STATSREQUEST']._serialized_start=723
+  _globals['_STATSREQUEST']._serialized_end=737
+  _globals['_STATSRESPONSE']._serialized_start=740
+  _globals['_STATSRESPONSE']._serialized_end=1055
+  _globals['_STEPREQUEST']._serialized_start=1057
+  _globals['_STEPREQUEST']._serialized_end=1157
+  _globals['_STEPCHUNK']._serialized_start=1159
+  _globals['_STEPCHUNK']._serialized_end=1217
+  _globals['_STEPBEGIN']._serialized_start=1219
+  _globals['_STEPBEGIN']._serialized_end=1285
+  _globals['_STEPLAYER']._serialized_start=1288
+  _globals['_STEPLAYER']._serialized_end=1429
+  _globals['_STEPRESPONSE']._serialized_start=1431
+  _globals['_STEPRESPONSE']._serialized_end=1507
+  _globals['_ATTENTION']._serialized_start=1510
+  _globals['_ATTENTION']._serialized_end=1891
 # @@protoc_insertion_point(module_scope)
