@@ -5,7 +5,7 @@ PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed-$(shell cat pyproject.toml | cksum | cut -d' ' -f1)
 PYTEST_ARGS ?=
 
-.PHONY: setup run test test-fast lint format bench proto clean
+.PHONY: setup run test test-fast lint format bench bench-cluster proto clean
 
 setup: $(STAMP)
 
@@ -18,9 +18,9 @@ $(STAMP): pyproject.toml
 	rm -f $(VENV)/.installed-*
 	touch $@
 
-# Serves the OpenAI API on http://127.0.0.1:8000 until Ctrl-C (colocated until the pods are wired).
+# Serves the OpenAI API on http://127.0.0.1:8000 from a local cluster (Redis + pods + gateway) until Ctrl-C.
 run: setup
-	$(VENV)/bin/disagg up --colocated --port $${PORT:-8000}
+	$(VENV)/bin/disagg up --port $${PORT:-8000}
 
 test: setup
 	$(PY) -m pytest $(PYTEST_ARGS)
@@ -39,6 +39,9 @@ format: setup
 
 bench: setup
 	$(PY) bench/engine.py
+
+bench-cluster: setup
+	$(PY) bench/cluster.py
 
 # Python stubs of proto/disagg/v1/*.proto into services/proto (see services/proto/__init__.py).
 # tests/unit/test_proto_stubs.py fails when the committed stubs differ from what this generates.
