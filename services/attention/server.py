@@ -19,7 +19,6 @@ Errors map to status codes here and only here (see `_STATUS`).
 
 from __future__ import annotations
 
-import argparse
 import logging
 import sys
 import threading
@@ -54,15 +53,13 @@ from services.core.model.sources import DEFAULT_MODEL, resolve_model
 from services.core.pod import (
     GrpcPodServer,
     PodRegistration,
-    add_settings_flags,
     advertised_address,
     pod_id_default,
-    settings_from_args,
+    pod_main,
     start_grpc_server,
     wait_for_signal,
 )
 from services.core.registry import ID_PATTERN, AttentionCapacity, PodRegistry, Role
-from services.core.runtime import keep_freed_memory
 from services.core.wire import (
     DTYPE_TO_WIRE,
     TensorLimits,
@@ -351,35 +348,9 @@ def serve(settings: AttentionSettings) -> None:
     pod.stop()
 
 
-def add_cli(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) -> argparse.ArgumentParser:
-    """Add `attention` to `disagg serve`: its `func(args)` runs the pod and returns an exit code."""
-    parser = subparsers.add_parser(
-        "attention",
-        help="serve an attention-memory pod (KV cache + attention, no weights)",
-        description="Serve an attention-memory pod. Every flag also reads DISAGG_ATTENTION_<FLAG>.",
-    )
-    add_settings_flags(parser, AttentionSettings)
-    parser.set_defaults(func=run)
-    return parser
-
-
-def run(args: argparse.Namespace) -> int:
-    serve(settings_from_args(AttentionSettings, args, "attention"))
-    return 0
-
-
 def main(argv: Sequence[str] | None = None) -> int:
     """`python -m services.attention.server [flags]`, the same as `disagg serve attention [flags]`."""
-    parser = argparse.ArgumentParser(prog="disagg serve")
-    add_cli(parser.add_subparsers(dest="role", required=True))
-    args = parser.parse_args(["attention", *(sys.argv[1:] if argv is None else argv)])
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    keep_freed_memory()
-    try:
-        return int(args.func(args))
-    except DisaggError as exc:
-        print(f"disagg serve attention: error: {exc}", file=sys.stderr)
-        return 2
+    return pod_main("attention", AttentionSettings, serve, argv)
 
 
 if __name__ == "__main__":

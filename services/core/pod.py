@@ -22,6 +22,7 @@ import logging
 import os
 import signal
 import socket
+import sys
 import threading
 import time
 from collections.abc import Callable, Sequence
@@ -36,6 +37,7 @@ from pydantic_settings import BaseSettings
 
 from services.core.errors import DisaggError
 from services.core.registry import Capacity, Heartbeater, PodInfo, PodRegistry, RedisSettings, Role, connect
+from services.core.runtime import keep_freed_memory
 from services.core.wire import grpc_message_options
 
 log = logging.getLogger(__name__)
@@ -178,6 +180,30 @@ def wait_for_signal(poll_s: float = 0.5) -> int:
     while not stopping.wait(poll_s):
         pass
     return got[0]
+
+
+def pod_main(
+    role: str,
+    settings: type[S],
+    serve: Callable[[S], None],
+    argv: Sequence[str] | None = None,
+) -> int:
+    """The whole command line of a pod: flags (one per settings field, each also read from the
+    environment), logging, process tuning, then `serve(settings)`; errors a user can fix exit 2."""
+    parser = argparse.ArgumentParser(
+        prog=f"disagg serve {role}",
+        description=f"Serve one {role} pod until SIGTERM. Flags also read DISAGG_{role.upper()}_<FLAG>.",
+    )
+    add_settings_flags(parser, settings)
+    args = parser.parse_args(sys.argv[1:] if argv is None else argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    keep_freed_memory()
+    try:
+        serve(settings_from_args(settings, args, role))
+    except DisaggError as exc:
+        print(f"disagg serve {role}: error: {exc}", file=sys.stderr)
+        return 2
+    return 0
 
 
 def pod_id_default() -> str:

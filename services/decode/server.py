@@ -23,7 +23,6 @@ at once (calls past it get RESOURCE_EXHAUSTED). Errors map to status codes here 
 
 from __future__ import annotations
 
-import argparse
 import logging
 import sys
 import threading
@@ -45,15 +44,13 @@ from services.core.placement import Placement, PlacementError, placement_from_pr
 from services.core.pod import (
     GrpcPodServer,
     PodRegistration,
-    add_settings_flags,
     advertised_address,
     pod_id_default,
-    settings_from_args,
+    pod_main,
     start_grpc_server,
     wait_for_signal,
 )
 from services.core.registry import ID_PATTERN, DecodeCapacity, Role
-from services.core.runtime import keep_freed_memory
 from services.decode.attention_link import AttentionPodError, probe_pod
 from services.decode.engine import Engine, TokenEvent
 from services.decode.loop import EngineLoop, EngineStoppedError, RequestStream
@@ -465,35 +462,9 @@ def serve(settings: DecodeSettings) -> None:
     pod.stop()
 
 
-def add_cli(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) -> argparse.ArgumentParser:
-    """Add `decode` to `disagg serve`: its `func(args)` runs the pod and returns an exit code."""
-    parser = subparsers.add_parser(
-        "decode",
-        help="serve a dense-decode pod (all weights, no KV; attention on attention pods)",
-        description="Serve a dense-decode pod. Every flag also reads DISAGG_DECODE_<FLAG>.",
-    )
-    add_settings_flags(parser, DecodeSettings)
-    parser.set_defaults(func=run)
-    return parser
-
-
-def run(args: argparse.Namespace) -> int:
-    serve(settings_from_args(DecodeSettings, args, "decode"))
-    return 0
-
-
 def main(argv: Sequence[str] | None = None) -> int:
     """`python -m services.decode.server [flags]`, the same as `disagg serve decode [flags]`."""
-    parser = argparse.ArgumentParser(prog="disagg serve")
-    add_cli(parser.add_subparsers(dest="role", required=True))
-    args = parser.parse_args(["decode", *(sys.argv[1:] if argv is None else argv)])
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    keep_freed_memory()
-    try:
-        return int(args.func(args))
-    except DisaggError as exc:
-        print(f"disagg serve decode: error: {exc}", file=sys.stderr)
-        return 2
+    return pod_main("decode", DecodeSettings, serve, argv)
 
 
 if __name__ == "__main__":

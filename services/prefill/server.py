@@ -17,7 +17,6 @@ Errors map to status codes here and only here (see `_STATUS`).
 
 from __future__ import annotations
 
-import argparse
 import logging
 import sys
 from collections.abc import Iterator, Sequence
@@ -36,15 +35,13 @@ from services.core.placement import placement_from_proto
 from services.core.pod import (
     GrpcPodServer,
     PodRegistration,
-    add_settings_flags,
     advertised_address,
     pod_id_default,
-    settings_from_args,
+    pod_main,
     start_grpc_server,
     wait_for_signal,
 )
 from services.core.registry import PrefillCapacity, Role
-from services.core.runtime import keep_freed_memory
 from services.prefill.engine import (
     CallerGoneError,
     PodClosingError,
@@ -226,35 +223,9 @@ def serve(settings: PrefillSettings) -> None:
     pod.stop()
 
 
-def add_cli(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) -> argparse.ArgumentParser:
-    """Add `prefill` to `disagg serve`: its `func(args)` runs the pod and returns an exit code."""
-    parser = subparsers.add_parser(
-        "prefill",
-        help="serve a prefill pod (whole model; writes prompts' K/V into attention pods)",
-        description="Serve a prefill pod. Every flag also reads DISAGG_PREFILL_<FLAG>.",
-    )
-    add_settings_flags(parser, PrefillSettings)
-    parser.set_defaults(func=run)
-    return parser
-
-
-def run(args: argparse.Namespace) -> int:
-    serve(settings_from_args(PrefillSettings, args, "prefill"))
-    return 0
-
-
 def main(argv: Sequence[str] | None = None) -> int:
     """`python -m services.prefill.server [flags]`, the same as `disagg serve prefill [flags]`."""
-    parser = argparse.ArgumentParser(prog="disagg serve")
-    add_cli(parser.add_subparsers(dest="role", required=True))
-    args = parser.parse_args(["prefill", *(sys.argv[1:] if argv is None else argv)])
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    keep_freed_memory()
-    try:
-        return int(args.func(args))
-    except DisaggError as exc:
-        print(f"disagg serve prefill: error: {exc}", file=sys.stderr)
-        return 2
+    return pod_main("prefill", PrefillSettings, serve, argv)
 
 
 if __name__ == "__main__":
