@@ -300,6 +300,10 @@ def test_hung_pod_makes_attend_fail_after_the_layer_timeout(
     pod = launch(tiny_model, kv_budget_bytes="1000000")
     remote, step = _remote_mid_step(pod, tiny_model, layer_timeout_s=1)
     pod.process.send_signal(signal.SIGSTOP)
+    deadline = time.monotonic() + 10  # a loaded machine can take a moment to stop every thread
+    while Path(f"/proc/{pod.process.pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "T":
+        assert time.monotonic() < deadline, "the pod did not stop"
+        time.sleep(0.01)
     try:
         assert "no answer within 1 s" in str(_next_layer_fails(step, within_s=3))
     finally:
