@@ -38,6 +38,7 @@ from abc import ABC, abstractmethod
 from collections.abc import AsyncIterator, Callable, Iterator
 from dataclasses import dataclass
 
+from services.core.errors import DisaggError
 from services.decode.attention_link import AttentionPodError
 from services.decode.engine import Engine, TokenEvent
 from services.decode.sampling import SamplingParams
@@ -50,12 +51,18 @@ class EngineStoppedError(RuntimeError):
     """The engine loop stopped (shutdown or a crash) before the request finished."""
 
 
+class PrefillUnavailableError(DisaggError):
+    """The prefill side could not take the prompt (gone, overloaded, timed out): prefill it here."""
+
+
 class PrefillJob(ABC):
     """Writes the K/V of a prompt's first `num_tokens` positions from outside the engine.
 
     The loop opens the sequence with room for the whole prompt, then calls `start` on the engine
     thread; `start` must not block, and calls `done` exactly once, from any thread: with None when
-    positions [0, num_tokens) are written, else with the exception that says why not.
+    positions [0, num_tokens) are written, else with the exception that says why not. A
+    `PrefillUnavailableError` (the prefill side is gone or overloaded) makes the loop prefill the
+    prompt itself instead of failing the request.
     """
 
     num_tokens: int  # positions filled: the prompt minus at least its last token
@@ -277,12 +284,17 @@ class EngineLoop:
         state = self._prefilling.pop(item.seq_id, None)
         if state is None:  # released by stop() already
             return
-        if state.cancelled or item.error is not None:
+        add, prefilled = state.add, state.job.num_tokens
+        if isinstance(item.error, PrefillUnavailableError) and not state.cancelled:
+            log.warning("request %d: %s; prefilling it here instead", item.seq_id, item.error)
+            prefilled = 0  # positions already written are simply written again, at the same places
+        elif state.cancelled or item.error is not None:
             self.engine.free_prefill(item.seq_id)
             if item.error is not None and not state.cancelled:
                 self._fail([item.seq_id], item.error)
             return
-        add, prefilled = state.add, state.job.num_tokens
+        if prefilled == 0:
+            self.engine.free_prefill(item.seq_id)  # add_request opens it again, empty
         try:
             self.engine.add_request(add.prompt_ids, add.params, seq_id=item.seq_id, prefilled=prefilled)
         except Exception as exc:

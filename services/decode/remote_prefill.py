@@ -12,7 +12,9 @@ Lifecycle of one request (proto/disagg/v1/prefill.proto):
     engine thread: add_request(prefilled=len(prompt) - 1): the last prompt token runs in the batch
                    and the first token is sampled here, with the request's own generator
 
-The call is a gRPC future, so no thread waits for it and the running batch keeps decoding.
+The call is a gRPC future, so no thread waits for it and the running batch keeps decoding. A pod
+that is unreachable, overloaded or too slow (UNAVAILABLE, RESOURCE_EXHAUSTED, DEADLINE_EXCEEDED) is
+not the request's fault: the loop then prefills the prompt itself (`PrefillUnavailableError`).
 """
 
 from __future__ import annotations
@@ -26,17 +28,34 @@ import grpc
 from services.core.errors import DisaggError
 from services.core.placement import Placement, placement_to_proto
 from services.core.wire import grpc_message_options
-from services.decode.loop import PrefillJob
+from services.decode.loop import PrefillJob, PrefillUnavailableError
 from services.proto import prefill_pb2, prefill_pb2_grpc
 
 
 class PrefillPodError(DisaggError):
-    """The prefill pod failed the prompt, went away or did not answer in time."""
+    """The prefill pod failed the prompt (for a reason that would fail a local prefill too)."""
 
     def __init__(self, address: str, message: str, code: grpc.StatusCode | None = None) -> None:
         super().__init__(f"prefill pod {address}: {message}")
         self.address = address
         self.code = code
+
+
+class PrefillPodUnavailableError(PrefillUnavailableError):
+    """The prefill pod is unreachable, overloaded or too slow: the decode pod prefills instead."""
+
+    def __init__(self, address: str, message: str, code: grpc.StatusCode | None = None) -> None:
+        super().__init__(f"prefill pod {address}: {message}")
+        self.address = address
+        self.code = code
+
+
+# Statuses that say "this prefill pod cannot do it now", not "this prompt cannot be prefilled".
+_UNAVAILABLE = {
+    grpc.StatusCode.UNAVAILABLE,
+    grpc.StatusCode.DEADLINE_EXCEEDED,
+    grpc.StatusCode.RESOURCE_EXHAUSTED,
+}
 
 
 class PrefillClient:
@@ -100,7 +119,7 @@ class RemotePrefill(PrefillJob):
         future = self.client.stub(self.address).Prefill.future(request, timeout=self.client.timeout_s)
         future.add_done_callback(lambda f: done(self._outcome(f)))
 
-    def _outcome(self, future: grpc.Future) -> PrefillPodError | None:
+    def _outcome(self, future: grpc.Future) -> DisaggError | None:
         self.finished_at = time.monotonic()
         try:
             response = future.result()
@@ -108,7 +127,8 @@ class RemotePrefill(PrefillJob):
             code = exc.code() if isinstance(exc, grpc.Call) else None
             details = exc.details() if isinstance(exc, grpc.Call) else str(exc)
             status = code.name if code else "error"
-            return PrefillPodError(self.address, f"Prefill failed: {status}: {details}", code)
+            kind = PrefillPodUnavailableError if code in _UNAVAILABLE else PrefillPodError
+            return kind(self.address, f"Prefill failed: {status}: {details}", code)
         except grpc.FutureCancelledError:
             return PrefillPodError(self.address, "Prefill was cancelled")
         if response.tokens != self.num_tokens:

@@ -17,7 +17,7 @@ from services.core.model.load import LoadedModel
 from services.decode.attention_link import AttentionPodError
 from services.decode.colocated import build_engine
 from services.decode.engine import Engine
-from services.decode.loop import EngineLoop, PrefillJob
+from services.decode.loop import EngineLoop, PrefillJob, PrefillUnavailableError
 from services.decode.sampling import SamplingParams
 from services.decode.scheduler import FinishReason, SchedulerConfig
 
@@ -183,7 +183,10 @@ def test_loop_admits_prefilled_requests_and_frees_failed_or_cancelled_prefills(m
             prompt, params, prefill=LocalPrefillJob(engine, prompt, DisaggError("prefill pod x: boom"))
         )
         good = loop.submit(prompt, params, prefill=LocalPrefillJob(engine, prompt))
+        unavailable = LocalPrefillJob(engine, prompt, PrefillUnavailableError("prefill pod y: gone"))
+        fallback = loop.submit(prompt, params, prefill=unavailable)
         assert [e.token_id for e in good] == expected
+        assert [e.token_id for e in fallback] == expected  # prefilled here instead, not failed
         with pytest.raises(DisaggError, match="prefill pod x: boom"):
             list(failed)
         wait_for(lambda: held._done is not None)
