@@ -277,10 +277,8 @@ def test_greedy_tokens_equal_transformers_with_a_prefill_pod(
     dead_prefill = request(
         "no-prefill-pod", prompts[0], placements(cluster, 3)[0], prefill_address="127.0.0.1:1"
     )
-    with pytest.raises(grpc.RpcError) as info:
-        generate(cluster.stub(), dead_prefill)
-    assert info.value.code() is grpc.StatusCode.UNAVAILABLE
-    assert "prefill pod 127.0.0.1:1" in (info.value.details() or "")
+    # An unreachable prefill pod is not the request's fault: the decode pod prefills it itself.
+    assert generate(cluster.stub(), dead_prefill).token_ids == reference[0]
     assert wait_for(lambda: blocks_used(cluster.a) == 0) < 5
 
 
