@@ -23,14 +23,14 @@ import logging
 import sys
 import threading
 from collections.abc import Iterable, Iterator, Sequence
-from contextlib import contextmanager
+from contextlib import AbstractContextManager
 from dataclasses import dataclass
 from typing import Literal
 
 import grpc
 import redis
 from pydantic import Field
-from pydantic_settings import BaseSettings, SettingsConfigDict
+from pydantic_settings import SettingsConfigDict
 
 from services.attention.blocks import UnknownSequenceError
 from services.attention.engine import (
@@ -53,8 +53,10 @@ from services.core.model.sources import DEFAULT_MODEL, resolve_model
 from services.core.pod import (
     GrpcPodServer,
     PodRegistration,
+    PodSettings,
+    StatusTable,
     advertised_address,
-    pod_id_default,
+    grpc_errors,
     pod_main,
     start_grpc_server,
     wait_for_signal,
@@ -74,29 +76,23 @@ log = logging.getLogger(__name__)
 SERVICE_NAME = "disagg.v1.Attention"
 
 
-class AttentionSettings(BaseSettings):
+class AttentionSettings(PodSettings):
     """Everything an attention pod is configured with; env DISAGG_ATTENTION_<FIELD> or flags."""
 
-    model_config = SettingsConfigDict(env_prefix="DISAGG_ATTENTION_", extra="forbid")
+    model_config = SettingsConfigDict(env_prefix="DISAGG_ATTENTION_")
 
-    host: str = Field("127.0.0.1", description="address to bind; 0.0.0.0 in a cluster")
     port: int = Field(50061, ge=0, le=65535, description="gRPC port; 0 picks a free one (printed)")
     model: str = Field(DEFAULT_MODEL, description="model name or folder; only its config.json is read")
     dtype: Literal["float32", "bfloat16", "float16"] = Field("float32", description="KV dtype")
     device: str = Field("cpu", description="torch device of the KV pool")
     kv_budget_bytes: int = Field(2 << 30, gt=0, description="memory for K and V, all layers")
     block_size: int = Field(16, ge=1, le=1024, description="positions per KV block")
-    max_message_bytes: int = Field(64 << 20, ge=1 << 20, le=(1 << 31) - 1, description="per message")
-    pod_id: str = Field(default_factory=pod_id_default, min_length=1, description="for logs, registry")
-    redis_url: str | None = Field(
-        None, description="Redis to register in (else DISAGG_REDIS_URL; none: standalone)"
-    )
     threads: int = Field(32, ge=4, le=1024, description="RPC threads; each open Step stream holds one")
     shutdown_grace_s: float = Field(2.0, ge=0, le=60, description="time open streams get on SIGTERM")
 
 
 # Most specific first: the first matching class gives the status.
-_STATUS: tuple[tuple[type[Exception], grpc.StatusCode], ...] = (
+_STATUS: StatusTable = (
     (WireError, grpc.StatusCode.INVALID_ARGUMENT),
     (InvalidFrameError, grpc.StatusCode.INVALID_ARGUMENT),
     (UnknownSequenceError, grpc.StatusCode.NOT_FOUND),
@@ -108,17 +104,8 @@ _STATUS: tuple[tuple[type[Exception], grpc.StatusCode], ...] = (
 )
 
 
-@contextmanager
-def _status(context: grpc.ServicerContext) -> Iterator[None]:
-    """End the call with the status of a known error; anything else is a bug (INTERNAL, logged)."""
-    try:
-        yield
-    except DisaggError as exc:
-        code = next(code for kind, code in _STATUS if isinstance(exc, kind))
-        context.abort(code, str(exc))
-    except Exception as exc:  # a bug: say so instead of gRPC's anonymous UNKNOWN
-        log.exception("attention pod failed a call")
-        context.abort(grpc.StatusCode.INTERNAL, f"attention pod bug: {type(exc).__name__}: {exc}")
+def _status(context: grpc.ServicerContext) -> AbstractContextManager[None]:
+    return grpc_errors(context, _STATUS, "attention")
 
 
 class AttentionServicer(pb_grpc.AttentionServicer):

@@ -97,6 +97,12 @@ def _describe(entries: Sequence[PlacementEntry]) -> str:
 MAX_PLACEMENT_ENTRIES = 1024  # far above any cluster; bounds what a peer can make us allocate
 
 
+def is_host_port(address: str) -> bool:
+    """`host:port` with a non-empty host and a numeric port (what every pod address looks like)."""
+    host, sep, port = address.rpartition(":")
+    return bool(sep and host and port.isdigit())
+
+
 def placement_to_proto(placement: Placement, message: placement_pb2.Placement) -> None:
     """Fill `message` (usually a request's submessage) from `placement`."""
     del message.entries[:]
@@ -117,7 +123,6 @@ def placement_from_proto(message: placement_pb2.Placement, num_kv_heads: int) ->
             f"the placement covers {placement.num_kv_heads} KV heads but the model has {num_kv_heads}"
         )
     for e in placement.entries:
-        host, sep, port = e.address.rpartition(":")
-        if not sep or not host or not port.isdigit():
+        if not is_host_port(e.address):
             raise PlacementError(f"attention pod address {e.address!r} is not host:port")
     return placement

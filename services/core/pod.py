@@ -25,15 +25,16 @@ import socket
 import sys
 import threading
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from concurrent import futures
+from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import Any, TypeVar
+from typing import Any, NoReturn, TypeVar
 
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
-from pydantic import ValidationError
-from pydantic_settings import BaseSettings
+from pydantic import Field, ValidationError
+from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from services.core.errors import DisaggError
 from services.core.registry import Capacity, Heartbeater, PodInfo, PodRegistry, RedisSettings, Role, connect
@@ -47,6 +48,24 @@ POD_IP_ENV = "DISAGG_POD_IP"
 
 
 # ---- settings -----------------------------------------------------------------------------------
+def pod_id_default() -> str:
+    """The hostname (a Kubernetes pod name) plus the pid, so local pods on one host differ."""
+    return f"{socket.gethostname()}-{os.getpid()}"
+
+
+class PodSettings(BaseSettings):
+    """The settings every gRPC pod has; each role's class adds its own (and its env prefix)."""
+
+    model_config = SettingsConfigDict(extra="forbid")
+
+    host: str = Field("127.0.0.1", description="address to bind; 0.0.0.0 in a cluster")
+    pod_id: str = Field(default_factory=pod_id_default, min_length=1, description="for logs, registry")
+    redis_url: str | None = Field(
+        None, description="Redis to register in (else DISAGG_REDIS_URL; none: standalone)"
+    )
+    max_message_bytes: int = Field(64 << 20, ge=1 << 20, le=(1 << 31) - 1, description="per gRPC message")
+
+
 def add_settings_flags(
     parser: argparse.ArgumentParser, settings: type[BaseSettings]
 ) -> argparse.ArgumentParser:
@@ -108,6 +127,35 @@ def start_grpc_server(
     for name in ("", *service_names):
         health_servicer.set(name, health_pb2.HealthCheckResponse.SERVING)
     return GrpcPodServer(server, health_servicer, bound)
+
+
+# ---- errors to statuses -------------------------------------------------------------------------
+# Most specific first: the first class an error is an instance of gives its status (or a function of
+# the call's context that picks one).
+StatusTable = Sequence[
+    tuple[type[BaseException], grpc.StatusCode | Callable[[grpc.ServicerContext], grpc.StatusCode]]
+]
+
+
+def abort_with(context: grpc.ServicerContext, table: StatusTable, exc: BaseException) -> NoReturn:
+    """End the call with the status `table` gives `exc` (INTERNAL if none) and its message."""
+    code = next((code for kind, code in table if isinstance(exc, kind)), grpc.StatusCode.INTERNAL)
+    context.abort(code if isinstance(code, grpc.StatusCode) else code(context), str(exc))
+    raise AssertionError("unreachable: context.abort raises")
+
+
+@contextmanager
+def grpc_errors(context: grpc.ServicerContext, table: StatusTable, role: str) -> Iterator[None]:
+    """Errors the table knows end the call with their status; anything else is a bug: INTERNAL with
+    the exception named (instead of gRPC's anonymous UNKNOWN), and the traceback in the log."""
+    known = tuple(kind for kind, _ in table)
+    try:
+        yield
+    except known as exc:
+        abort_with(context, table, exc)
+    except Exception as exc:
+        log.exception("%s pod failed a call", role)
+        context.abort(grpc.StatusCode.INTERNAL, f"{role} pod bug: {type(exc).__name__}: {exc}")
 
 
 # ---- Redis registration -------------------------------------------------------------------------
@@ -204,8 +252,3 @@ def pod_main(
         print(f"disagg serve {role}: error: {exc}", file=sys.stderr)
         return 2
     return 0
-
-
-def pod_id_default() -> str:
-    """The hostname (a Kubernetes pod name) plus the pid, so local pods on one host differ."""
-    return f"{socket.gethostname()}-{os.getpid()}"

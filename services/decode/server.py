@@ -28,24 +28,27 @@ import sys
 import threading
 import time
 from collections.abc import Iterator, Sequence
-from contextlib import contextmanager
+from contextlib import AbstractContextManager
 from dataclasses import dataclass
-from typing import Literal, NoReturn
+from typing import Literal
 
 import grpc
 from pydantic import Field, model_validator
-from pydantic_settings import BaseSettings, SettingsConfigDict
+from pydantic_settings import SettingsConfigDict
 
 from services.core.errors import BackendUnavailableError, DisaggError, InvalidRequestError
 from services.core.model.config import ModelConfig
 from services.core.model.load import load_model, parse_dtype
 from services.core.model.sources import DEFAULT_MODEL
-from services.core.placement import Placement, PlacementError, placement_from_proto
+from services.core.placement import Placement, PlacementError, is_host_port, placement_from_proto
 from services.core.pod import (
     GrpcPodServer,
     PodRegistration,
+    PodSettings,
+    StatusTable,
+    abort_with,
     advertised_address,
-    pod_id_default,
+    grpc_errors,
     pod_main,
     start_grpc_server,
     wait_for_signal,
@@ -66,12 +69,11 @@ SERVICE_NAME = "disagg.v1.Decode"
 MAX_STOP_TOKEN_IDS = 1024  # bounds what one request can make us allocate
 
 
-class DecodeSettings(BaseSettings):
+class DecodeSettings(PodSettings):
     """Everything a decode pod is configured with; env DISAGG_DECODE_<FIELD> or flags."""
 
-    model_config = SettingsConfigDict(env_prefix="DISAGG_DECODE_", extra="forbid")
+    model_config = SettingsConfigDict(env_prefix="DISAGG_DECODE_")
 
-    host: str = Field("127.0.0.1", description="address to bind; 0.0.0.0 in a cluster")
     port: int = Field(50081, ge=0, le=65535, description="gRPC port; 0 picks a free one (printed)")
     model: str = Field(DEFAULT_MODEL, description="model name or folder (all weights are loaded)")
     dtype: Literal["float32", "bfloat16", "float16"] = Field(
@@ -82,7 +84,6 @@ class DecodeSettings(BaseSettings):
     max_num_batched_tokens: int = Field(
         512, ge=1, description="new tokens in one forward (bounds a local prefill chunk); >= max_num_seqs"
     )
-    max_message_bytes: int = Field(64 << 20, ge=1 << 20, le=(1 << 31) - 1, description="per message")
     rpc_timeout_s: float = Field(10.0, gt=0, le=600, description="deadline of unary attention pod calls")
     connect_timeout_s: float = Field(
         5.0, gt=0, le=600, description="how long a new attention pod gets to answer its first call"
@@ -92,10 +93,6 @@ class DecodeSettings(BaseSettings):
     )
     prefill_timeout_s: float = Field(
         120.0, gt=0, le=3600, description="deadline of a Prefill call, queueing on the prefill pod included"
-    )
-    pod_id: str = Field(default_factory=pod_id_default, min_length=1, description="for logs, registry")
-    redis_url: str | None = Field(
-        None, description="Redis to register in (else DISAGG_REDIS_URL; none: standalone)"
     )
     threads: int = Field(256, ge=4, le=4096, description="RPC threads; each open Generate call holds one")
     shutdown_grace_s: float = Field(5.0, ge=0, le=600, description="time requests in flight get on SIGTERM")
@@ -156,7 +153,7 @@ def parse_generate(request: pb.GenerateRequest, config: ModelConfig, max_len: in
     except PlacementError as exc:
         raise InvalidRequestError(f"placement: {exc}", "placement") from None
     address = request.prefill_address
-    if address and not _is_host_port(address):
+    if address and not is_host_port(address):
         raise InvalidRequestError(f"prefill_address {address[:300]!r} is not host:port", "prefill_address")
     return GenerateCall(request.request_id, prompt, _sampling(request.sampling), placement, address)
 
@@ -183,14 +180,9 @@ def _sampling(s: pb.SamplingParams) -> SamplingParams:
     )
 
 
-def _is_host_port(address: str) -> bool:
-    host, sep, port = address.rpartition(":")
-    return bool(sep and host and port.isdigit())
-
-
 # ---- the servicer -------------------------------------------------------------------------------
 # Most specific first: the first matching class gives the status.
-_STATUS: tuple[tuple[type[BaseException], grpc.StatusCode], ...] = (
+_STATUS: StatusTable = (
     (InvalidRequestError, grpc.StatusCode.INVALID_ARGUMENT),
     (RequestExistsError, grpc.StatusCode.ALREADY_EXISTS),
     (AttentionPodError, grpc.StatusCode.UNAVAILABLE),
@@ -201,22 +193,8 @@ _STATUS: tuple[tuple[type[BaseException], grpc.StatusCode], ...] = (
 )
 
 
-@contextmanager
-def _status(context: grpc.ServicerContext) -> Iterator[None]:
-    """End the call with the status of a known error; anything else is a bug (INTERNAL, logged)."""
-    try:
-        yield
-    except (DisaggError, EngineStoppedError) as exc:
-        _abort(context, exc)
-    except Exception as exc:
-        log.exception("decode pod failed a call")
-        context.abort(grpc.StatusCode.INTERNAL, f"decode pod bug: {type(exc).__name__}: {exc}")
-
-
-def _abort(context: grpc.ServicerContext, exc: DisaggError | EngineStoppedError) -> NoReturn:
-    code = next(code for kind, code in _STATUS if isinstance(exc, kind))
-    context.abort(code, str(exc))
-    raise AssertionError("unreachable: context.abort raises")
+def _status(context: grpc.ServicerContext) -> AbstractContextManager[None]:
+    return grpc_errors(context, _STATUS, "decode")
 
 
 @dataclass(slots=True)
@@ -275,7 +253,7 @@ class DecodeServicer(pb_grpc.DecodeServicer):
             if isinstance(exc, AttentionPodError):  # probe it again before the next request uses it
                 with self._lock:
                     self._known_pods.discard(exc.address)
-            _abort(context, exc)
+            abort_with(context, _STATUS, exc)
         finally:
             self._forget(call.request_id, active, ended)
 

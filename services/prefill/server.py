@@ -19,14 +19,14 @@ from __future__ import annotations
 
 import logging
 import sys
-from collections.abc import Iterator, Sequence
-from contextlib import contextmanager
+from collections.abc import Sequence
+from contextlib import AbstractContextManager
 from dataclasses import dataclass
 from typing import Literal
 
 import grpc
 from pydantic import Field
-from pydantic_settings import BaseSettings, SettingsConfigDict
+from pydantic_settings import SettingsConfigDict
 
 from services.core.errors import DisaggError
 from services.core.model.load import load_model, parse_dtype
@@ -35,8 +35,10 @@ from services.core.placement import placement_from_proto
 from services.core.pod import (
     GrpcPodServer,
     PodRegistration,
+    PodSettings,
+    StatusTable,
     advertised_address,
-    pod_id_default,
+    grpc_errors,
     pod_main,
     start_grpc_server,
     wait_for_signal,
@@ -64,12 +66,11 @@ log = logging.getLogger(__name__)
 SERVICE_NAME = "disagg.v1.Prefill"
 
 
-class PrefillSettings(BaseSettings):
+class PrefillSettings(PodSettings):
     """Everything a prefill pod is configured with; env DISAGG_PREFILL_<FIELD> or flags."""
 
-    model_config = SettingsConfigDict(env_prefix="DISAGG_PREFILL_", extra="forbid")
+    model_config = SettingsConfigDict(env_prefix="DISAGG_PREFILL_")
 
-    host: str = Field("127.0.0.1", description="address to bind; 0.0.0.0 in a cluster")
     port: int = Field(50071, ge=0, le=65535, description="gRPC port; 0 picks a free one (printed)")
     model: str = Field(DEFAULT_MODEL, description="model name or folder (all weights are loaded)")
     dtype: Literal["float32", "bfloat16", "float16"] = Field(
@@ -82,20 +83,23 @@ class PrefillSettings(BaseSettings):
     max_queued_tokens: int = Field(
         65536, ge=1, description="waiting + running prompt tokens past which new prompts are refused"
     )
-    max_message_bytes: int = Field(64 << 20, ge=1 << 20, le=(1 << 31) - 1, description="per message")
     import_timeout_s: float = Field(
         30.0, gt=0, le=3600, description="after a forward, how long attention pods get to acknowledge K/V"
-    )
-    pod_id: str = Field(default_factory=pod_id_default, min_length=1, description="for logs, registry")
-    redis_url: str | None = Field(
-        None, description="Redis to register in (else DISAGG_REDIS_URL; none: standalone)"
     )
     threads: int = Field(32, ge=4, le=1024, description="RPC threads; each Prefill call holds one")
     shutdown_grace_s: float = Field(5.0, ge=0, le=300, description="time queued prompts get on SIGTERM")
 
 
 # Most specific first: the first matching class gives the status.
-_STATUS: tuple[tuple[type[Exception], grpc.StatusCode], ...] = (
+def _gone(context: grpc.ServicerContext) -> grpc.StatusCode:
+    """A caller skipped while queued: nobody reads the answer, but say what happened anyway."""
+    remaining = context.time_remaining()
+    expired = remaining is not None and remaining <= 0
+    return grpc.StatusCode.DEADLINE_EXCEEDED if expired else grpc.StatusCode.CANCELLED
+
+
+_STATUS: StatusTable = (
+    (CallerGoneError, _gone),
     (AttentionPodUnreachableError, grpc.StatusCode.UNAVAILABLE),
     (ImportRefusedError, grpc.StatusCode.FAILED_PRECONDITION),
     (QueueFullError, grpc.StatusCode.RESOURCE_EXHAUSTED),
@@ -105,21 +109,8 @@ _STATUS: tuple[tuple[type[Exception], grpc.StatusCode], ...] = (
 )
 
 
-@contextmanager
-def _status(context: grpc.ServicerContext) -> Iterator[None]:
-    """End the call with the status of a known error; anything else is a bug (INTERNAL, logged)."""
-    try:
-        yield
-    except CallerGoneError as exc:  # nobody reads this answer; say what happened anyway
-        remaining = context.time_remaining()
-        expired = remaining is not None and remaining <= 0
-        context.abort(grpc.StatusCode.DEADLINE_EXCEEDED if expired else grpc.StatusCode.CANCELLED, str(exc))
-    except DisaggError as exc:
-        code = next(code for kind, code in _STATUS if isinstance(exc, kind))
-        context.abort(code, str(exc))
-    except Exception as exc:  # a bug: say so instead of gRPC's anonymous UNKNOWN
-        log.exception("prefill pod failed a call")
-        context.abort(grpc.StatusCode.INTERNAL, f"prefill pod bug: {type(exc).__name__}: {exc}")
+def _status(context: grpc.ServicerContext) -> AbstractContextManager[None]:
+    return grpc_errors(context, _STATUS, "prefill")
 
 
 class PrefillServicer(pb_grpc.PrefillServicer):
