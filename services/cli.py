@@ -10,6 +10,7 @@ from collections.abc import Sequence
 from services.core.errors import DisaggError
 from services.core.model.sources import DEFAULT_MODEL
 from services.core.runtime import keep_freed_memory
+from services.loadgen import add_bench_parser
 
 EXIT_USAGE = 2
 
@@ -36,6 +37,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_generate(sub)
     _add_serve(sub)
     _add_up(sub)
+    add_bench_parser(sub)
     return parser
 
 
@@ -186,6 +188,13 @@ def _add_up(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     )
     p.add_argument("--redis-url", help="use this Redis instead of starting a private valkey-server")
     p.add_argument("--max-num-seqs", type=int, default=64, help="running batch per decode pod (default 64)")
+    p.add_argument(
+        "--micro-batches",
+        type=int,
+        default=2,
+        help="ping-pong micro-batches per decode forward: the dense part of one runs while the attention "
+        "pods work on another (default 2; 1 = no overlap)",
+    )
     p.add_argument("--colocated", action="store_true", help="one engine process with local attention")
     _add_model_args(p)
     p.set_defaults(func=cmd_up)
@@ -217,6 +226,7 @@ def cmd_up(args: argparse.Namespace) -> int:
         device=args.device,
         attention_kv_gb=args.kv_budget_gb / args.attention,
         max_num_seqs=args.max_num_seqs,
+        micro_batches=args.micro_batches,
     )
     return run(plan)
 

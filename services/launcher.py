@@ -56,6 +56,7 @@ class ClusterPlan:
     device: str = "cpu"
     attention_kv_gb: float = 1.0  # KV pool of each attention pod
     max_num_seqs: int = 64  # running batch of each decode pod
+    micro_batches: int = 2  # ping-pong micro-batches of each decode pod
     extra_env: dict[str, str] = field(default_factory=dict)  # for every child (tests, tuning)
     ready_timeout_s: float = 300.0
     stop_timeout_s: float = 8.0
@@ -139,7 +140,8 @@ class LocalCluster:
         for i in range(plan.prefill):
             self._spawn(f"prefill-{i}", "prefill", pod_flags)
         for i in range(plan.decode):
-            self._spawn(f"decode-{i}", "decode", [*pod_flags, "--max-num-seqs", str(plan.max_num_seqs)])
+            batching = ["--max-num-seqs", str(plan.max_num_seqs), "--micro-batches", str(plan.micro_batches)]
+            self._spawn(f"decode-{i}", "decode", [*pod_flags, *batching])
         gateway_flags = [*common, "--placement", plan.placement.value, "--host", plan.host]
         gateway = self._spawn("gateway", "gateway", [*gateway_flags, "--port", str(plan.port)])
         self.url = self._wait_ready(gateway)

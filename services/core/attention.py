@@ -7,6 +7,12 @@ cache and nothing else. Per forward pass the dense part calls:
     for layer in range(L):
         o = step.attend(layer, q, k_new, v_new)   # q [N,Hq,D], k_new/v_new [N,Hkv,D] -> o [N,Hq,D]
 
+or, to overlap its own work with the attention part's (ping-pong micro-batches, one step each):
+
+        pending = step.submit(layer, q, k_new, v_new)   # starts the layer's attention
+        ... the dense part of another micro-batch runs here ...
+        o = pending()                                    # waits for o
+
 N is the number of new tokens in the forward: one per sequence in a decode step, a whole chunk per
 sequence in prefill. Rows are laid out chunk after chunk, in the order of `chunks`. The attention
 part appends k_new/v_new at the chunk's positions, then attends each new token causally over
@@ -17,7 +23,7 @@ NIXL) is invisible to the dense part.
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import torch
@@ -64,6 +70,16 @@ class AttentionStep(ABC):
 
         q: [N, Hq, D]; k_new, v_new: [N, Hkv, D]; returns o: [N, Hq, D] (same dtype as q).
         """
+
+    def submit(
+        self, layer: int, q: torch.Tensor, k_new: torch.Tensor, v_new: torch.Tensor
+    ) -> Callable[[], torch.Tensor]:
+        """Start `attend`; the returned function gives o. A part that computes elsewhere (an
+        attention pod) returns before o exists, so the caller can work meanwhile; this default
+        computes in place. Results must be collected in submission order, one layer at a time
+        per step."""
+        o = self.attend(layer, q, k_new, v_new)
+        return lambda: o
 
 
 class AttentionPart(ABC):

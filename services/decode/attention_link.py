@@ -162,9 +162,12 @@ class PodLink:
             self.watchdog.watch(self._stream)
         return self._stream
 
-    def close(self) -> None:
+    def close_stream(self) -> None:
         if self._stream is not None:
             self._stream.close()
+
+    def close(self) -> None:
+        self.close_stream()
         self.channel.close()
 
 

@@ -31,12 +31,13 @@ from typing import Protocol, runtime_checkable
 import torch
 
 from services.core.attention import AttentionPart, OutOfBlocks
-from services.core.model.dense import DenseModel
+from services.core.model.dense import DenseModel, MicroBatchInput
 from services.core.model.tokenizer import TextStream, Tokenizer
 from services.decode.attention_link import AttentionPodError
 from services.decode.sampling import SamplingParams, sample
 from services.decode.scheduler import (
     FinishReason,
+    ScheduledChunk,
     Scheduler,
     SchedulerConfig,
     SchedulerOutput,
@@ -89,7 +90,13 @@ class Engine:
         attention: AttentionPart,
         tokenizer: Tokenizer,
         config: SchedulerConfig | None = None,
+        micro_batches: int = 1,
     ) -> None:
+        """`micro_batches` > 1 splits each forward into ping-pong micro-batches (dense.py), which
+        pays off only when the attention part computes elsewhere (attention pods)."""
+        if micro_batches < 1:
+            raise ValueError(f"micro_batches must be >= 1, got {micro_batches}")
+        self.micro_batches = micro_batches
         self.model = model
         self.attention = attention
         self.tokenizer = tokenizer
@@ -222,19 +229,19 @@ class Engine:
 
     def _forward(self, plan: SchedulerOutput) -> dict[int, int]:
         """Run the model over the plan's rows; sample for rows that complete their sequence."""
-        tokens: list[int] = []
-        positions: list[int] = []
-        for item in plan.scheduled:
-            seq, chunk = item.seq, item.chunk
-            tokens.extend(seq.token_at(p) for p in range(chunk.start, chunk.end))
-            positions.extend(range(chunk.start, chunk.end))
         device = self.model.device
-        step = self.attention.begin([item.chunk for item in plan.scheduled])
-        hidden = self.model.forward(
-            torch.tensor(tokens, dtype=torch.long, device=device),
-            torch.tensor(positions, dtype=torch.long, device=device),
-            step,
-        )  # [N, d]
+        batches = []
+        for group in split_micro_batches(plan.scheduled, self.micro_batches):
+            tokens = [item.seq.token_at(p) for item in group for p in range(item.chunk.start, item.chunk.end)]
+            positions = [p for item in group for p in range(item.chunk.start, item.chunk.end)]
+            batches.append(
+                MicroBatchInput(
+                    torch.tensor(tokens, dtype=torch.long, device=device),
+                    torch.tensor(positions, dtype=torch.long, device=device),
+                    self.attention.begin([item.chunk for item in group]),
+                )
+            )
+        hidden = torch.cat(self.model.forward_micro_batches(batches))  # [N, d], rows in plan order
         last_rows, sampling = [], []
         row = 0
         for item in plan.scheduled:
@@ -264,3 +271,24 @@ class Engine:
             self.scheduler.finish(seq, reason)
             del self._requests[seq.seq_id]
         return TokenEvent(seq.seq_id, token, text, reason)
+
+
+MIN_ROWS_PER_MICRO_BATCH = 2  # a lone row per micro-batch: its weights are read twice for nothing
+
+
+def split_micro_batches(items: list[ScheduledChunk], count: int) -> list[list[ScheduledChunk]]:
+    """Cut a forward's chunks, in order, into at most `count` groups of about equal token counts
+    (a chunk is never split, so the groups' rows concatenate back in plan order). Fewer groups
+    when the forward is too small for each to hold MIN_ROWS_PER_MICRO_BATCH rows."""
+    total = sum(item.chunk.length for item in items)
+    count = max(1, min(count, len(items), total // MIN_ROWS_PER_MICRO_BATCH))
+    groups: list[list[ScheduledChunk]] = [[]]
+    done = 0  # tokens in the groups so far
+    for item in items:
+        # Close the open group when adding the chunk overshoots its share more than stopping short.
+        target = total * len(groups) / count
+        if groups[-1] and len(groups) < count and done + item.chunk.length - target > target - done:
+            groups.append([])
+        groups[-1].append(item)
+        done += item.chunk.length
+    return groups

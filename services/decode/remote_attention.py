@@ -25,7 +25,8 @@ from __future__ import annotations
 import itertools
 import logging
 import secrets
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any
 
@@ -185,6 +186,11 @@ class RemoteAttention(AttentionPart):
     def begin(self, chunks: Sequence[SeqChunk]) -> AttentionStep:
         return _RemoteStep(self, next(self._step_ids), chunks)
 
+    def close_streams(self) -> None:
+        """End every pod's Step stream (steps in flight are abandoned); `begin` opens new ones."""
+        for pod in self._pods.values():
+            pod.close_stream()
+
     def close(self) -> None:
         for pod in self._pods.values():
             pod.close()
@@ -284,19 +290,37 @@ class _RemoteStep(AttentionStep):
             self.targets.append(_Target(stream, lanes, row * heads if lanes is None else lanes.numel()))
 
     def attend(self, layer: int, q: torch.Tensor, k_new: torch.Tensor, v_new: torch.Tensor) -> torch.Tensor:
-        """q [N,Hq,D], k_new/v_new [N,Hkv,D] -> o [N,Hq,D]. With one pod holding every lane, o
-        aliases the received message (no copy): it is read-only, as the dense part uses it."""
+        return self.submit(layer, q, k_new, v_new)()
+
+    def submit(
+        self, layer: int, q: torch.Tensor, k_new: torch.Tensor, v_new: torch.Tensor
+    ) -> Callable[[], torch.Tensor]:
+        """Send the layer's frames now; the returned function reads the answers: o [N,Hq,D]. With
+        one pod holding every lane, o aliases the received message (no copy): it is read-only, as
+        the dense part uses it."""
+        with self._failing():
+            self._send(layer, q, k_new, v_new)
+
+        def result() -> torch.Tensor:
+            with self._failing():
+                return self._collect(layer, q)
+
+        return result
+
+    @contextmanager
+    def _failing(self) -> Iterator[None]:
+        """On a pod failure, end every Step stream of the part: the other steps of this forward
+        (other pods, other micro-batches) are abandoned with it, and the next `begin` opens fresh
+        streams, so no pod keeps half-done steps."""
         try:
-            return self._attend(layer, q, k_new, v_new)
+            yield
         except AttentionPodError:
-            for target in self.targets:  # the other pods drop their half-done step with the stream
-                target.stream.close()
+            self.part.close_streams()
             raise
 
-    def _attend(self, layer: int, q: torch.Tensor, k_new: torch.Tensor, v_new: torch.Tensor) -> torch.Tensor:
-        n, hq, d = q.shape
-        group = self.part.config.group_size
-        q_lanes = q.reshape(-1, group, d)  # [N·Hkv, G, D]
+    def _send(self, layer: int, q: torch.Tensor, k_new: torch.Tensor, v_new: torch.Tensor) -> None:
+        d = q.shape[-1]
+        q_lanes = q.reshape(-1, self.part.config.group_size, d)  # [N·Hkv, G, D]
         k_lanes, v_lanes = k_new.reshape(-1, d), v_new.reshape(-1, d)  # [N·Hkv, D]
         for target in self.targets:
             frame = pb.StepRequest()
@@ -307,9 +331,13 @@ class _RemoteStep(AttentionStep):
             encode_into(f.k_new, k_lanes if idx is None else k_lanes.index_select(0, idx))
             encode_into(f.v_new, v_lanes if idx is None else v_lanes.index_select(0, idx))
             target.stream.send(frame)
+
+    def _collect(self, layer: int, q: torch.Tensor) -> torch.Tensor:
+        n, hq, d = q.shape
         if len(self.targets) == 1 and self.targets[0].lanes is None:  # request-partitioned: no scatter
             return self._receive(self.targets[0], layer, q).view(n, hq, d)
-        out = torch.empty_like(q_lanes)
+        lanes = (n * self.part.config.num_kv_heads, self.part.config.group_size, d)
+        out = torch.empty(lanes, dtype=q.dtype, device=q.device)
         for target in self.targets:
             if target.lanes is not None:
                 out.index_copy_(0, target.lanes.to(q.device), self._receive(target, layer, q))

@@ -84,6 +84,13 @@ class DecodeSettings(PodSettings):
     max_num_batched_tokens: int = Field(
         512, ge=1, description="new tokens in one forward (bounds a local prefill chunk); >= max_num_seqs"
     )
+    micro_batches: int = Field(
+        2,
+        ge=1,
+        le=8,
+        description="ping-pong micro-batches per forward: the dense part of one runs while the attention "
+        "pods work on another (1 = no overlap)",
+    )
     rpc_timeout_s: float = Field(10.0, gt=0, le=600, description="deadline of unary attention pod calls")
     connect_timeout_s: float = Field(
         5.0, gt=0, le=600, description="how long a new attention pod gets to answer its first call"
@@ -406,7 +413,8 @@ def start(settings: DecodeSettings) -> RunningPod:
         max_num_batched_tokens=settings.max_num_batched_tokens,
         max_model_len=model.config.max_position_embeddings,
     )
-    loop = EngineLoop(Engine(model.dense, attention, model.tokenizer, scheduler), name="decode-engine")
+    engine = Engine(model.dense, attention, model.tokenizer, scheduler, settings.micro_batches)
+    loop = EngineLoop(engine, name="decode-engine")
     loop.start()
     prefill = PrefillClient(settings.prefill_timeout_s, settings.max_message_bytes)
     servicer = DecodeServicer(loop, attention, placements, prefill, settings)

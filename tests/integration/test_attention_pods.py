@@ -159,6 +159,49 @@ def test_remote_equals_local_for_every_placement(tiny_pods: tuple[Pod, Pod], tin
         assert stats.blocks_free == stats.blocks_total and stats.sequences == 0
 
 
+@pytest.mark.timeout(120)
+def test_steps_in_flight_together_equal_local(tiny_pods: tuple[Pod, Pod], tiny_model: Path) -> None:
+    """Ping-pong: two steps (micro-batches) submitted layer by layer, interleaved on the same pods'
+    streams, collected in submission order, give what local attention gives."""
+    a, b = (p.address for p in tiny_pods)
+    cfg = ModelConfig.from_folder(tiny_model)
+    placements = {
+        s: Placement.head_partitioned([a, b], 3) if s % 2 else Placement.request_partitioned(b, 3)
+        for s in range(4)
+    }
+    remote = RemoteAttention(cfg, torch.float32, placements.__getitem__, FAST)
+    local = LocalAttention(KVPool(KVPoolConfig(cfg.num_layers, cfg.head_dim), 500), 3, 6)
+    groups = [[SeqChunk(0, 0, 4), SeqChunk(1, 0, 9)], [SeqChunk(2, 0, 1), SeqChunk(3, 0, 6)]]
+    torch.manual_seed(1)
+    inputs = [
+        [(torch.randn(n, 6, 5), torch.randn(n, 3, 5), torch.randn(n, 3, 5)) for _ in range(3)]
+        for n in (sum(c.length for c in g) for g in groups)
+    ]
+    try:
+        outputs = []
+        for part in (remote, local):
+            for seq in placements:
+                part.open(seq)
+                assert isinstance(part.reserve(seq, 16), Reserved)
+            steps = [part.begin(g) for g in groups]
+            pending = [step.submit(0, *inputs[i][0]) for i, step in enumerate(steps)]
+            got: list[list[torch.Tensor]] = [[], []]
+            for layer in range(1, 3):
+                for i, step in enumerate(steps):
+                    got[i].append(pending[i]())
+                    pending[i] = step.submit(layer, *inputs[i][layer])
+            for i in range(2):
+                got[i].append(pending[i]())
+            outputs.append(got)
+        for got, expected in zip(*outputs, strict=True):
+            for g, e in zip(got, expected, strict=True):
+                torch.testing.assert_close(g, e, rtol=1e-5, atol=1e-5)
+    finally:
+        for seq in placements:
+            remote.free(seq)
+        remote.close()
+
+
 @pytest.mark.timeout(60)
 def test_reserve_is_all_or_nothing_across_pods(tiny_pods: tuple[Pod, Pod], tiny_model: Path) -> None:
     a, b = tiny_pods
@@ -326,7 +369,14 @@ def test_sigterm_ends_open_streams_with_unavailable_and_exits(
 
 
 # ---- the real model: engine on pods == colocated engine ---------------------------------------
-PROMPTS = ["What is the capital of France?", "Write a haiku about the sea.", "List three prime numbers."]
+PROMPTS = [
+    "What is the capital of France?",
+    "Write a haiku about the sea.",
+    "List three prime numbers.",
+    "Name a large mammal.",
+    "Say hello in Spanish.",
+    "What colour is the sky?",
+]
 SCHEDULER = SchedulerConfig(max_num_seqs=8, max_num_batched_tokens=40)  # prefill chunks mix with decode
 PARAMS = SamplingParams(max_tokens=24, temperature=0)
 
@@ -350,9 +400,12 @@ def real_pods(launch: Callable[..., Pod], model_folder: Path) -> tuple[Pod, Pod]
 
 @pytest.mark.slow
 @pytest.mark.timeout(300)
-@pytest.mark.parametrize("layout", ["request", "head"])
+@pytest.mark.parametrize(
+    ("layout", "micro_batches"), [("request", 1), ("head", 1), ("head", 2), ("request", 3)]
+)
 def test_engine_on_pods_generates_the_colocated_tokens(
     layout: str,
+    micro_batches: int,
     model: LoadedModel,
     prompt_ids: list[list[int]],
     colocated_tokens: list[list[int]],
@@ -367,7 +420,7 @@ def test_engine_on_pods_generates_the_colocated_tokens(
     )
     attention = RemoteAttention(model.config, model.dense.dtype, placement)
     try:
-        engine = Engine(model.dense, attention, model.tokenizer, SCHEDULER)
+        engine = Engine(model.dense, attention, model.tokenizer, SCHEDULER, micro_batches)
         remote_tokens = [c.token_ids for c in engine.generate(prompt_ids, PARAMS)]
     finally:
         attention.close()

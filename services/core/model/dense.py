@@ -20,6 +20,7 @@ the same float32 products) so that greedy output matches it token for token.
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
@@ -28,6 +29,25 @@ import torch.nn.functional as F
 from services.core.attention import AttentionStep
 from services.core.model.config import ModelConfig, RopeScaling
 from services.core.model.linear import Linear, LinearKernel, best_kernel
+
+
+@dataclass(slots=True, frozen=True)
+class MicroBatchInput:
+    """The rows of one micro-batch and the attention step that serves them."""
+
+    tokens: torch.Tensor  # [N] int64
+    positions: torch.Tensor  # [N] int64
+    step: AttentionStep
+
+
+@dataclass(slots=True)
+class _InFlight:
+    """A micro-batch between layers."""
+
+    x: torch.Tensor  # [N, d] residual stream
+    cos: torch.Tensor  # [N, 1, D] RoPE tables at its positions
+    sin: torch.Tensor
+    step: AttentionStep
 
 
 @dataclass(slots=True)
@@ -55,27 +75,55 @@ class DenseModel:
         cos, sin = rope_tables(config, self.device)
         self.cos, self.sin = cos.to(self.dtype), sin.to(self.dtype)  # [max_pos, D]
 
-    @torch.inference_mode()
     def forward(self, tokens: torch.Tensor, positions: torch.Tensor, step: AttentionStep) -> torch.Tensor:
         """tokens, positions: [N] int64 -> final hidden states [N, d] (before the final norm)."""
-        cfg = self.config
-        x = F.embedding(tokens, self.embed)  # [N, d]
-        cos = self.cos.index_select(0, positions).unsqueeze(1)  # [N, 1, D]
-        sin = self.sin.index_select(0, positions).unsqueeze(1)
+        return self.forward_micro_batches([MicroBatchInput(tokens, positions, step)])[0]
+
+    @torch.inference_mode()
+    def forward_micro_batches(self, batches: Sequence[MicroBatchInput]) -> list[torch.Tensor]:
+        """Ping-pong: the forward of several micro-batches, interleaved layer by layer, so that the
+        attention of one runs (on the attention part) while the dense part computes another.
+
+            dense:      A.qkv0 B.qkv0 │ A.out0 A.qkv1 │ B.out0 B.qkv1 │ A.out1 A.qkv2 │ ...
+            attention:      A0 ─────────▶ B0 ──────────▶ A1 ──────────▶ B1 ───▶ ...
+
+        With one micro-batch this is the plain sequential forward. Returns [N_i, d] per batch.
+        """
+        running = [self._embed(b) for b in batches]
+        last = len(self.layers) - 1
+        pending = [mb.step.submit(0, *self._before_attention(0, mb)) for mb in running]
+        for index in range(1, last + 1):
+            for i, mb in enumerate(running):
+                self._after_attention(index - 1, mb, pending[i]())
+                pending[i] = mb.step.submit(index, *self._before_attention(index, mb))
+        for mb, result in zip(running, pending, strict=True):
+            self._after_attention(last, mb, result())
+        return [mb.x for mb in running]
+
+    def _embed(self, batch: MicroBatchInput) -> _InFlight:
+        x = F.embedding(batch.tokens, self.embed)  # [N, d]
+        cos = self.cos.index_select(0, batch.positions).unsqueeze(1)  # [N, 1, D]
+        sin = self.sin.index_select(0, batch.positions).unsqueeze(1)
+        return _InFlight(x, cos, sin, batch.step)
+
+    def _before_attention(self, index: int, mb: _InFlight) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """q [N,Hq,D], k [N,Hkv,D], v [N,Hkv,D] of layer `index` (RoPE applied)."""
+        cfg, w = self.config, self.layers[index]
         q_dim, kv_dim = cfg.num_heads * cfg.head_dim, cfg.num_kv_heads * cfg.head_dim
-        for index, w in enumerate(self.layers):
-            h = rms_norm(x, w.input_norm, cfg.rms_norm_eps)
-            qkv = w.qkv(h)  # [N, (Hq + 2 Hkv) D]
-            q = qkv[:, :q_dim].view(-1, cfg.num_heads, cfg.head_dim)
-            k = qkv[:, q_dim : q_dim + kv_dim].view(-1, cfg.num_kv_heads, cfg.head_dim)
-            v = qkv[:, q_dim + kv_dim :].view(-1, cfg.num_kv_heads, cfg.head_dim)
-            q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
-            o = step.attend(index, q, k, v.contiguous())  # [N, Hq, D]
-            x = x + w.o(o.reshape(-1, q_dim))
-            h = rms_norm(x, w.post_norm, cfg.rms_norm_eps)
-            gate, up = w.gate_up(h).chunk(2, dim=-1)
-            x = x + w.down(F.silu(gate) * up)
-        return x
+        h = rms_norm(mb.x, w.input_norm, cfg.rms_norm_eps)
+        qkv = w.qkv(h)  # [N, (Hq + 2 Hkv) D]
+        q = qkv[:, :q_dim].view(-1, cfg.num_heads, cfg.head_dim)
+        k = qkv[:, q_dim : q_dim + kv_dim].view(-1, cfg.num_kv_heads, cfg.head_dim)
+        v = qkv[:, q_dim + kv_dim :].view(-1, cfg.num_kv_heads, cfg.head_dim)
+        return apply_rope(q, mb.cos, mb.sin), apply_rope(k, mb.cos, mb.sin), v.contiguous()
+
+    def _after_attention(self, index: int, mb: _InFlight, o: torch.Tensor) -> None:
+        """O projection and MLP of layer `index`, given its attention output o [N, Hq, D]."""
+        cfg, w = self.config, self.layers[index]
+        x = mb.x + w.o(o.reshape(-1, cfg.num_heads * cfg.head_dim))
+        h = rms_norm(x, w.post_norm, cfg.rms_norm_eps)
+        gate, up = w.gate_up(h).chunk(2, dim=-1)
+        mb.x = x + w.down(F.silu(gate) * up)
 
     @torch.inference_mode()
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
