@@ -32,6 +32,7 @@ from dataclasses import dataclass
 from typing import Any, NoReturn, TypeVar
 
 import grpc
+import torch
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from pydantic import Field, ValidationError
 from pydantic_settings import BaseSettings, SettingsConfigDict
@@ -64,6 +65,9 @@ class PodSettings(BaseSettings):
         None, description="Redis to register in (else DISAGG_REDIS_URL; none: standalone)"
     )
     max_message_bytes: int = Field(64 << 20, ge=1 << 20, le=(1 << 31) - 1, description="per gRPC message")
+    torch_threads: int = Field(
+        0, ge=0, le=1024, description="torch intra-op threads (0: torch's default, one per core)"
+    )
 
 
 def add_settings_flags(
@@ -247,7 +251,11 @@ def pod_main(
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     keep_freed_memory()
     try:
-        serve(settings_from_args(settings, args, role))
+        resolved = settings_from_args(settings, args, role)
+        threads = getattr(resolved, "torch_threads", 0)
+        if threads:
+            torch.set_num_threads(threads)
+        serve(resolved)
     except DisaggError as exc:
         print(f"disagg serve {role}: error: {exc}", file=sys.stderr)
         return 2

