@@ -195,6 +195,13 @@ def _add_up(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
         help="ping-pong micro-batches per decode forward: the dense part of one runs while the attention "
         "pods work on another (default 2; 1 = no overlap)",
     )
+    p.add_argument(
+        "--transport",
+        choices=["grpc", "nixl"],
+        default="grpc",
+        help="how prompts' K/V go from prefill to attention pods: gRPC ImportKV (default) or NIXL WRITEs "
+        "straight into the attention pods' KV pools (UCX: RDMA where the host has it, shared memory here)",
+    )
     p.add_argument("--colocated", action="store_true", help="one engine process with local attention")
     _add_model_args(p)
     p.set_defaults(func=cmd_up)
@@ -227,6 +234,7 @@ def cmd_up(args: argparse.Namespace) -> int:
         attention_kv_gb=args.kv_budget_gb / args.attention,
         max_num_seqs=args.max_num_seqs,
         micro_batches=args.micro_batches,
+        transport=args.transport,
     )
     return run(plan)
 

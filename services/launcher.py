@@ -57,6 +57,7 @@ class ClusterPlan:
     attention_kv_gb: float = 1.0  # KV pool of each attention pod
     max_num_seqs: int = 64  # running batch of each decode pod
     micro_batches: int = 2  # ping-pong micro-batches of each decode pod
+    transport: str = "grpc"  # bulk KV from prefill to attention pods: grpc (ImportKV) or nixl
     extra_env: dict[str, str] = field(default_factory=dict)  # for every child (tests, tuning)
     ready_timeout_s: float = 300.0
     stop_timeout_s: float = 8.0
@@ -67,6 +68,8 @@ class ClusterPlan:
                 raise DisaggError(f"--{role} must be at least 1")
         if self.prefill < 0:
             raise DisaggError("--prefill must be 0 (decode pods prefill themselves) or more")
+        if self.transport not in ("grpc", "nixl"):
+            raise DisaggError(f"--transport must be grpc or nixl, got {self.transport!r}")
         if self.attention_kv_gb <= 0:
             raise DisaggError("--attention-kv-gb must be > 0")
 
@@ -139,10 +142,11 @@ class LocalCluster:
         # threads on shared cores finish later than one (2-core build machine, busy: 2.3 vs 10.7 ms a
         # layer at batch 32, context 150).
         attention_flags = [*pod_flags, "--kv-budget-bytes", kv_bytes, "--torch-threads", "1"]
+        attention_flags += ["--transport", plan.transport]
         for i in range(plan.attention):
             self._spawn(f"attention-{i}", "attention", attention_flags)
         for i in range(plan.prefill):
-            self._spawn(f"prefill-{i}", "prefill", pod_flags)
+            self._spawn(f"prefill-{i}", "prefill", [*pod_flags, "--transport", plan.transport])
         for i in range(plan.decode):
             batching = ["--max-num-seqs", str(plan.max_num_seqs), "--micro-batches", str(plan.micro_batches)]
             self._spawn(f"decode-{i}", "decode", [*pod_flags, *batching])

@@ -45,6 +45,12 @@ from services.attention.engine import (
     TooManyStepsError,
 )
 from services.attention.kv_pool import KVPool, KVPoolConfig
+from services.attention.nixl_import import (
+    ImportIncompleteError,
+    NixlDisabledError,
+    NixlImporter,
+    TransferNotPlannedError,
+)
 from services.core.attention import OutOfBlocks, SeqChunk
 from services.core.errors import DisaggError
 from services.core.model.config import ModelConfig
@@ -89,6 +95,9 @@ class AttentionSettings(PodSettings):
     block_size: int = Field(16, ge=1, le=1024, description="positions per KV block")
     threads: int = Field(32, ge=4, le=1024, description="RPC threads; each open Step stream holds one")
     shutdown_grace_s: float = Field(2.0, ge=0, le=60, description="time open streams get on SIGTERM")
+    transport: Literal["grpc", "nixl"] = Field(
+        "grpc", description="bulk K/V import: grpc (ImportKV) or nixl (also PlanImport; needs Redis)"
+    )
 
 
 # Most specific first: the first matching class gives the status.
@@ -99,6 +108,9 @@ _STATUS: StatusTable = (
     (SequenceExistsError, grpc.StatusCode.ALREADY_EXISTS),
     (NotReservedError, grpc.StatusCode.FAILED_PRECONDITION),
     (TooManyStepsError, grpc.StatusCode.RESOURCE_EXHAUSTED),
+    (NixlDisabledError, grpc.StatusCode.FAILED_PRECONDITION),
+    (TransferNotPlannedError, grpc.StatusCode.NOT_FOUND),
+    (ImportIncompleteError, grpc.StatusCode.DEADLINE_EXCEEDED),
     (PodClosingError, grpc.StatusCode.UNAVAILABLE),
     (DisaggError, grpc.StatusCode.INVALID_ARGUMENT),
 )
@@ -113,6 +125,7 @@ class AttentionServicer(pb_grpc.AttentionServicer):
         self.engine = engine
         self.settings = settings
         self.limits = TensorLimits(max_bytes=settings.max_message_bytes)
+        self.nixl: NixlImporter | None = None  # set at start with transport nixl
 
     def Open(self, request: pb.OpenRequest, context: grpc.ServicerContext) -> pb.OpenResponse:
         with _status(context):
@@ -153,8 +166,35 @@ class AttentionServicer(pb_grpc.AttentionServicer):
 
     def Free(self, request: pb.FreeRequest, context: grpc.ServicerContext) -> pb.FreeResponse:
         with _status(context):
-            released = self.engine.free(request.seq_id)
+            if self.nixl is not None:  # waits while a NIXL WRITE into the sequence may be in flight
+                released = self.nixl.free(request.seq_id, self.engine.free)
+            else:
+                released = self.engine.free(request.seq_id)
         return pb.FreeResponse(released_blocks=released)
+
+    def PlanImport(
+        self, request: pb.PlanImportRequest, context: grpc.ServicerContext
+    ) -> pb.PlanImportResponse:
+        with _status(context):
+            plan = self._nixl().plan(request.seq_id, request.start, request.length)
+        return plan
+
+    def CompleteImport(
+        self, request: pb.CompleteImportRequest, context: grpc.ServicerContext
+    ) -> pb.CompleteImportResponse:
+        with _status(context):
+            remaining = context.time_remaining()
+            timeout = 10.0 if remaining is None else min(remaining, 60.0)
+            written = self._nixl().complete(request.transfer_id, timeout, abandon=request.abandon)
+        return pb.CompleteImportResponse(bytes=written)
+
+    def _nixl(self) -> NixlImporter:
+        if self.nixl is None:
+            raise NixlDisabledError(
+                f"attention pod {self.settings.pod_id} imports K/V over gRPC only; start it with "
+                "--transport nixl (DISAGG_ATTENTION_TRANSPORT=nixl) or send ImportKV"
+            )
+        return self.nixl
 
     def Stats(self, request: pb.StatsRequest, context: grpc.ServicerContext) -> pb.StatsResponse:
         stats, geometry = self.engine.stats(), self.engine.geometry
@@ -227,6 +267,7 @@ class RunningPod:
     settings: AttentionSettings
     registration: PodRegistration
     reaper: OrphanReaper | None
+    nixl: NixlImporter | None = None
 
     @property
     def port(self) -> int:
@@ -239,16 +280,21 @@ class RunningPod:
         self.registration.stop()  # out of routing now, not after the TTL
         self.engine.close()  # new steps fail with UNAVAILABLE at once
         self.grpc.stop(self.settings.shutdown_grace_s)  # then open calls end with UNAVAILABLE
+        if self.nixl is not None:
+            self.nixl.close()
 
 
 def start(settings: AttentionSettings) -> RunningPod:
     engine = build_engine(settings)
+    servicer = AttentionServicer(engine, settings)
+    if settings.transport == "nixl":
+        servicer.nixl = NixlImporter.create(engine, settings.pod_id, settings.redis_url)
     server = start_grpc_server(
         settings.host,
         settings.port,
         threads=settings.threads,
         max_message_bytes=settings.max_message_bytes,
-        servicers=[(pb_grpc.add_AttentionServicer_to_server, AttentionServicer(engine, settings))],
+        servicers=[(pb_grpc.add_AttentionServicer_to_server, servicer)],
         service_names=[SERVICE_NAME],
     )
     stats = engine.stats()
@@ -263,7 +309,9 @@ def start(settings: AttentionSettings) -> RunningPod:
     )
     registry = registration.registry
     reaper = OrphanReaper(engine, registry).start() if registry is not None else None
-    return RunningPod(server, engine, settings, registration, reaper)
+    if servicer.nixl is not None:
+        servicer.nixl.publish(registry)
+    return RunningPod(server, engine, settings, registration, reaper, servicer.nixl)
 
 
 class OrphanReaper:

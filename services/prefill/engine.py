@@ -271,7 +271,8 @@ class PrefillEngine:
         device = self.model.device
         exports: list[KVExport] = []
         try:
-            exports = [self.exporter.start(job.request.seq_id, job.request.placement) for job in batch]
+            for job in batch:  # appended one by one, so a failing start cancels those before it
+                exports.append(self.exporter.start(job.request.seq_id, job.request.placement, job.num_tokens))
             tokens = torch.tensor([t for job in batch for t in job.request.token_ids], device=device)  # [N]
             positions = torch.cat([torch.arange(n, device=device) for n in lengths])  # [N], each from 0
             self.model.forward(

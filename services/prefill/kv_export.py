@@ -1,11 +1,14 @@
 """Shipping a prompt's K/V to the attention pods of its placement, layer by layer.
 
-    export = exporter.start(seq_id, placement)     # one ImportKV call per pod, fed from a queue
+    export = exporter.start(seq_id, placement, n)  # per pod: an ImportKV call, or a NIXL PlanImport
     export.send_layer(layer, k, v)                 # k, v [T, Hkv, D]: each pod gets its head slice
     ...                                            # (the forward goes on with the next layer)
-    kv_bytes = export.finish(deadline)             # end the streams, wait for every pod's answer
+    kv_bytes = export.finish(deadline)             # wait for every pod's acknowledgement
 
-Each pod's `ImportKV` is one client-streaming call. `send_layer` only puts views of the layer's
+Two transports behind the one `KVExport` interface: gRPC (default) and NIXL (`--transport nixl`,
+see "NIXL" below).
+
+gRPC: each pod's `ImportKV` is one client-streaming call. `send_layer` only puts views of the layer's
 tensors in the call's queue; gRPC's sender thread takes them out, encodes them (the one copy into
 message bytes) and sends them, so the network and encoding overlap the next layer's compute. A layer
 whose slice would exceed `max_message_bytes` goes out as several chunks split along T.
@@ -20,24 +23,55 @@ prompts of the same forward) are untouched. How a pod's status maps onto the two
 
 Channels are cached per address; a pod that went away fails new calls fast (UNAVAILABLE) while
 gRPC reconnects in the background, so a pod restarted on the same address is used again.
+
+NIXL: K/V go by one-sided WRITE straight into the pods' registered KV pools:
+
+    start        staging rows [lo, lo + T) taken; PlanImport(seq, 0, T) sent to every pod (futures)
+    send_layer   k/v copied into the registered staging buffer (head-major, see `StagingBuffer`);
+                 layer 0 resolves the plans (and loads a pod's agent metadata from Redis the first
+                 time its agent name is seen); then one WRITE per pod, notification kv:<id>:<layer>
+    finish       every WRITE DONE, then CompleteImport per pod (the pod has every notification)
+
+The source of one (layer, K|V, head, block) is contiguous in the staging buffer, the destination is
+the block the pod named; adjacent pairs are merged (`coalesce`) before posting. NIXL failures and
+timeouts map to AttentionPodUnreachableError, refused plans to ImportRefusedError, as above.
 """
 
 from __future__ import annotations
 
+import logging
 import queue
+import secrets
 import threading
 import time
+from abc import ABC, abstractmethod
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import grpc
+import numpy as np
 import torch
 
+from services.attention.nixl_import import notification
 from services.core.errors import DisaggError
 from services.core.placement import Placement, PlacementEntry
-from services.core.wire import encode_into, grpc_message_options
+from services.core.pod import redis_url_or_env
+from services.core.registry import RedisSettings, connect
+from services.core.transport.nixl_agent import (
+    NixlAgent,
+    NixlError,
+    PeerDirectory,
+    Regions,
+    Registration,
+    Transfer,
+    coalesce,
+    regions,
+)
+from services.core.wire import DTYPE_TO_WIRE, dtype_name, encode_into, grpc_message_options
 from services.proto import attention_pb2 as pb
 from services.proto import attention_pb2_grpc as pb_grpc
+
+log = logging.getLogger(__name__)
 
 # Room for a chunk's fields besides the K/V payload (ids, dtype, shapes, protobuf framing).
 _MESSAGE_OVERHEAD_BYTES = 4096
@@ -70,10 +104,10 @@ class ImportRefusedError(KVExportError):
     """The pod refused the K/V (sequence not open or not reserved, wrong head count or dtype)."""
 
 
-def export_error(address: str, exc: grpc.RpcError) -> KVExportError:
+def export_error(address: str, exc: grpc.RpcError, call: str = "ImportKV") -> KVExportError:
     code = exc.code() if isinstance(exc, grpc.Call) else None
     details = exc.details() if isinstance(exc, grpc.Call) else str(exc)
-    message = f"ImportKV failed: {code.name if code else 'error'}: {details}"
+    message = f"{call} failed: {code.name if code else 'error'}: {details}"
     if code in _REFUSALS:
         return ImportRefusedError(address, message)
     return AttentionPodUnreachableError(address, message)
@@ -155,8 +189,25 @@ class ImportStream:
         self.call.cancel()
 
 
+class KVExport(ABC):
+    """One sequence's K/V on its way to the pods of its placement (any transport)."""
+
+    @abstractmethod
+    def send_layer(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> None:
+        """k, v: [T, Hkv, D], positions 0..T-1 of the sequence; called for layers 0..L-1 in order."""
+
+    @abstractmethod
+    def cancel(self) -> None:
+        """Give up (the forward failed); the pods drop or ignore what arrived."""
+
+    @abstractmethod
+    def finish(self, deadline: float) -> int:
+        """Wait (until `deadline`, monotonic) for every pod's acknowledgement; returns the K/V bytes
+        written, or raises the first failure (KVExportError) after cancelling the rest."""
+
+
 @dataclass(slots=True)
-class KVExport:
+class GrpcKVExport(KVExport):
     """The ImportKV calls of one sequence, one per pod of its placement."""
 
     streams: list[ImportStream]
@@ -198,18 +249,29 @@ class KVExport:
 
 
 class KVExporter:
-    """Starts exports over cached channels; chunks are sized to fit `max_message_bytes`."""
+    """Starts exports over cached channels: ImportKV chunks sized to fit `max_message_bytes`, or
+    NIXL WRITEs when built with a `NixlSender`."""
 
-    def __init__(self, channels: AttentionChannels, head_dim: int, dtype: torch.dtype) -> None:
+    def __init__(
+        self,
+        channels: AttentionChannels,
+        head_dim: int,
+        dtype: torch.dtype,
+        nixl: NixlSender | None = None,
+    ) -> None:
         self.channels = channels
         self.row_bytes = head_dim * torch.empty((), dtype=dtype).element_size()  # one head, one token
+        self.nixl = nixl
 
-    def start(self, seq_id: int, placement: Placement) -> KVExport:
+    def start(self, seq_id: int, placement: Placement, num_tokens: int) -> KVExport:
+        """An export of positions [0, num_tokens) of the sequence."""
+        if self.nixl is not None:
+            return NixlKVExport(self.nixl, self.channels, seq_id, placement, num_tokens)
         streams = []
         for entry in placement.entries:
             rows = self.rows_per_chunk(entry.kv_head_count)
             streams.append(ImportStream(self.channels.stub(entry.address), seq_id, entry, rows))
-        return KVExport(streams)
+        return GrpcKVExport(streams)
 
     def rows_per_chunk(self, kv_heads: int) -> int:
         """Tokens per ImportKVChunk so that its K and V fit one message."""
@@ -218,3 +280,329 @@ class KVExporter:
 
     def close(self) -> None:
         self.channels.close()
+        if self.nixl is not None:
+            self.nixl.close()
+
+
+# ---- NIXL ---------------------------------------------------------------------------------------
+_PLAN_TIMEOUT_S = 10.0  # PlanImport is bookkeeping on the pod: a slow answer means a sick pod
+_LEASE_MARGIN_S = 1.0  # stop posting WRITEs this long before the pod's plan lease ends
+_SETTLE_S = 2.0  # on cancel, how long posted WRITEs get to end before the plans are left to expire
+
+
+@dataclass(slots=True, frozen=True)
+class KVGeometry:
+    num_layers: int  # L
+    num_kv_heads: int  # Hkv of the model
+    head_dim: int  # D
+    dtype: torch.dtype
+
+    @property
+    def row_bytes(self) -> int:
+        """One position of one head."""
+        return self.head_dim * torch.empty((), dtype=self.dtype).element_size()
+
+
+class StagingBuffer:
+    """The registered source of every NIXL WRITE: allocated and registered once, reused by every forward.
+
+        buffer: [L, 2, Hkv, C, D]     (layer, K|V, KV head, token row, dim); C = capacity in tokens
+
+    A prompt of T tokens owns rows [lo, lo + T) of every (layer, kind, head), so the positions of one
+    destination block are one contiguous source range. Rows are handed out in order and the cursor
+    returns to 0 once every export holding rows has ended (forwards run one at a time). A prompt
+    longer than C (the engine runs it alone) grows the buffer first: re-registration, once.
+    """
+
+    def __init__(self, agent: NixlAgent, geometry: KVGeometry, capacity_tokens: int) -> None:
+        self.agent = agent
+        self.geometry = geometry
+        self._registration: Registration | None = None
+        self._cursor = 0
+        self._live = 0  # exports holding rows
+        self._allocate(capacity_tokens)
+
+    def _allocate(self, capacity: int) -> None:
+        g = self.geometry
+        if self._registration is not None:
+            self.agent.deregister(self._registration)
+        # Every page touched now (zero_), not by the first forward: fresh pages cost ~4x a warm copy.
+        self.buffer = torch.empty((g.num_layers, 2, g.num_kv_heads, capacity, g.head_dim), dtype=g.dtype)
+        self.buffer.zero_()
+        self.capacity = capacity
+        self._registration = self.agent.register([self.buffer])
+        log.info("NIXL staging buffer: %d tokens, %.1f MiB", capacity, self.buffer.nbytes / 2**20)
+
+    def take(self, num_tokens: int) -> int:
+        """Rows for one prompt; returns lo, its first row."""
+        if self._live == 0:
+            self._cursor = 0
+        if self._cursor + num_tokens > self.capacity:
+            if self._live:
+                raise DisaggError(
+                    f"the NIXL staging buffer holds {self.capacity} tokens and this forward needs more; "
+                    "raise max_num_tokens or send fewer tokens per forward"
+                )
+            self._allocate(num_tokens)
+        lo, self._cursor, self._live = self._cursor, self._cursor + num_tokens, self._live + 1
+        return lo
+
+    def give_back(self) -> None:
+        self._live -= 1
+
+    def store(self, layer: int, lo: int, k: torch.Tensor, v: torch.Tensor) -> None:
+        """k, v [T, Hkv, D] -> rows [lo, lo + T) of the layer, head-major."""
+        t = k.shape[0]
+        with torch.inference_mode():
+            self.buffer[layer, 0, :, lo : lo + t].copy_(k.transpose(0, 1))
+            self.buffer[layer, 1, :, lo : lo + t].copy_(v.transpose(0, 1))
+
+    def address(self, layer: int, kind: int, head: int, row: int) -> int:
+        """Byte address of buffer[layer, kind, head, row, 0]."""
+        g = self.geometry
+        index = ((layer * 2 + kind) * g.num_kv_heads + head) * self.capacity + row
+        return self.buffer.data_ptr() + index * g.row_bytes
+
+
+@dataclass(slots=True, frozen=True)
+class PodLayout:
+    """One pod's share of one prompt as descriptor rows, the same for every layer and for K and V.
+
+    Row r is one (lane, block), adjacent rows already merged (`coalesce`): `src` is its byte offset
+    in a K (or V) plane of the staging buffer, `dst` its byte offset in the pod's K (or V) region.
+    Layer l's K rows add the staging plane (l, K) and k_bases[l]; its V rows (l, V) and v_bases[l]:
+
+        staging[l, K, h, lo : lo + T]   |  block 0 rows  |  block 1 rows  | b2 (partial) |
+                                                │                │                │
+        pod k[l]: [num_blocks, bs, D]   ...  [table[h][0]] ... [table[h][1]] ... [table[h][2]]
+    """
+
+    src: np.ndarray  # [R] uint64
+    dst: np.ndarray  # [R] uint64
+    lengths: np.ndarray  # [R] uint64 bytes
+    planes: np.ndarray  # [L, 2] uint64: address of staging[l, K|V, 0, 0]
+    k_bases: np.ndarray  # [L] uint64
+    v_bases: np.ndarray  # [L] uint64
+
+    @classmethod
+    def build(
+        cls, plan: pb.PlanImportResponse, entry: PlacementEntry, staging: StagingBuffer, lo: int, length: int
+    ) -> PodLayout:
+        """Positions [0, length) of the lanes of `entry`'s heads, sourced from staging rows lo.."""
+        bs, row = plan.block_size, np.uint64(plan.row_bytes)
+        blocks = np.array([list(lane.block_ids) for lane in plan.lanes], dtype=np.uint64)  # [h, nb]
+        begin = np.arange(blocks.shape[1], dtype=np.uint64) * np.uint64(bs)  # first position of block i
+        end = np.minimum(begin + np.uint64(bs), np.uint64(length))  # [nb]
+        plane = staging.address(0, 0, 0, 0)
+        lanes = np.array(
+            [staging.address(0, 0, h, lo) - plane for h in range(entry.kv_head_start, entry.kv_head_end)]
+        )
+        src = lanes.astype(np.uint64)[:, None] + begin * row  # [h, nb]
+        dst = blocks * np.uint64(plan.block_bytes)  # [h, nb]: start 0, so every block from its offset 0
+        lengths = np.broadcast_to((end - begin) * row, src.shape).reshape(-1)
+        local, remote = coalesce(regions(src.reshape(-1), lengths), regions(dst.reshape(-1), lengths))
+        layers = len(plan.k_bases)
+        planes = [[staging.address(layer, kind, 0, 0) for kind in (0, 1)] for layer in range(layers)]
+        return cls(
+            src=local[:, 0],
+            dst=remote[:, 0],
+            lengths=local[:, 1],
+            planes=np.array(planes, dtype=np.uint64),
+            k_bases=np.array(plan.k_bases, dtype=np.uint64),
+            v_bases=np.array(plan.v_bases, dtype=np.uint64),
+        )
+
+    def layer_regions(self, layer: int) -> tuple[Regions, Regions]:
+        """(local, remote) descriptor lists of one layer: its K rows, then its V rows."""
+        k_plane, v_plane = self.planes[layer]
+        local = np.concatenate([self.src + k_plane, self.src + v_plane])
+        remote = np.concatenate([self.dst + self.k_bases[layer], self.dst + self.v_bases[layer]])
+        lengths = np.concatenate([self.lengths, self.lengths])
+        return regions(local, lengths), regions(remote, lengths)
+
+
+def check_plan(plan: pb.PlanImportResponse, entry: PlacementEntry, length: int, geometry: KVGeometry) -> None:
+    """The pod's answer must describe the pool this pod writes into (same model and dtype)."""
+    problems = []
+    if plan.dtype != DTYPE_TO_WIRE[geometry.dtype] or plan.head_dim != geometry.head_dim:
+        problems.append(f"pool dtype {dtype_name(plan.dtype)}, head_dim {plan.head_dim}")
+    if plan.row_bytes != geometry.row_bytes or plan.block_size < 1:
+        problems.append(f"row_bytes {plan.row_bytes}, block_size {plan.block_size}")
+    elif plan.block_bytes != plan.block_size * plan.row_bytes or plan.first_block != 0:
+        problems.append(f"block_bytes {plan.block_bytes}, first_block {plan.first_block}")
+    if len(plan.k_bases) != geometry.num_layers or len(plan.v_bases) != geometry.num_layers:
+        problems.append(f"{len(plan.k_bases)} layers")
+    blocks = -(-length // max(1, plan.block_size))
+    if len(plan.lanes) != entry.kv_head_count or any(len(lane.block_ids) != blocks for lane in plan.lanes):
+        problems.append(f"{len(plan.lanes)} lanes, expected {entry.kv_head_count} of {blocks} blocks")
+    if problems:
+        raise ImportRefusedError(
+            entry.address,
+            f"its PlanImport answer does not fit this prefill pod ({'; '.join(problems)}); run prefill and "
+            "attention pods with the same model and dtype",
+        )
+
+
+class NixlSender:
+    """The prefill pod's NIXL side: one agent, its staging buffer, the attention pods' agents."""
+
+    def __init__(self, agent: NixlAgent, staging: StagingBuffer, peers: PeerDirectory) -> None:
+        self.agent = agent
+        self.staging = staging
+        self.peers = peers
+        self.geometry = staging.geometry
+
+    @classmethod
+    def create(
+        cls, pod_id: str, redis_url: str | None, geometry: KVGeometry, capacity_tokens: int
+    ) -> NixlSender:
+        url = redis_url_or_env(redis_url)
+        if url is None:
+            raise DisaggError(
+                "transport nixl finds attention pods' NIXL metadata in Redis, but no Redis is set; pass "
+                "--redis-url (or DISAGG_REDIS_URL), or use --transport grpc"
+            )
+        settings = RedisSettings(url=url)
+        agent = NixlAgent(f"{pod_id}-{secrets.token_hex(4)}")
+        peers = PeerDirectory(agent, connect(settings), settings.key_prefix)
+        return cls(agent, StagingBuffer(agent, geometry, capacity_tokens), peers)
+
+    def close(self) -> None:
+        self.agent.close()
+
+
+@dataclass(slots=True)
+class _PodWrite:
+    """One pod's share of a NIXL export."""
+
+    entry: PlacementEntry
+    stub: pb_grpc.AttentionStub
+    plan_call: grpc.Future
+    plan: pb.PlanImportResponse | None = None
+    layout: PodLayout | None = None
+    peer: str = ""  # the pod's agent name, loaded
+    post_until: float = 0.0  # monotonic; the plan's lease minus a margin
+    transfers: list[Transfer] = field(default_factory=list)
+    failure: KVExportError | None = None
+
+
+class NixlKVExport(KVExport):
+    """One sequence's K/V by NIXL WRITE into the pods of its placement (see the module docstring)."""
+
+    def __init__(
+        self,
+        sender: NixlSender,
+        channels: AttentionChannels,
+        seq_id: int,
+        placement: Placement,
+        num_tokens: int,
+    ) -> None:
+        self.sender = sender
+        self.num_tokens = num_tokens
+        self.lo = sender.staging.take(num_tokens)
+        self._holding_rows = True
+        request = pb.PlanImportRequest(seq_id=seq_id, start=0, length=num_tokens)
+        self.pods = []
+        for entry in placement.entries:
+            stub = channels.stub(entry.address)
+            self.pods.append(_PodWrite(entry, stub, stub.PlanImport.future(request, timeout=_PLAN_TIMEOUT_S)))
+
+    def send_layer(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> None:
+        if k.shape[0] != self.num_tokens:
+            raise DisaggError(f"send_layer got {k.shape[0]} positions for an export of {self.num_tokens}")
+        self.sender.staging.store(layer, self.lo, k, v)
+        for pod in self.pods:
+            if pod.failure is None:
+                try:
+                    self._write(pod, layer)
+                except KVExportError as exc:
+                    pod.failure = exc  # the other pods go on; finish raises it
+
+    def _write(self, pod: _PodWrite, layer: int) -> None:
+        if pod.plan is None or pod.layout is None:
+            pod.plan = self._resolve(pod)
+            pod.layout = PodLayout.build(pod.plan, pod.entry, self.sender.staging, self.lo, self.num_tokens)
+        if time.monotonic() > pod.post_until:
+            raise AttentionPodUnreachableError(
+                pod.entry.address, "the forward outlasted the pod's import lease; retry (or prefill shorter)"
+            )
+        local, remote = pod.layout.layer_regions(layer)
+        message = notification(pod.plan.transfer_id, layer)
+        try:
+            pod.transfers.append(self.sender.agent.write(pod.peer, local, remote, message))
+            for transfer in pod.transfers:  # polling is what moves bytes (the agent has no progress
+                transfer.state()  # thread): earlier layers go on while this one is computed
+        except NixlError as exc:
+            raise AttentionPodUnreachableError(pod.entry.address, str(exc)) from None
+
+    def _resolve(self, pod: _PodWrite) -> pb.PlanImportResponse:
+        """The pod's plan (waits for the PlanImport answer) and its agent loaded."""
+        try:
+            plan: pb.PlanImportResponse = pod.plan_call.result()
+        except grpc.RpcError as exc:
+            raise export_error(pod.entry.address, exc, "PlanImport") from None
+        pod.post_until = time.monotonic() + plan.lease_ms / 1000 - _LEASE_MARGIN_S
+        check_plan(plan, pod.entry, self.num_tokens, self.sender.geometry)
+        try:
+            pod.peer = self.sender.peers.peer(plan.pod_id, plan.agent_name)
+        except NixlError as exc:
+            raise AttentionPodUnreachableError(pod.entry.address, str(exc)) from None
+        return plan
+
+    def finish(self, deadline: float) -> int:
+        try:
+            for pod in self.pods:
+                if pod.failure is not None:
+                    raise pod.failure
+            for pod in self.pods:
+                for transfer in pod.transfers:
+                    try:
+                        transfer.wait(deadline)
+                    except NixlError as exc:
+                        raise AttentionPodUnreachableError(pod.entry.address, str(exc)) from None
+            calls = [(pod, self._complete(pod, pod.plan, deadline)) for pod in self.pods if pod.plan]
+            written = 0
+            for pod, call in calls:
+                try:
+                    written += call.result().bytes
+                except grpc.RpcError as exc:
+                    raise export_error(pod.entry.address, exc, "CompleteImport") from None
+            return written
+        except KVExportError:
+            self.cancel()
+            raise
+        finally:
+            self._give_back_rows()
+
+    def cancel(self) -> None:
+        """Stop posting; once a pod's WRITEs are over, tell it to drop the plan (else its lease ends it)."""
+        settle_by = time.monotonic() + _SETTLE_S
+        for pod in self.pods:
+            pod.failure = pod.failure or AttentionPodUnreachableError(pod.entry.address, "export cancelled")
+            plan = pod.plan or self._late_plan(pod, settle_by)
+            settled = all([t.settle(settle_by) for t in pod.transfers])  # every one, no short cut
+            if plan is not None and settled:  # fire and forget: the plan's lease is the fallback
+                self._complete(pod, plan, settle_by, abandon=True)
+        self._give_back_rows()
+
+    @staticmethod
+    def _late_plan(pod: _PodWrite, deadline: float) -> pb.PlanImportResponse | None:
+        """A plan the pod granted but no layer used yet (the forward failed early): it must be dropped too."""
+        try:
+            plan: pb.PlanImportResponse = pod.plan_call.result(timeout=max(0.0, deadline - time.monotonic()))
+        except (grpc.RpcError, grpc.FutureTimeoutError, grpc.FutureCancelledError):
+            pod.plan_call.cancel()
+            return None
+        return plan
+
+    @staticmethod
+    def _complete(
+        pod: _PodWrite, plan: pb.PlanImportResponse, deadline: float, abandon: bool = False
+    ) -> grpc.Future:
+        request = pb.CompleteImportRequest(transfer_id=plan.transfer_id, abandon=abandon)
+        return pod.stub.CompleteImport.future(request, timeout=max(0.001, deadline - time.monotonic()))
+
+    def _give_back_rows(self) -> None:
+        if self._holding_rows:
+            self._holding_rows = False
+            self.sender.staging.give_back()

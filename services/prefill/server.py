@@ -58,6 +58,8 @@ from services.prefill.kv_export import (
     AttentionPodUnreachableError,
     ImportRefusedError,
     KVExporter,
+    KVGeometry,
+    NixlSender,
 )
 from services.proto import prefill_pb2 as pb
 from services.proto import prefill_pb2_grpc as pb_grpc
@@ -88,6 +90,9 @@ class PrefillSettings(PodSettings):
     )
     threads: int = Field(32, ge=4, le=1024, description="RPC threads; each Prefill call holds one")
     shutdown_grace_s: float = Field(5.0, ge=0, le=300, description="time queued prompts get on SIGTERM")
+    transport: Literal["grpc", "nixl"] = Field(
+        "grpc", description="how K/V reach attention pods: grpc (ImportKV) or nixl (WRITE; needs Redis)"
+    )
 
 
 # Most specific first: the first matching class gives the status.
@@ -150,7 +155,12 @@ def build_engine(settings: PrefillSettings) -> PrefillEngine:
     dtype = parse_dtype(settings.dtype)
     model = load_model(settings.model, dtype=dtype, device=settings.device, show_progress=False)
     log.info("model %s loaded in %.1f s from %s", settings.model, model.load_seconds, model.folder)
-    exporter = KVExporter(AttentionChannels(settings.max_message_bytes), model.config.head_dim, dtype)
+    cfg = model.config
+    nixl = None
+    if settings.transport == "nixl":
+        geometry = KVGeometry(cfg.num_layers, cfg.num_kv_heads, cfg.head_dim, dtype)
+        nixl = NixlSender.create(settings.pod_id, settings.redis_url, geometry, settings.max_num_tokens)
+    exporter = KVExporter(AttentionChannels(settings.max_message_bytes), cfg.head_dim, dtype, nixl)
     options = PrefillOptions(
         max_num_tokens=settings.max_num_tokens,
         max_queued_tokens=settings.max_queued_tokens,

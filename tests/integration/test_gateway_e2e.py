@@ -62,8 +62,8 @@ class Case:
 
 
 class Gateway:
-    """A gateway (`colocated`) or a whole `disagg up` cluster (`head`, `request`) as a subprocess;
-    stdout and stderr go to files so that no pipe can fill up and block it."""
+    """A gateway (`colocated`) or a whole `disagg up` cluster (`head`, `request`; `-nixl` ships KV
+    over NIXL) as a subprocess; stdout and stderr go to files so that no pipe can fill up and block it."""
 
     def __init__(
         self, cache: Path, logs: Path, env: dict[str, str] | None = None, mode: str = "colocated"
@@ -73,8 +73,20 @@ class Gateway:
         if mode == "colocated":
             command = ["-m", "services.gateway.server", "--colocated", "--model", MODEL, "--port", "0"]
         else:
-            command = ["-m", "services.cli", "up", "--port", "0", "--model", MODEL, "--placement", mode]
-            command += ["--attention", "2", "--prefill", "1", "--decode", "1", "--kv-budget-gb", "0.5"]
+            placement, _, transport = mode.partition("-")
+            command = ["-m", "services.cli", "up", "--port", "0", "--model", MODEL, "--placement", placement]
+            command += [
+                "--transport",
+                transport or "grpc",
+                "--attention",
+                "2",
+                "--prefill",
+                "1",
+                "--decode",
+                "1",
+                "--kv-budget-gb",
+                "0.5",
+            ]
         with self.stdout.open("w") as out, self.stderr.open("w") as err:
             self.process = subprocess.Popen(
                 [sys.executable, *command],
@@ -173,7 +185,7 @@ def alive(pid: int) -> bool:
     return state != "Z"
 
 
-@pytest.fixture(scope="module", params=["colocated", "head", "request"])
+@pytest.fixture(scope="module", params=["colocated", "head", "request-nixl"])
 def gateway(
     request: pytest.FixtureRequest, model_folder: Path, tmp_path_factory: pytest.TempPathFactory
 ) -> Iterator[Gateway]:

@@ -176,3 +176,63 @@ class StepResponse(_message.Message):
     layer: int
     o: _tensor_pb2.Tensor
     def __init__(self, step_id: _Optional[int] = ..., layer: _Optional[int] = ..., o: _Optional[_Union[_tensor_pb2.Tensor, _Mapping]] = ...) -> None: ...
+
+class PlanImportRequest(_message.Message):
+    __slots__ = ("seq_id", "start", "length")
+    SEQ_ID_FIELD_NUMBER: _ClassVar[int]
+    START_FIELD_NUMBER: _ClassVar[int]
+    LENGTH_FIELD_NUMBER: _ClassVar[int]
+    seq_id: int
+    start: int
+    length: int
+    def __init__(self, seq_id: _Optional[int] = ..., start: _Optional[int] = ..., length: _Optional[int] = ...) -> None: ...
+
+class PlanImportResponse(_message.Message):
+    __slots__ = ("agent_name", "pod_id", "transfer_id", "block_size", "row_bytes", "block_bytes", "dtype", "head_dim", "k_bases", "v_bases", "first_block", "lanes", "lease_ms")
+    AGENT_NAME_FIELD_NUMBER: _ClassVar[int]
+    POD_ID_FIELD_NUMBER: _ClassVar[int]
+    TRANSFER_ID_FIELD_NUMBER: _ClassVar[int]
+    BLOCK_SIZE_FIELD_NUMBER: _ClassVar[int]
+    ROW_BYTES_FIELD_NUMBER: _ClassVar[int]
+    BLOCK_BYTES_FIELD_NUMBER: _ClassVar[int]
+    DTYPE_FIELD_NUMBER: _ClassVar[int]
+    HEAD_DIM_FIELD_NUMBER: _ClassVar[int]
+    K_BASES_FIELD_NUMBER: _ClassVar[int]
+    V_BASES_FIELD_NUMBER: _ClassVar[int]
+    FIRST_BLOCK_FIELD_NUMBER: _ClassVar[int]
+    LANES_FIELD_NUMBER: _ClassVar[int]
+    LEASE_MS_FIELD_NUMBER: _ClassVar[int]
+    agent_name: str
+    pod_id: str
+    transfer_id: int
+    block_size: int
+    row_bytes: int
+    block_bytes: int
+    dtype: _tensor_pb2.DType
+    head_dim: int
+    k_bases: _containers.RepeatedScalarFieldContainer[int]
+    v_bases: _containers.RepeatedScalarFieldContainer[int]
+    first_block: int
+    lanes: _containers.RepeatedCompositeFieldContainer[LaneBlocks]
+    lease_ms: int
+    def __init__(self, agent_name: _Optional[str] = ..., pod_id: _Optional[str] = ..., transfer_id: _Optional[int] = ..., block_size: _Optional[int] = ..., row_bytes: _Optional[int] = ..., block_bytes: _Optional[int] = ..., dtype: _Optional[_Union[_tensor_pb2.DType, str]] = ..., head_dim: _Optional[int] = ..., k_bases: _Optional[_Iterable[int]] = ..., v_bases: _Optional[_Iterable[int]] = ..., first_block: _Optional[int] = ..., lanes: _Optional[_Iterable[_Union[LaneBlocks, _Mapping]]] = ..., lease_ms: _Optional[int] = ...) -> None: ...
+
+class LaneBlocks(_message.Message):
+    __slots__ = ("block_ids",)
+    BLOCK_IDS_FIELD_NUMBER: _ClassVar[int]
+    block_ids: _containers.RepeatedScalarFieldContainer[int]
+    def __init__(self, block_ids: _Optional[_Iterable[int]] = ...) -> None: ...
+
+class CompleteImportRequest(_message.Message):
+    __slots__ = ("transfer_id", "abandon")
+    TRANSFER_ID_FIELD_NUMBER: _ClassVar[int]
+    ABANDON_FIELD_NUMBER: _ClassVar[int]
+    transfer_id: int
+    abandon: bool
+    def __init__(self, transfer_id: _Optional[int] = ..., abandon: _Optional[bool] = ...) -> None: ...
+
+class CompleteImportResponse(_message.Message):
+    __slots__ = ("bytes",)
+    BYTES_FIELD_NUMBER: _ClassVar[int]
+    bytes: int
+    def __init__(self, bytes: _Optional[int] = ...) -> None: ...

@@ -65,6 +65,16 @@ class AttentionStub:
                 request_serializer=disagg_dot_v1_dot_attention__pb2.StepRequest.SerializeToString,
                 response_deserializer=disagg_dot_v1_dot_attention__pb2.StepResponse.FromString,
                 _registered_method=True)
+        self.PlanImport = channel.unary_unary(
+                '/disagg.v1.Attention/PlanImport',
+                request_serializer=disagg_dot_v1_dot_attention__pb2.PlanImportRequest.SerializeToString,
+                response_deserializer=disagg_dot_v1_dot_attention__pb2.PlanImportResponse.FromString,
+                _registered_method=True)
+        self.CompleteImport = channel.unary_unary(
+                '/disagg.v1.Attention/CompleteImport',
+                request_serializer=disagg_dot_v1_dot_attention__pb2.CompleteImportRequest.SerializeToString,
+                response_deserializer=disagg_dot_v1_dot_attention__pb2.CompleteImportResponse.FromString,
+                _registered_method=True)
 
 
 class AttentionServicer:
@@ -115,6 +125,33 @@ class AttentionServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def PlanImport(self, request, context):
+        """Bulk K/V over NIXL (pods running with transport nixl), instead of ImportKV:
+
+        PlanImport(seq, start, length) ─▶ the pod checks the sequence is open and reserved and answers
+        where each (layer, K|V, head, block) lives in its registered
+        pool, plus a transfer id
+        NIXL WRITE per layer, with notification "kv:<transfer_id>:<layer>"   (one-sided, no RPC)
+        CompleteImport(transfer_id)    ─▶ the pod waits for every layer's notification (NIXL delivers a
+        WRITE's notification after its data), then answers: the K/V
+        are in place for the next Step
+
+        The pod computes every address; the writer only uses them. Until CompleteImport (or the plan's
+        lease ends) a Free of the sequence waits, so its blocks cannot go to another sequence while a
+        WRITE may still land in them. FAILED_PRECONDITION on a pod running with transport grpc.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def CompleteImport(self, request, context):
+        """Wait (within the call's deadline) for the notifications of a planned transfer, or drop the
+        plan (abandon); see PlanImport. NOT_FOUND for a transfer id the pod does not hold.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_AttentionServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -147,6 +184,16 @@ def add_AttentionServicer_to_server(servicer, server):
                     servicer.Step,
                     request_deserializer=disagg_dot_v1_dot_attention__pb2.StepRequest.FromString,
                     response_serializer=disagg_dot_v1_dot_attention__pb2.StepResponse.SerializeToString,
+            ),
+            'PlanImport': grpc.unary_unary_rpc_method_handler(
+                    servicer.PlanImport,
+                    request_deserializer=disagg_dot_v1_dot_attention__pb2.PlanImportRequest.FromString,
+                    response_serializer=disagg_dot_v1_dot_attention__pb2.PlanImportResponse.SerializeToString,
+            ),
+            'CompleteImport': grpc.unary_unary_rpc_method_handler(
+                    servicer.CompleteImport,
+                    request_deserializer=disagg_dot_v1_dot_attention__pb2.CompleteImportRequest.FromString,
+                    response_serializer=disagg_dot_v1_dot_attention__pb2.CompleteImportResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -312,6 +359,60 @@ class Attention:
             '/disagg.v1.Attention/Step',
             disagg_dot_v1_dot_attention__pb2.StepRequest.SerializeToString,
             disagg_dot_v1_dot_attention__pb2.StepResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def PlanImport(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/disagg.v1.Attention/PlanImport',
+            disagg_dot_v1_dot_attention__pb2.PlanImportRequest.SerializeToString,
+            disagg_dot_v1_dot_attention__pb2.PlanImportResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def CompleteImport(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/disagg.v1.Attention/CompleteImport',
+            disagg_dot_v1_dot_attention__pb2.CompleteImportRequest.SerializeToString,
+            disagg_dot_v1_dot_attention__pb2.CompleteImportResponse.FromString,
             options,
             channel_credentials,
             insecure,
