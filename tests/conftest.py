@@ -7,11 +7,17 @@ fixtures pay for them (conversion ~20 s, the transformers reference ~17 s); mark
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 from typing import Any
 
 import pytest
 import torch
+
+if not torch.cuda.is_available():
+    # Triton kernels run in its interpreter on the CPU. `@triton.jit` reads this when a kernel module
+    # is imported, which any test importing the attention code may do first: set it before them all.
+    os.environ.setdefault("TRITON_INTERPRET", "1")
 
 from services.core.model.sources import BUILTIN_MODELS, DEFAULT_MODEL, resolve_model
 

@@ -9,8 +9,9 @@ from collections.abc import Sequence
 
 import torch
 
+from services.attention.kernels import decode_attention
 from services.attention.kv_pool import KVPool
-from services.attention.reference import DecodeLayout, causal_prefill_attention, paged_decode_attention
+from services.attention.reference import DecodeLayout, causal_prefill_attention
 from services.core.attention import AttentionPart, AttentionStep, ReserveResult, SeqChunk
 
 
@@ -83,9 +84,11 @@ class LocalStep(AttentionStep):
         )
         lanes = [(lane, self.chunks[i].end) for i in self.decode_rows for lane in tables[i]]
         self.layout = DecodeLayout.build(lanes, bs, part.group, config.device)
-        # Gather buffers reused by every layer: fresh memory per layer would page-fault.
+        # Gather buffer reused by every layer (fresh memory per layer would page-fault); only the
+        # torch reference gathers, the GPU kernels read the pool in place.
         shape = (self.layout.blocks.numel(), bs, config.head_dim)
-        self.k_workspace = torch.empty(shape, dtype=config.dtype, device=config.device)
+        on_gpu = torch.device(config.device).type == "cuda"
+        self.k_workspace = None if on_gpu else torch.empty(shape, dtype=config.dtype, device=config.device)
         self.prefill_tables = {
             i: torch.tensor(tables[i], dtype=torch.long, device=config.device)  # [heads, n_blocks]
             for i, c in enumerate(self.chunks)
@@ -99,7 +102,7 @@ class LocalStep(AttentionStep):
     def _decode(self, layer: int, q_lanes: torch.Tensor) -> torch.Tensor:
         """q_lanes: [n_lanes, G, D] -> [n_lanes, G, D]."""
         pool = self.part.pool
-        return paged_decode_attention(
+        return decode_attention(  # Triton on CUDA, the torch reference elsewhere
             q_lanes, pool.k[layer], pool.v[layer], self.layout, self.part.scale, self.k_workspace
         )
 

@@ -1,0 +1,389 @@
+"""Paged decode attention on one GPU: torch baselines vs the Triton kernels, against the copy ceiling.
+
+    python3 bench/gpu_attention.py [--json rows.json] [--quick] [--tune]
+
+One call: (1) measures the device copy bandwidth (a large device-to-device copy, bytes read + written);
+(2) for each model shape, pool block size, batch and context, times
+
+    sdpa      gather the lanes' blocks to contiguous [B, Hkv, S, D], then F.scaled_dot_product_attention
+              (enable_gqa); the gather is part of the time, as it would be in the pod
+    reference services.attention.reference.paged_decode_attention (the pod's torch path)
+    triton    kernels.paged_decode.paged_decode_attention (split-K flash-decoding over the block table)
+    sparq     kernels.sparq.sparq_decode_triton at 1/8 of dense bytes: r = D/8 components and k = S/16
+              keys (window 64 inside k): r·S + 2·k·D = S·D/8 + S·D/8 = (2·S·D)/8 per lane
+
+Every lane has the same context S (batch × Hkv lanes), blocks are placed at random in the pool. Times are
+medians of CUDA-event timings of CUDA-graph replays with the L2 flushed before each
+(triton.testing.do_bench); `eager` re-times the Triton paths launched from Python as the pod does.
+Bytes are what each method must read from the pool (dense: every K and V row once; SparQ: sparq_bytes),
+so GB/s and %copy say how close each comes to the memory-bound floor.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from collections.abc import Callable
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import torch
+import torch.nn.functional as F
+from rich.console import Console
+from rich.table import Table
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+from services.attention.kernels import PagedLanes, decode_bytes
+from services.attention.reference import DecodeLayout, paged_decode_attention
+
+if TYPE_CHECKING:
+    from services.attention.kernels.paged_decode import DecodeConfig
+
+SHAPES = {"smollm2": (3, 3, 64), "llama8b": (8, 4, 128)}  # name: (Hkv, G, D)
+SPARQ_WINDOW = 64
+
+
+@dataclass(slots=True)
+class Row:
+    shape: str
+    hkv: int
+    group: int
+    head_dim: int
+    block_size: int
+    batch: int
+    context: int
+    method: str
+    time_us: float  # graph replay, L2 flushed
+    eager_us: float | None  # launched from Python (Triton paths)
+    bytes: int  # bytes the method must read from the pool
+    gbps: float
+    pct_copy: float  # gbps / measured copy bandwidth
+    err: float  # ‖out - ref‖ / ‖ref‖; ref: reference.paged_decode_attention, sparq_decode_reference (sparq)
+
+
+def bench_ms(fn: Callable[[], object], graph: bool = True) -> float:
+    """Median ms per call, L2 flushed before each; `graph`: replay a CUDA graph of fn."""
+    import triton.testing
+
+    fn()  # compile and warm the allocator outside the capture
+    if not graph:
+        return float(triton.testing.do_bench(fn, warmup=10, rep=60, return_mode="median"))
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):
+        fn()
+    torch.cuda.current_stream().wait_stream(stream)
+    cuda_graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(cuda_graph):
+        fn()
+    return float(triton.testing.do_bench(cuda_graph.replay, warmup=10, rep=60, return_mode="median"))
+
+
+def copy_bandwidth(nbytes: int = 4 << 30) -> float:
+    """Bytes/s of a device-to-device copy, counting bytes read plus bytes written."""
+    src = torch.empty(nbytes, dtype=torch.uint8, device="cuda").random_()
+    dst = torch.empty_like(src)
+    ms = bench_ms(lambda: dst.copy_(src), graph=False)
+    return 2 * nbytes / (ms * 1e-3)
+
+
+def rel_err(out: torch.Tensor, ref: torch.Tensor) -> float:
+    return float((out.float() - ref.float()).norm() / ref.float().norm())
+
+
+@dataclass(slots=True)
+class Case:
+    """One pool and one decode step: batch × Hkv lanes of `context` tokens in randomly placed blocks."""
+
+    shape: str
+    block_size: int
+    batch: int
+    context: int
+    q: torch.Tensor  # [n_lanes, G, D]
+    k_cache: torch.Tensor  # [num_blocks, bs, D]
+    v_cache: torch.Tensor  # [num_blocks, bs, D]
+    kt_cache: torch.Tensor  # [num_blocks, D, bs]
+    table: torch.Tensor  # [n_lanes, S / bs] block ids
+    lanes: PagedLanes
+
+    @classmethod
+    def make(cls, shape: str, block_size: int, batch: int, context: int, dtype: torch.dtype) -> Case:
+        from services.attention.kernels import sparq
+
+        hkv, group, head_dim = SHAPES[shape]
+        n_lanes, per_lane = batch * hkv, context // block_size
+        k_cache = torch.randn(n_lanes * per_lane, block_size, head_dim, device="cuda", dtype=dtype)
+        table = torch.randperm(n_lanes * per_lane, device="cuda").view(n_lanes, per_lane)  # fragmented
+        lanes = PagedLanes.build([(t, context) for t in table.tolist()], block_size, "cuda")
+        q = torch.randn(n_lanes, group, head_dim, device="cuda", dtype=dtype)
+        v_cache, kt_cache = torch.randn_like(k_cache), sparq.kt_from_k(k_cache)
+        return cls(shape, block_size, batch, context, q, k_cache, v_cache, kt_cache, table, lanes)
+
+    @property
+    def dims(self) -> tuple[int, int, int]:
+        return SHAPES[self.shape]
+
+    @property
+    def scale(self) -> float:
+        return float(self.dims[2] ** -0.5)
+
+    def dense_bytes(self) -> int:
+        return decode_bytes([self.context] * self.lanes.n_lanes, self.dims[2], self.k_cache.element_size())
+
+    def sparq_budget(self) -> tuple[int, int, int]:
+        """(r, k, window) at 1/8 of dense bytes."""
+        k = self.context // 16
+        return self.dims[2] // 8, k, min(SPARQ_WINDOW, k)
+
+    def methods(self) -> dict[str, Callable[[], torch.Tensor]]:
+        from services.attention.kernels import paged_decode, sparq
+
+        hkv, group, head_dim = self.dims
+        q, k_cache, v_cache, kt_cache, lanes, scale = (
+            self.q, self.k_cache, self.v_cache, self.kt_cache, self.lanes, self.scale
+        )  # fmt: skip
+        layout = DecodeLayout.build(
+            [(t, self.context) for t in self.table.tolist()], self.block_size, group, "cuda"
+        )
+        workspace = torch.empty_like(k_cache[: layout.blocks.numel()])
+        r, k, window = self.sparq_budget()
+
+        def sdpa() -> torch.Tensor:
+            shape = (self.batch, hkv, self.context, head_dim)
+            keys = k_cache[self.table].view(shape)  # the gather: [B, Hkv, S, D]
+            values = v_cache[self.table].view(shape)
+            qh = q.view(self.batch, hkv * group, 1, head_dim)
+            return F.scaled_dot_product_attention(qh, keys, values, scale=scale, enable_gqa=True)
+
+        return {
+            "sdpa": sdpa,
+            "reference": lambda: paged_decode_attention(q, k_cache, v_cache, layout, scale, workspace),
+            "triton": lambda: paged_decode.paged_decode_attention(q, k_cache, v_cache, lanes, scale),
+            "sparq": lambda: (
+                sparq.sparq_decode_triton(q, k_cache, v_cache, kt_cache, lanes, r, k, window, scale).out
+            ),
+        }
+
+
+def run_case(case: Case, copy_bps: float) -> list[Row]:
+    from services.attention.kernels import sparq
+
+    hkv, group, head_dim = case.dims
+    methods = case.methods()
+    r, k, _ = case.sparq_budget()
+    sparse = sparq.sparq_bytes(
+        [case.context] * case.lanes.n_lanes, r, k, head_dim, case.k_cache.element_size()
+    )
+    reference = methods["reference"]().float()
+    r, k, window = case.sparq_budget()
+    sparq_reference = sparq.sparq_decode_reference(
+        case.q, case.k_cache, case.v_cache, case.kt_cache, case.lanes, r, k, window, case.scale
+    ).out
+    rows = []
+    for name, fn in methods.items():
+        out = fn().reshape(case.q.shape)
+        try:
+            ms = bench_ms(fn)
+        except RuntimeError as error:  # a path that cannot be captured is timed eagerly, and says so
+            print(f"{name}: CUDA graph capture failed ({error}); timing it eagerly", flush=True)
+            ms = bench_ms(fn, graph=False)
+        eager = bench_ms(fn, graph=False) * 1e3 if name in ("triton", "sparq") else None
+        nbytes = sparse if name == "sparq" else case.dense_bytes()
+        gbps = nbytes / (ms * 1e-3) / 1e9
+        err = rel_err(out, sparq_reference if name == "sparq" else reference)
+        row = Row(case.shape, hkv, group, head_dim, case.block_size, case.batch, case.context, name, ms * 1e3,
+                  eager, nbytes, gbps, 100 * gbps * 1e9 / copy_bps, err)  # fmt: skip
+        rows.append(row)
+    return rows
+
+
+def _time_dense_config(case: Case, config: DecodeConfig) -> float:
+
+    from services.attention.kernels import paged_decode
+
+    def fn() -> torch.Tensor:
+        return paged_decode.paged_decode_attention(
+            case.q,
+            case.k_cache,
+            case.v_cache,
+            case.lanes,
+            case.scale,
+            config=config,
+        )
+
+    return bench_ms(fn)
+
+
+def _time_scores(case: Case, block_n: int, warps: int) -> float:
+    from services.attention.kernels import paged_decode
+
+    r, _, window = case.sparq_budget()
+    idx, q_sel = paged_decode.sparq_select(case.q, r, case.scale)
+
+    def fn() -> tuple[torch.Tensor, torch.Tensor | None]:
+        return paged_decode.sparq_lane_scores(
+            q_sel, idx, case.kt_cache, case.lanes, case.context, window, block_n=block_n, num_warps=warps
+        )
+
+    return bench_ms(fn)
+
+
+def tune(dtype: torch.dtype) -> None:
+    """Sweep the dense kernel's launch settings and SparQ phase 1's tile on a few shapes."""
+    from services.attention.kernels.paged_decode import DecodeConfig
+
+    console = Console()
+    for shape, block_size, batch, context in [
+        ("smollm2", 16, 64, 16384),
+        ("llama8b", 16, 16, 16384),
+        ("smollm2", 16, 4, 16384),
+        ("llama8b", 16, 4, 16384),
+    ]:
+        case = Case.make(shape, block_size, batch, context, dtype)
+        results = []
+        for block_n in (32, 64, 128):
+            for warps in (4,):  # 8 never won on the H100
+                for stages in (3, 4):
+                    for per_sm in (2, 4, 8):
+                        config = DecodeConfig(block_n, warps, stages, per_sm, 256)
+                        results.append((case.dense_bytes() / _time_dense_config(case, config) / 1e6, config))
+        results.sort(key=lambda x: -x[0])
+        console.print(f"[bold]{shape} bs={block_size} batch={batch} ctx={context}[/]: best dense configs")
+        for gbps, config in results[:5]:
+            console.print(f"  {gbps:8.0f} GB/s  {config}")
+        for block_n in (128, 256, 512):
+            for warps in (2, 4, 8):
+                us = _time_scores(case, block_n, warps) * 1e3
+                console.print(f"  sparq phase 1 block_n={block_n} warps={warps}: {us:7.1f} us")
+        del case
+        torch.cuda.empty_cache()
+
+
+def _time_sparq_stages(case: Case) -> dict[str, float]:
+    """ms of SparQ's phase 1 and of the top-k selection, radix select vs torch.topk."""
+    from services.attention.kernels import paged_decode
+
+    r, k, window = case.sparq_budget()
+    idx, q_sel = paged_decode.sparq_select(case.q, r, case.scale)
+    kt_cache, lanes, context = case.kt_cache, case.lanes, case.context
+    score, hist = paged_decode.sparq_lane_scores(q_sel, idx, kt_cache, lanes, context, window)
+    return {
+        "phase 1 (stats + lse + scores)": bench_ms(
+            lambda: paged_decode.sparq_lane_scores(q_sel, idx, kt_cache, lanes, context, window)
+        ),
+        "radix top-k (passes 1-3 + gather + hist copy)": bench_ms(
+            lambda: paged_decode.top_k_positions(
+                score, lanes.lane_len, k, None if hist is None else hist.clone()
+            )
+        ),
+        "radix top-k (all 4 passes)": bench_ms(
+            lambda: paged_decode.top_k_positions(score, lanes.lane_len, k)
+        ),
+        "torch.topk": bench_ms(lambda: score.topk(k, dim=1, sorted=False)),
+    }
+
+
+def profile(dtype: torch.dtype) -> None:
+    """GPU time per kernel of the Triton paths, and where the eager SparQ step spends host time."""
+    import cProfile
+    import pstats
+
+    from torch.profiler import ProfilerActivity
+    from torch.profiler import profile as torch_profile
+
+    for shape, batch in (("smollm2", 64), ("llama8b", 64), ("smollm2", 4)):
+        case = Case.make(shape, 16, batch, 16384, dtype)
+        methods = case.methods()
+        times = _time_sparq_stages(case)
+        for name, ms in times.items():
+            print(f"== {shape} batch={batch} 16K bs=16 {name}: {ms * 1e3:.1f} us", flush=True)
+        for name in ("triton", "sparq"):
+            fn = methods[name]
+            fn()
+            torch.cuda.synchronize()
+            with torch_profile(activities=[ProfilerActivity.CUDA]) as prof:
+                for _ in range(10):
+                    fn()
+                torch.cuda.synchronize()
+            print(f"== {shape} batch={batch} ctx=16K bs=16 {name}: GPU time of 10 calls", flush=True)
+            print(
+                prof.key_averages().table(sort_by="device_time_total", row_limit=12, max_name_column_width=60)
+            )
+        stats = cProfile.Profile()
+        stats.runctx("for _ in range(50): fn()", globals(), {"fn": methods["sparq"]})
+        torch.cuda.synchronize()
+        print(f"== host time of 50 eager sparq calls ({shape} batch={batch})")
+        pstats.Stats(stats).sort_stats("tottime").print_stats(12)
+        del case, methods
+        torch.cuda.empty_cache()
+
+
+def print_table(rows: list[Row], copy_bps: float) -> None:
+    table = Table(
+        title=f"paged decode attention, {torch.cuda.get_device_name()}, copy {copy_bps / 1e9:.0f} GB/s"
+    )
+    for column in ("shape", "bs", "B", "ctx", "sdpa us", "ref us", "triton us", "eager", "%copy"):
+        table.add_column(column, justify="right")
+    for column in ("sparq us", "eager", "%copy", "x dense", "err", "sparq err"):
+        table.add_column(column, justify="right")
+    cases: dict[tuple[str, int, int, int], dict[str, Row]] = {}
+    for row in rows:
+        cases.setdefault((row.shape, row.block_size, row.batch, row.context), {})[row.method] = row
+    for (shape, bs, batch, context), m in cases.items():
+        tri, sp = m["triton"], m["sparq"]
+        table.add_row(
+            shape, str(bs), str(batch), f"{context // 1024}K", f"{m['sdpa'].time_us:.0f}",
+            f"{m['reference'].time_us:.0f}", f"{tri.time_us:.1f}", f"{tri.eager_us:.1f}",
+            f"{tri.pct_copy:.0f}", f"{sp.time_us:.1f}", f"{sp.eager_us:.1f}", f"{sp.pct_copy:.0f}",
+            f"{tri.time_us / sp.time_us:.2f}", f"{tri.err:.0e}", f"{sp.err:.0e}",
+        )  # fmt: skip
+    Console(width=200).print(table)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--shapes", default="smollm2,llama8b", help=f"comma list of {', '.join(SHAPES)}")
+    parser.add_argument("--block-sizes", default="16,128", help="pool block sizes (positions per block)")
+    parser.add_argument("--batches", default="1,4,16,64", help="sequences per step (lanes = batch × Hkv)")
+    parser.add_argument("--contexts", default="4096,8192,16384,32768", help="tokens per sequence")
+    parser.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float16", "float32"])
+    parser.add_argument("--quick", action="store_true", help="batches 1,64 and contexts 4K,16K only")
+    parser.add_argument("--tune", action="store_true", help="sweep kernel launch settings, then exit")
+    parser.add_argument(
+        "--profile", action="store_true", help="per-kernel GPU time and host profile, then exit"
+    )
+    parser.add_argument("--json", type=Path, help="write the rows (and the copy bandwidth) to this file")
+    args = parser.parse_args()
+    if not torch.cuda.is_available():
+        raise SystemExit("bench/gpu_attention.py needs a CUDA GPU (the kernels are timed on the device)")
+    dtype = getattr(torch, args.dtype)
+    if args.tune or args.profile:
+        tune(dtype) if args.tune else profile(dtype)
+        return
+    batches = [1, 64] if args.quick else [int(x) for x in args.batches.split(",")]
+    contexts = [4096, 16384] if args.quick else [int(x) for x in args.contexts.split(",")]
+    copy_bps = copy_bandwidth()
+    print(f"device copy bandwidth (read + write): {copy_bps / 1e9:.0f} GB/s", flush=True)
+    rows: list[Row] = []
+    for shape in args.shapes.split(","):
+        for block_size in [int(x) for x in args.block_sizes.split(",")]:
+            for batch in batches:
+                for context in contexts:
+                    case = run_case(Case.make(shape, block_size, batch, context, dtype), copy_bps)
+                    torch.cuda.empty_cache()
+                    rows.extend(case)
+                    done = " ".join(f"{r.method}={r.time_us:.1f}us/{r.pct_copy:.0f}%" for r in case)
+                    print(done, shape, block_size, batch, context, flush=True)
+    print_table(rows, copy_bps)
+    if args.json:
+        meta = {"device": torch.cuda.get_device_name(), "torch": torch.__version__, "dtype": args.dtype}
+        payload = {"copy_bytes_per_s": copy_bps, **meta, "rows": [asdict(r) for r in rows]}
+        args.json.write_text(json.dumps(payload, indent=1))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,189 @@
+"""Triton attention kernels vs the torch references.
+
+Without a GPU the kernels run in Triton's interpreter (TRITON_INTERPRET=1, set below before anything
+imports triton): small shapes, big blocks, few lanes. With CUDA the same tests run compiled, plus bf16
+(the interpreter computes bf16 wrongly).
+"""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+
+CUDA = torch.cuda.is_available()
+if not CUDA:
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
+pytest.importorskip("triton")
+
+from services.attention.kernels import (  # noqa: E402
+    Backend,
+    PagedLanes,
+    decode_attention,
+    decode_bytes,
+    paged_decode,
+    sparq,
+)
+from services.attention.reference import DecodeLayout, paged_decode_attention  # noqa: E402
+
+DEVICES = ["cpu"] if INTERPRET else ["cuda"]
+DTYPES = [torch.float32, torch.float16] + ([torch.bfloat16] if not INTERPRET else [])
+TOLERANCE = {torch.float32: 1e-5, torch.float16: 2e-3, torch.bfloat16: 2e-2}  # ‖out - ref‖ / ‖ref‖
+G, D = 3, 64  # SmolLM2-like group and head_dim
+LENGTHS = [1, 37, 200]  # one token, a partial last block, several blocks
+
+
+def make_pool(
+    lengths: list[int], block_size: int, dtype: torch.dtype, device: str, seed: int = 0
+) -> tuple[list[tuple[list[int], int]], torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Random K/V in shuffled blocks (never zeros: they hide unwritten outputs) and random q."""
+    gen = torch.Generator().manual_seed(seed)
+    counts = [-(-n // block_size) for n in lengths]
+    num_blocks = sum(counts) + 3  # spare blocks nobody reads
+    order = torch.randperm(num_blocks, generator=gen).tolist()
+    lanes, at = [], 0
+    for n, c in zip(lengths, counts, strict=True):
+        lanes.append((order[at : at + c], n))
+        at += c
+    k = torch.randn(num_blocks, block_size, D, generator=gen).to(device=device, dtype=dtype)
+    v = torch.randn(num_blocks, block_size, D, generator=gen).to(device=device, dtype=dtype)
+    q = torch.randn(len(lengths), G, D, generator=gen).to(device=device, dtype=dtype)
+    return lanes, q, k, v
+
+
+def rel_err(out: torch.Tensor, ref: torch.Tensor) -> float:
+    assert out.isfinite().all()
+    return float((out.double() - ref.double()).norm() / ref.double().norm())
+
+
+def dense_reference(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, lanes: list, bs: int) -> torch.Tensor:
+    """The repo's reference on fp32 copies of the same values."""
+    layout = DecodeLayout.build(lanes, bs, G, str(q.device))
+    return paged_decode_attention(q.float(), k.float(), v.float(), layout, D**-0.5)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize(("block_size", "num_splits"), [(16, 1), (16, 3), (32, None)])
+def test_dense_matches_reference(
+    device: str, dtype: torch.dtype, block_size: int, num_splits: int | None
+) -> None:
+    lanes, q, k, v = make_pool(LENGTHS, block_size, dtype, device)
+    paged = PagedLanes.build(lanes, block_size, device)
+    out = paged_decode.paged_decode_attention(q, k, v, paged, D**-0.5, num_splits=num_splits)
+    assert out.shape == q.shape and out.dtype == dtype
+    assert rel_err(out, dense_reference(q, k, v, lanes, block_size)) < TOLERANCE[dtype]
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_dispatcher_follows_the_reference_contract(device: str) -> None:
+    lanes, q, k, v = make_pool([5, 64, 130], 16, torch.float32, device, seed=1)
+    layout = DecodeLayout.build(lanes, 16, G, device)
+    ref = paged_decode_attention(q, k, v, layout, D**-0.5)
+    converted = PagedLanes.from_layout(layout, len(lanes))
+    built = PagedLanes.build(lanes, 16, device)
+    for name in ("blocks", "lane_start", "lane_len"):
+        assert torch.equal(getattr(converted, name), getattr(built, name)), name
+    out = decode_attention(q, k, v, layout, D**-0.5, backend=Backend.TRITON)
+    assert rel_err(out, ref) < 1e-5
+    auto = decode_attention(q, k, v, layout, D**-0.5)  # CPU tensors: the reference itself
+    assert rel_err(auto, ref) < 1e-5
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_sparq_full_budget_is_dense(device: str, dtype: torch.dtype) -> None:
+    """r = D and k >= length keep everything: SparQ must equal dense attention."""
+    lanes, q, k, v = make_pool(LENGTHS, 16, dtype, device, seed=2)
+    paged, kt = PagedLanes.build(lanes, 16, device), sparq.kt_from_k(k)
+    ref = dense_reference(q, k, v, lanes, 16)
+    for step in (sparq.sparq_decode_reference, sparq.sparq_decode_triton):
+        result = step(q, k, v, kt, paged, D, max(LENGTHS), 4, D**-0.5)
+        assert rel_err(result.out, ref) < TOLERANCE[dtype], step.__name__
+        assert result.bytes_read == decode_bytes(LENGTHS, D, k.element_size()) * 3 // 2  # r·L + 2·L·D
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("block_size", [16, 24, 512])  # 512: a phase-1 tile is part of a block
+def test_sparq_triton_matches_reference(device: str, dtype: torch.dtype, block_size: int) -> None:
+    lengths = [*LENGTHS, 600]
+    lanes, q, k, v = make_pool(lengths, block_size, dtype, device, seed=3)
+    paged, kt = PagedLanes.build(lanes, block_size, device), sparq.kt_from_k(k)
+    ref = sparq.sparq_decode_reference(q, k, v, kt, paged, 8, 24, 4, D**-0.5)
+    out = sparq.sparq_decode_triton(q, k, v, kt, paged, 8, 24, 4, D**-0.5, num_splits=2)
+    assert rel_err(out.out, ref.out) < TOLERANCE[dtype]
+    assert out.bytes_read == ref.bytes_read == sparq.sparq_bytes(lengths, 8, 24, D, k.element_size())
+    assert rel_err(ref.out, dense_reference(q, k, v, lanes, block_size)) > 1e-2  # it did drop positions
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_sparq_triton_with_torch_topk(device: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Past RADIX_MAX_SCORES the selection is torch.topk's: same function."""
+    monkeypatch.setattr(paged_decode, "RADIX_MAX_SCORES", 0)
+    lanes, q, k, v = make_pool(LENGTHS, 16, torch.float32, device, seed=7)
+    paged, kt = PagedLanes.build(lanes, 16, device), sparq.kt_from_k(k)
+    ref = sparq.sparq_decode_reference(q, k, v, kt, paged, 8, 24, 4, D**-0.5)
+    out = sparq.sparq_decode_triton(q, k, v, kt, paged, 8, 24, 4, D**-0.5)
+    assert rel_err(out.out, ref.out) < 1e-5
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_sparq_select_kernel_matches_select_components(device: str) -> None:
+    q = torch.randn(5, G, D, generator=torch.Generator().manual_seed(5)).to(device)
+    idx, q_sel = sparq.select_components(q, 8, D**-0.5)
+    idx_k, q_sel_k = paged_decode.sparq_select(q, 8, D**-0.5)
+    order, order_k = idx.argsort(dim=1), idx_k.long().argsort(dim=1)  # same sets, any order
+    assert torch.equal(idx.gather(1, order), idx_k.long().gather(1, order_k))
+    expected = q_sel.gather(2, order[:, None, :].expand_as(q_sel))
+    assert rel_err(q_sel_k.gather(2, order_k[:, None, :].expand_as(q_sel_k)), expected) < 1e-6
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_sparq_window_only_attends_to_the_last_positions(device: str) -> None:
+    """k == local_window: the kept set is exactly the window, whatever phase 1 scores."""
+    lanes, q, k, v = make_pool([3, 40], 16, torch.float32, device, seed=4)
+    paged, kt = PagedLanes.build(lanes, 16, device), sparq.kt_from_k(k)
+    expected = []
+    for lane, (table, n) in enumerate(lanes):
+        rows = [table[p // 16] * 16 + p % 16 for p in range(max(0, n - 8), n)]
+        keys, values = k.view(-1, D)[rows], v.view(-1, D)[rows]  # [w, D]
+        expected.append(torch.softmax(q[lane] @ keys.T * D**-0.5, dim=-1) @ values)
+    expected_out = torch.stack(expected)
+    for step in (sparq.sparq_decode_reference, sparq.sparq_decode_triton):
+        assert rel_err(step(q, k, v, kt, paged, 4, 8, 8, D**-0.5).out, expected_out) < 1e-5, step.__name__
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_top_k_positions_is_exact(device: str) -> None:
+    """Radix select = torch.topk's values: ties, +inf (window) entries, lanes shorter than k."""
+    gen = torch.Generator().manual_seed(6)
+    lengths = torch.tensor([1, 5, 300, 1500], dtype=torch.int32)
+    score = torch.rand(4, 1500, generator=gen) * 1e-3
+    score[:, ::7] = torch.rand(4, 215, generator=gen)  # several exponents
+    score[3, 100:140] = 0.25  # a tie across the k-th value
+    for lane, n in enumerate(lengths.tolist()):
+        score[lane, max(0, n - 4) : n] = float("inf")
+        score[lane, n:] = float("-inf")
+    for k in (64, 1500):
+        sel = paged_decode.top_k_positions(score.to(device), lengths.to(device), k).cpu()
+        for lane, n in enumerate(lengths.tolist()):
+            got = [p for p in sel[lane].tolist() if p < n]
+            assert len(got) == len(set(got)) == min(k, n)
+            expected = score[lane, :n].topk(min(k, n)).values
+            assert torch.equal(score[lane, got].sort(descending=True).values, expected)
+
+
+def test_sparq_budget_and_validation() -> None:
+    """r = D/8 and k = L/16 read an eighth of dense; bad arguments fail with the cause."""
+    assert sparq.sparq_bytes([4096], 8, 256, 64, 2) * 8 == decode_bytes([4096], 64, 2)
+    lanes, q, k, v = make_pool([20], 16, torch.float32, "cpu")
+    paged, kt = PagedLanes.build(lanes, 16, "cpu"), sparq.kt_from_k(k)
+    with pytest.raises(ValueError, match="r"):
+        sparq.sparq_decode(q, k, v, kt, paged, D + 1, 8, 0, 1.0)
+    with pytest.raises(ValueError, match="local_window"):
+        sparq.sparq_decode(q, k, v, kt, paged, 8, 4, 8, 1.0)
+    with pytest.raises(ValueError, match="blocks"):
+        PagedLanes.build([([0], 40)], 16, "cpu")
