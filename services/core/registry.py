@@ -12,7 +12,7 @@ Key schema (prefix `disagg:` by default, `RedisSettings.key_prefix`; ids match `
     disagg:kv:{pod}:leases        zset    last lease + 1 s         reservations (Lua)  request -> expiry (ms)
     disagg:resv:{request}         hash    reservation_ttl_s        reservations (Lua)  pod -> blocks
     disagg:req:{request}          hash    request_ttl_s            gateway             RequestRecord fields
-    disagg:nixl:{pod}             string  pod_ttl_s, per beat      attention pod       NIXL agent metadata (base64)
+    disagg:nixl:{pod}             string  pod_ttl_s, per beat      attention pod       NIXL agent metadata
 
 Free KV blocks of an attention pod = `total_blocks` (its pod hash) − `kv:{pod}:reserved`; see
 reservations.py for the Lua that keeps the three `kv:` keys and `resv:` consistent, and
