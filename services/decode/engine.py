@@ -74,6 +74,10 @@ class PodPlacements(Protocol):
         """True when pod `address` holds (or will hold, once opened) KV heads of sequence `seq_id`."""
         ...
 
+    def pods_of(self, seq_id: int) -> tuple[str, ...]:
+        """The pods holding the KV heads of an open sequence, sorted."""
+        ...
+
 
 @dataclass(slots=True)
 class _Request:
@@ -230,8 +234,13 @@ class Engine:
     def _forward(self, plan: SchedulerOutput) -> dict[int, int]:
         """Run the model over the plan's rows; sample for rows that complete their sequence."""
         device = self.model.device
+        items = plan.scheduled
+        if self.micro_batches > 1 and isinstance(pods := self.attention, PodPlacements):
+            # Sequences of the same pods side by side: micro-batches then tend to follow pods, so
+            # under request placement each talks to fewer pods (fewer frames per layer).
+            items = sorted(items, key=lambda item: pods.pods_of(item.seq.seq_id))
         batches = []
-        for group in split_micro_batches(plan.scheduled, self.micro_batches):
+        for group in split_micro_batches(items, self.micro_batches):
             tokens = [item.seq.token_at(p) for item in group for p in range(item.chunk.start, item.chunk.end)]
             positions = [p for item in group for p in range(item.chunk.start, item.chunk.end)]
             batches.append(
@@ -241,10 +250,10 @@ class Engine:
                     self.attention.begin([item.chunk for item in group]),
                 )
             )
-        hidden = torch.cat(self.model.forward_micro_batches(batches))  # [N, d], rows in plan order
+        hidden = torch.cat(self.model.forward_micro_batches(batches))  # [N, d], rows in `items` order
         last_rows, sampling = [], []
         row = 0
-        for item in plan.scheduled:
+        for item in items:
             row += item.chunk.length
             if item.samples:
                 last_rows.append(row - 1)

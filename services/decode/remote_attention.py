@@ -173,6 +173,10 @@ class RemoteAttention(AttentionPart):
         except KeyError:  # a placement table that no longer knows the sequence: not on any pod
             return False
 
+    def pods_of(self, seq_id: int) -> tuple[str, ...]:
+        """The pods holding KV heads of open sequence `seq_id`, sorted."""
+        return tuple(sorted(self._seq(seq_id).placement.addresses))
+
     def max_tokens_per_sequence(self) -> int:
         """The longest sequence the fixed placement's pods could hold (router placements: the
         router checks capacity when it places, so the bound is the model's context window)."""

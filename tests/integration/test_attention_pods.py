@@ -401,7 +401,7 @@ def real_pods(launch: Callable[..., Pod], model_folder: Path) -> tuple[Pod, Pod]
 @pytest.mark.slow
 @pytest.mark.timeout(300)
 @pytest.mark.parametrize(
-    ("layout", "micro_batches"), [("request", 1), ("head", 1), ("head", 2), ("request", 3)]
+    ("layout", "micro_batches"), [("request", 1), ("head", 1), ("head", 2), ("request", 3), ("alternate", 2)]
 )
 def test_engine_on_pods_generates_the_colocated_tokens(
     layout: str,
@@ -413,10 +413,13 @@ def test_engine_on_pods_generates_the_colocated_tokens(
 ) -> None:
     a, b = (p.address for p in real_pods)
     heads = model.config.num_kv_heads
-    placement = (
-        Placement.request_partitioned(a, heads)
-        if layout == "request"
-        else Placement.head_partitioned([a, b], heads)
+    placements = {
+        "request": Placement.request_partitioned(a, heads),
+        "head": Placement.head_partitioned([a, b], heads),
+    }
+    # "alternate": request placement over both pods, so micro-batches are reordered to follow pods.
+    placement = placements.get(layout) or (
+        lambda seq_id: Placement.request_partitioned(a if seq_id % 2 else b, heads)
     )
     attention = RemoteAttention(model.config, model.dense.dtype, placement)
     try:
