@@ -5,7 +5,7 @@ PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed-$(shell cat pyproject.toml | cksum | cut -d' ' -f1)
 PYTEST_ARGS ?=
 
-.PHONY: setup run test test-fast lint format bench bench-cluster proto clean
+.PHONY: setup run test test-fast lint format bench bench-disagg proto clean
 
 setup: $(STAMP)
 
@@ -40,8 +40,8 @@ format: setup
 bench: setup
 	$(PY) bench/engine.py
 
-bench-cluster: setup
-	$(PY) bench/cluster.py
+bench-disagg: setup
+	$(PY) bench/disaggregation.py
 
 # Python stubs of proto/disagg/v1/*.proto into services/proto (see services/proto/__init__.py).
 # tests/unit/test_proto_stubs.py fails when the committed stubs differ from what this generates.

@@ -2,7 +2,7 @@
 
     .venv/bin/python bench/disaggregation.py [--quick] [--sections a,b,c,d] [--no-write]
 
-(a) `disagg up` (1 prefill, 1 decode, 2 attention pods, head placement, 2 micro-batches) vs
+(a) `disagg up` (1 prefill, 1 decode, 2 attention pods, request placement, 2 micro-batches) vs
     `disagg up --colocated` vs transformers `generate`, at batch 1, 8, 32 and context 256 and 2048.
     The servers get B concurrent streaming requests through the OpenAI API (`services.loadgen`, the
     code behind `disagg bench`), greedy, `ignore_eos`, NEW tokens each; transformers gets the same
@@ -152,7 +152,7 @@ class Plan:
 
 FULL = Plan((1, 8, 32), (256, 2048), 64, 16, 1000, 64)
 QUICK = Plan((1, 8), (256,), 16, 4, 200, 16)
-DISAGG = ["--prefill", "1", "--decode", "1", "--attention", "2", "--placement", "head"]
+DISAGG = ["--prefill", "1", "--decode", "1", "--attention", "2", "--placement", "request"]
 
 
 def section_a(plan: Plan, logs: Path, progress: Progress) -> str:
@@ -211,7 +211,7 @@ def section_d(plan: Plan, logs: Path, progress: Progress) -> str:
     lines += [f"| {m} | {rates[m]:.1f} | **{rates[m] / rates[1]:.2f}×** |" for m in rates]
     return (
         f"{plan.mb_streams} concurrent streams, ~{plan.mb_prompt}-token prompts, {plan.mb_new_tokens} new "
-        "tokens each; 1 decode + 2 attention pods (head placement).\n\n" + "\n".join(lines)
+        "tokens each; 1 decode + 2 attention pods (request placement).\n\n" + "\n".join(lines)
     )
 
 

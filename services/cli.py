@@ -182,9 +182,9 @@ def _add_up(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     p.add_argument(
         "--placement",
         choices=["request", "head"],
-        default="head",
-        help="KV of a request on one attention pod (request) or its KV heads split across pods "
-        "(head, Lamina; default)",
+        default="request",
+        help="KV of a request on one attention pod (request; default: each micro-batch then talks to "
+        "fewer pods) or its KV heads split across pods (head, Lamina's choice)",
     )
     p.add_argument("--redis-url", help="use this Redis instead of starting a private valkey-server")
     p.add_argument("--max-num-seqs", type=int, default=64, help="running batch per decode pod (default 64)")

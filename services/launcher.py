@@ -49,7 +49,7 @@ class ClusterPlan:
     prefill: int = 1
     decode: int = 1
     attention: int = 2
-    placement: PlacementMode = PlacementMode.HEAD
+    placement: PlacementMode = PlacementMode.REQUEST
     redis_url: str | None = None  # None: start a private valkey-server
     model: str = DEFAULT_MODEL
     dtype: str = "float32"

@@ -67,7 +67,11 @@ class ClusterSettings(BaseSettings):
     model_config = SettingsConfigDict(env_prefix="DISAGG_CLUSTER_", extra="forbid")
 
     redis_url: str = Field("redis://127.0.0.1:6379/0", description="the cluster's Redis")
-    placement: PlacementMode = Field(PlacementMode.HEAD, description="request | head (Lamina) partitioning")
+    placement: PlacementMode = Field(
+        PlacementMode.REQUEST,
+        description="request | head (Lamina) partitioning; request is the default because a decode "
+        "micro-batch then exchanges frames with fewer pods (docs/architecture.md)",
+    )
     max_attention_pods: int | None = Field(None, ge=1, description="pods one request's heads spread over")
     max_message_bytes: int = Field(64 << 20, ge=1 << 20, description="gRPC message limit to decode pods")
     connect_timeout_s: float = Field(10.0, gt=0, description="how long a Generate call waits to connect")

@@ -134,7 +134,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--placement",
         choices=["request", "head"],
-        help="KV placement: all heads of a request on one attention pod, or split across pods (default head)",
+        help="KV placement: all heads of a request on one attention pod (default), or split across pods",
     )
     p.add_argument("--max-attention-pods", type=int, help="attention pods one request's heads spread over")
     p.add_argument("--model", default=DEFAULT_MODEL, help=f"model name or folder (default {DEFAULT_MODEL})")
