@@ -74,6 +74,11 @@ class PodPlacements(Protocol):
         """True when pod `address` holds (or will hold, once opened) KV heads of sequence `seq_id`."""
         ...
 
+
+@runtime_checkable
+class PodGroups(Protocol):
+    """An attention part that can say which pods hold an open sequence (to group micro-batches)."""
+
     def pods_of(self, seq_id: int) -> tuple[str, ...]:
         """The pods holding the KV heads of an open sequence, sorted."""
         ...
@@ -235,7 +240,7 @@ class Engine:
         """Run the model over the plan's rows; sample for rows that complete their sequence."""
         device = self.model.device
         items = plan.scheduled
-        if self.micro_batches > 1 and isinstance(pods := self.attention, PodPlacements):
+        if self.micro_batches > 1 and isinstance(pods := self.attention, PodGroups):
             # Sequences of the same pods side by side: micro-batches then tend to follow pods, so
             # under request placement each talks to fewer pods (fewer frames per layer).
             items = sorted(items, key=lambda item: pods.pods_of(item.seq.seq_id))
