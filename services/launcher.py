@@ -138,9 +138,9 @@ class LocalCluster:
         common = ["--model", plan.model, "--redis-url", self.redis_url]
         pod_flags = [*common, "--dtype", plan.dtype, "--device", plan.device, "--port", "0"]
         kv_bytes = str(int(plan.attention_kv_gb * (1 << 30)))
-        # One torch thread per attention pod: a frame's attention is a few small ops, which two
-        # threads on shared cores finish later than one (2-core build machine, busy: 2.3 vs 10.7 ms a
-        # layer at batch 32, context 150).
+        # One torch thread per attention pod: a frame's attention is a few small ops, and local pods
+        # share the decode pod's cores, where a second OpenMP thread mostly waits for a busy core
+        # (seen in one-off profiles on the 2-core build machine; no bench reproduces it yet).
         attention_flags = [*pod_flags, "--kv-budget-bytes", kv_bytes, "--torch-threads", "1"]
         attention_flags += ["--transport", plan.transport]
         for i in range(plan.attention):
