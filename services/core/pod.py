@@ -68,6 +68,9 @@ class PodSettings(BaseSettings):
     torch_threads: int = Field(
         0, ge=0, le=1024, description="torch intra-op threads (0: torch's default, one per core)"
     )
+    cost_usd_per_hour: float = Field(
+        0.0, ge=0, le=1e6, description="this pod's price in USD/hour (cost accounting; 0: unpriced)"
+    )
 
 
 def add_settings_flags(

@@ -149,11 +149,19 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--request-timeout", type=float, dest="request_timeout_seconds", help="seconds")
     p.add_argument("--max-concurrent-requests", type=int, help="more at once get 503")
     p.add_argument("--shutdown-grace", type=float, dest="shutdown_grace_seconds", help="seconds")
+    p.add_argument("--cost-usd-per-hour", type=float, help="the gateway's own price (cost accounting)")
     return p
 
 
 def settings_from_args(args: argparse.Namespace) -> GatewaySettings:
-    names = ("host", "port", "request_timeout_seconds", "max_concurrent_requests", "shutdown_grace_seconds")
+    names = (
+        "host",
+        "port",
+        "request_timeout_seconds",
+        "max_concurrent_requests",
+        "shutdown_grace_seconds",
+        "cost_usd_per_hour",
+    )
     overrides = {name: getattr(args, name) for name in names if getattr(args, name) is not None}
     if args.served_model_name:
         overrides["served_model_names"] = args.served_model_name

@@ -19,3 +19,4 @@ class GatewaySettings(BaseSettings):
     default_max_tokens: int = Field(default=16, ge=1)
     shutdown_grace_seconds: float = Field(default=30.0, ge=0)  # in-flight requests may finish within it
     log_level: str = "info"
+    cost_usd_per_hour: float = Field(default=0.0, ge=0, le=1e6)  # the gateway's own price (cost accounting)
