@@ -22,6 +22,7 @@ from __future__ import annotations
 import logging
 import sys
 import threading
+import time
 from collections.abc import Iterable, Iterator, Sequence
 from contextlib import AbstractContextManager
 from dataclasses import dataclass
@@ -33,6 +34,7 @@ from pydantic import Field
 from pydantic_settings import SettingsConfigDict
 
 from services.attention.blocks import UnknownSequenceError
+from services.attention.costs import AttentionCosts
 from services.attention.engine import (
     AttentionEngine,
     AttentionPolicy,
@@ -45,6 +47,7 @@ from services.attention.engine import (
     TooManyStepsError,
 )
 from services.attention.kv_pool import KVPool, KVPoolConfig
+from services.attention.metering import AttentionMetrics
 from services.attention.nixl_import import (
     ImportIncompleteError,
     NixlDisabledError,
@@ -53,6 +56,7 @@ from services.attention.nixl_import import (
 )
 from services.core.attention import OutOfBlocks, SeqChunk
 from services.core.errors import DisaggError
+from services.core.metrics import ATTENTION, MetricsServer, PodMetrics
 from services.core.model.config import ModelConfig
 from services.core.model.load import parse_dtype
 from services.core.model.sources import DEFAULT_MODEL, resolve_model
@@ -64,6 +68,7 @@ from services.core.pod import (
     advertised_address,
     grpc_errors,
     pod_main,
+    serve_pod_metrics,
     start_grpc_server,
     wait_for_signal,
 )
@@ -98,6 +103,13 @@ class AttentionSettings(PodSettings):
     transport: Literal["grpc", "nixl"] = Field(
         "grpc", description="bulk K/V import: grpc (ImportKV) or nixl (also PlanImport; needs Redis)"
     )
+    kv_memory_cost_share: float = Field(
+        0.5,
+        ge=0,
+        le=1,
+        description="share of cost_usd_per_hour that pays for KV memory (blocks held x time); the rest "
+        "pays for compute (docs/cost.md)",
+    )
 
 
 # Most specific first: the first matching class gives the status.
@@ -121,11 +133,14 @@ def _status(context: grpc.ServicerContext) -> AbstractContextManager[None]:
 
 
 class AttentionServicer(pb_grpc.AttentionServicer):
-    def __init__(self, engine: AttentionEngine, settings: AttentionSettings) -> None:
+    def __init__(
+        self, engine: AttentionEngine, settings: AttentionSettings, metrics: AttentionMetrics | None = None
+    ) -> None:
         self.engine = engine
         self.settings = settings
         self.limits = TensorLimits(max_bytes=settings.max_message_bytes)
         self.nixl: NixlImporter | None = None  # set at start with transport nixl
+        self.metrics = metrics or AttentionMetrics(PodMetrics(ATTENTION, settings.pod_id), engine)
 
     def Open(self, request: pb.OpenRequest, context: grpc.ServicerContext) -> pb.OpenResponse:
         with _status(context):
@@ -162,15 +177,16 @@ class AttentionServicer(pb_grpc.AttentionServicer):
                 self.engine.import_kv(chunk.seq_id, chunk.layer, chunk.start, k, v)
                 chunks += 1
                 written += 2 * k.numel() * k.element_size()
+        self.metrics.imported("grpc", written)
         return pb.ImportKVResponse(chunks=chunks, bytes=written)
 
     def Free(self, request: pb.FreeRequest, context: grpc.ServicerContext) -> pb.FreeResponse:
         with _status(context):
             if self.nixl is not None:  # waits while a NIXL WRITE into the sequence may be in flight
-                released = self.nixl.free(request.seq_id, self.engine.free)
+                released = self.nixl.free(request.seq_id, self.engine.release)
             else:
-                released = self.engine.free(request.seq_id)
-        return pb.FreeResponse(released_blocks=released)
+                released = self.engine.release(request.seq_id)
+        return pb.FreeResponse(released_blocks=released.blocks, cost_usd=released.cost_usd)
 
     def PlanImport(
         self, request: pb.PlanImportRequest, context: grpc.ServicerContext
@@ -186,6 +202,7 @@ class AttentionServicer(pb_grpc.AttentionServicer):
             remaining = context.time_remaining()
             timeout = 10.0 if remaining is None else min(remaining, 60.0)
             written = self._nixl().complete(request.transfer_id, timeout, abandon=request.abandon)
+        self.metrics.imported("nixl", written)
         return pb.CompleteImportResponse(bytes=written)
 
     def _nixl(self) -> NixlImporter:
@@ -219,11 +236,14 @@ class AttentionServicer(pb_grpc.AttentionServicer):
         self, request_iterator: Iterable[pb.StepRequest], context: grpc.ServicerContext
     ) -> Iterator[pb.StepResponse]:
         session = self.engine.session()
-        for frame in request_iterator:
-            with _status(context):
-                response = self._frame(session, frame)
-            if response is not None:
-                yield response
+        try:
+            for frame in request_iterator:
+                with _status(context):
+                    response = self._frame(session, frame)
+                if response is not None:
+                    yield response
+        finally:
+            session.close()
 
     def _frame(self, session: StepSession, frame: pb.StepRequest) -> pb.StepResponse | None:
         kind = frame.WhichOneof("frame")
@@ -238,7 +258,9 @@ class AttentionServicer(pb_grpc.AttentionServicer):
         q = decode(f.q, self.limits, name="q", dtype=g.dtype, shape=(lanes, g.group_size, g.head_dim))
         k = decode(f.k_new, self.limits, name="k_new", dtype=g.dtype, shape=(lanes, g.head_dim))
         v = decode(f.v_new, self.limits, name="v_new", dtype=g.dtype, shape=(lanes, g.head_dim))
+        started = time.perf_counter()
         o = session.layer(f.step_id, f.layer, q, k, v)  # [M, G, D]
+        self.metrics.frame(time.perf_counter() - started, q, k, v, o)
         response = pb.StepResponse(step_id=f.step_id, layer=f.layer)
         encode_into(response.o, o)
         return response
@@ -255,7 +277,10 @@ def build_engine(settings: AttentionSettings) -> AttentionEngine:
         dtype=geometry.dtype,
         device=settings.device,
     )
-    return AttentionEngine(geometry, KVPool.from_budget(pool_config, settings.kv_budget_bytes))
+    pool = KVPool.from_budget(pool_config, settings.kv_budget_bytes)
+    price, share = settings.cost_usd_per_hour, settings.kv_memory_cost_share
+    costs = AttentionCosts(price, share, pool.allocator.num_blocks)
+    return AttentionEngine(geometry, pool, costs=costs)
 
 
 @dataclass(slots=True)
@@ -267,6 +292,7 @@ class RunningPod:
     settings: AttentionSettings
     registration: PodRegistration
     reaper: OrphanReaper | None
+    metrics: MetricsServer
     nixl: NixlImporter | None = None
 
     @property
@@ -280,13 +306,16 @@ class RunningPod:
         self.registration.stop()  # out of routing now, not after the TTL
         self.engine.close()  # new steps fail with UNAVAILABLE at once
         self.grpc.stop(self.settings.shutdown_grace_s)  # then open calls end with UNAVAILABLE
+        self.metrics.stop()
         if self.nixl is not None:
             self.nixl.close()
 
 
 def start(settings: AttentionSettings) -> RunningPod:
     engine = build_engine(settings)
-    servicer = AttentionServicer(engine, settings)
+    metrics = PodMetrics(ATTENTION, settings.pod_id, settings.model)
+    servicer = AttentionServicer(engine, settings, AttentionMetrics(metrics, engine))
+    metrics_server, metrics_address = serve_pod_metrics(metrics, settings)
     if settings.transport == "nixl":
         servicer.nixl = NixlImporter.create(engine, settings.pod_id, settings.redis_url)
     server = start_grpc_server(
@@ -306,12 +335,13 @@ def start(settings: AttentionSettings) -> RunningPod:
         model=settings.model,
         capacity=AttentionCapacity(stats.blocks_total, stats.block_size, stats.bytes_per_block),
         load=lambda: engine.stats().sequences,
+        metrics_address=metrics_address,
     )
     registry = registration.registry
     reaper = OrphanReaper(engine, registry).start() if registry is not None else None
     if servicer.nixl is not None:
         servicer.nixl.publish(registry)
-    return RunningPod(server, engine, settings, registration, reaper, servicer.nixl)
+    return RunningPod(server, engine, settings, registration, reaper, metrics_server, servicer.nixl)
 
 
 class OrphanReaper:
