@@ -30,10 +30,14 @@ class AttentionMetrics:
         metrics.computed(ATTENTION_BYTES_READ, lambda: _by_policy(engine.bytes_read_total()))
         metrics.computed(ATTENTION_DENSE_BYTES, lambda: _by_policy(engine.dense_bytes_total()))
         self._layer_seconds = metrics.histogram(ATTENTION_LAYER_SECONDS)
-        self._in = metrics.counter(TRANSFER_BYTES, transport="grpc", direction="received", payload="activations")
+        self._in = metrics.counter(
+            TRANSFER_BYTES, transport="grpc", direction="received", payload="activations"
+        )
         self._out = metrics.counter(TRANSFER_BYTES, transport="grpc", direction="sent", payload="activations")
 
-    def frame(self, seconds: float, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, o: torch.Tensor) -> None:
+    def frame(
+        self, seconds: float, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, o: torch.Tensor
+    ) -> None:
         """One Step layer frame computed in `seconds`: q/k/v in, o out."""
         self._layer_seconds.observe(seconds)
         self._in.inc(q.nbytes + k.nbytes + v.nbytes)
@@ -41,7 +45,9 @@ class AttentionMetrics:
 
     def imported(self, transport: str, nbytes: int) -> None:
         """K/V of a prompt written into the pool (ImportKV over grpc, or a NIXL transfer)."""
-        self.metrics.counter(TRANSFER_BYTES, transport=transport, direction="received", payload="kv").inc(nbytes)
+        self.metrics.counter(TRANSFER_BYTES, transport=transport, direction="received", payload="kv").inc(
+            nbytes
+        )
 
 
 def _by_policy(totals: dict[str, int]) -> Samples:

@@ -37,7 +37,7 @@ import time
 from collections.abc import Callable, Hashable, Mapping
 from dataclasses import dataclass
 from types import TracebackType
-from typing import Protocol
+from typing import Any, Protocol
 
 log = logging.getLogger(__name__)
 
@@ -153,7 +153,7 @@ class CostMeter:
         return self._price
 
     # ---- work ----------------------------------------------------------------------------------
-    def open(self, weights: Mapping[Hashable, float]) -> Work:
+    def open(self, weights: Mapping[Any, float]) -> Work:  # keys: any hashable
         """Work whose seconds go to `weights`' keys in proportion (none, or all zero: idle)."""
         total = sum(weights.values())
         shares = {key: w / total for key, w in weights.items() if w > 0} if total > 0 else {}
@@ -162,7 +162,7 @@ class CostMeter:
             self._open.add(work)
         return work
 
-    def busy(self, weights: Mapping[Hashable, float]) -> _BusyWork:
+    def busy(self, weights: Mapping[Any, float]) -> _BusyWork:
         """`with meter.busy(weights):` opens a work, is its one busy period, and closes it."""
         return _BusyWork(self.open(weights))
 

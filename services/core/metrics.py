@@ -254,13 +254,13 @@ class PodMetrics:
         self._lock = threading.Lock()
 
     def counter(self, spec: MetricSpec, **labels: str) -> Counter:
-        return self._child(spec, Kind.COUNTER, labels)  # type: ignore[no-any-return]
+        return self._child(spec, Kind.COUNTER, labels)
 
     def gauge(self, spec: MetricSpec, **labels: str) -> Gauge:
-        return self._child(spec, Kind.GAUGE, labels)  # type: ignore[no-any-return]
+        return self._child(spec, Kind.GAUGE, labels)
 
     def histogram(self, spec: MetricSpec, **labels: str) -> Histogram:
-        return self._child(spec, Kind.HISTOGRAM, labels)  # type: ignore[no-any-return]
+        return self._child(spec, Kind.HISTOGRAM, labels)
 
     def computed(self, spec: MetricSpec, samples: Callable[[], Samples]) -> None:
         """A counter or gauge whose series are read from `samples()` at each scrape."""

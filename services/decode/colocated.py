@@ -6,6 +6,7 @@ from services.attention.kv_pool import KVPool, KVPoolConfig
 from services.attention.local import LocalAttention
 from services.core.model.load import LoadedModel
 from services.decode.engine import Engine
+from services.decode.metering import StepMeter
 from services.decode.scheduler import SchedulerConfig
 
 DEFAULT_KV_BUDGET_BYTES = 2 << 30  # 2 GiB: ~46K tokens of SmolLM2-135M at fp32 (46 KiB per token)
@@ -17,6 +18,7 @@ def build_engine(
     kv_budget_bytes: int = DEFAULT_KV_BUDGET_BYTES,
     block_size: int = 16,
     scheduler: SchedulerConfig | None = None,
+    meter: StepMeter | None = None,
 ) -> Engine:
     cfg = model.config
     pool_config = KVPoolConfig(
@@ -29,4 +31,4 @@ def build_engine(
     pool = KVPool.from_budget(pool_config, kv_budget_bytes)
     attention = LocalAttention(pool, num_kv_heads=cfg.num_kv_heads, num_heads=cfg.num_heads)
     config = scheduler or SchedulerConfig(max_model_len=cfg.max_position_embeddings)
-    return Engine(model.dense, attention, model.tokenizer, config)
+    return Engine(model.dense, attention, model.tokenizer, config, meter=meter)

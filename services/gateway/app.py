@@ -2,9 +2,11 @@
 
     POST /v1/completions        POST /v1/chat/completions       (JSON, or SSE with "stream": true)
     GET  /v1/models             GET  /health                    GET /docs (OpenAPI)
+    GET  /metrics               (Prometheus text format; docs/metrics.md)
 
-A request: validate and tokenize (`prompts.py`) -> admit a guarded generation (`runner.py`) ->
-render events as one JSON body or as SSE chunks (`render.py`). Every error becomes OpenAI's error
+A request: start its meter (`metering.py`: tenant, latencies, cost) -> validate and tokenize
+(`prompts.py`) -> admit a guarded generation (`runner.py`) -> render events as one JSON body or as
+SSE chunks (`render.py`), `usage` carrying the request's cost. Every error becomes OpenAI's error
 JSON here and only here (`errors.describe`). A streaming response waits for the first token before
 sending headers, so errors up to then still get their real status; later ones become an SSE error event.
 """
@@ -14,7 +16,7 @@ from __future__ import annotations
 import asyncio
 import functools
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine
 from typing import Any, Literal, ParamSpec
 
 from fastapi import FastAPI, Request
@@ -22,6 +24,8 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import Response, StreamingResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
+from services.core.cost import CostMeter
+from services.core.metrics import PodMetrics
 from services.decode.engine import TokenEvent
 from services.gateway.backend import Backend
 from services.gateway.errors import (
@@ -32,6 +36,7 @@ from services.gateway.errors import (
     describe,
     invalid_request,
 )
+from services.gateway.metering import DEFAULT_TENANT, GatewayMetering, RequestMeter
 from services.gateway.prompts import ModelLimits, PreparedRequest, prepare_chat, prepare_completion
 from services.gateway.protocol import (
     ChatCompletionRequest,
@@ -61,6 +66,11 @@ class Gateway:
     def __init__(self, backend: Backend, settings: GatewaySettings) -> None:
         self.backend = backend
         self.settings = settings
+        self.metrics = PodMetrics(backend.role, settings.pod_id, backend.model_name)
+        backend.instrument(self.metrics)
+        more_costs = backend.cost_sources()  # non-empty: the backend carries this process's price
+        price = 0.0 if more_costs else settings.cost_usd_per_hour
+        self.metering = GatewayMetering(self.metrics, CostMeter(price), backend.load, more_costs)
         self.admission = Admission(settings.max_concurrent_requests)
         self.limits = ModelLimits(
             served=settings.served_model_names or [backend.model_name],
@@ -87,12 +97,34 @@ class Gateway:
         )
         return (200 if status == "ok" else 503), body
 
-    async def respond(self, request: Request, prepared: PreparedRequest, fmt: ResponseFormat) -> Response:
+    async def serve(
+        self,
+        request: Request,
+        prepare: Coroutine[Any, Any, PreparedRequest],
+        response_format: type[ResponseFormat],
+    ) -> Response:
+        """One request, metered from arrival: an error before its generation is counted here; once
+        admitted, the generation counts it when it closes."""
+        meter = self.metering.begin(DEFAULT_TENANT)  # issue 6 part B: the tenant of the API key
+        try:
+            prepared = await prepare
+            meter.prompt(len(prepared.prompt_ids))
+            fmt = response_format(prepared.model, prepared.include_usage)
+            return await self.respond(request, prepared, fmt, meter)
+        except BaseException as exc:
+            meter.fail(exc)
+            meter.finish()
+            raise
+
+    async def respond(
+        self, request: Request, prepared: PreparedRequest, fmt: ResponseFormat, meter: RequestMeter
+    ) -> Response:
         generation = self.admission.admit(
             self.backend,
             prepared.prompt_ids,
             prepared.params,
             timeout_s=self.settings.request_timeout_seconds,
+            meter=meter,
             disconnected=functools.partial(_wait_for_disconnect, request),
         )
         tally = Tally(prompt_tokens=len(prepared.prompt_ids))
@@ -126,16 +158,14 @@ def create_app(backend: Backend, settings: GatewaySettings) -> FastAPI:
     @app.post("/v1/completions", response_model=CompletionResponse, responses=ERROR_RESPONSES)
     @_openai_errors
     async def completions(body: CompletionRequest, request: Request) -> Response:
-        prepared = await prepare_completion(body, backend.tokenizer, gateway.limits)
-        fmt = CompletionFormat(prepared.model, prepared.include_usage)
-        return await gateway.respond(request, prepared, fmt)
+        prepared = prepare_completion(body, backend.tokenizer, gateway.limits)
+        return await gateway.serve(request, prepared, CompletionFormat)
 
     @app.post("/v1/chat/completions", response_model=ChatCompletionResponse, responses=ERROR_RESPONSES)
     @_openai_errors
     async def chat_completions(body: ChatCompletionRequest, request: Request) -> Response:
-        prepared = await prepare_chat(body, backend.tokenizer, gateway.limits)
-        fmt = ChatFormat(prepared.model, prepared.include_usage)
-        return await gateway.respond(request, prepared, fmt)
+        prepared = prepare_chat(body, backend.tokenizer, gateway.limits)
+        return await gateway.serve(request, prepared, ChatFormat)
 
     @app.get("/v1/models", response_model=ModelList)
     async def models() -> ModelList:
@@ -149,6 +179,11 @@ def create_app(backend: Backend, settings: GatewaySettings) -> FastAPI:
     async def health() -> Response:
         status, body = gateway.health()
         return _json(body.model_dump_json(), status)
+
+    @app.get("/metrics", include_in_schema=False)
+    async def metrics() -> Response:
+        body, content_type = gateway.metrics.exposition()
+        return Response(content=body, media_type=content_type)
 
     return app
 

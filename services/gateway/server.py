@@ -168,13 +168,19 @@ def settings_from_args(args: argparse.Namespace) -> GatewaySettings:
     return GatewaySettings(**overrides)
 
 
-def colocated_backend(args: argparse.Namespace) -> Backend:
+def colocated_backend(args: argparse.Namespace, settings: GatewaySettings) -> Backend:
+    """The whole engine in this process, which carries the gateway's price (docs/cost.md)."""
     from services.core.model.load import load_model, parse_dtype
     from services.gateway.backend import ColocatedBackend
 
     model = load_model(args.model, dtype=parse_dtype(args.dtype), device=args.device, show_progress=False)
     log.info("loaded %s from %s in %.1f s", args.model, model.folder, model.load_seconds)
-    return ColocatedBackend(model, model_name=args.model, kv_budget_bytes=int(args.kv_budget_gb * (1 << 30)))
+    return ColocatedBackend(
+        model,
+        model_name=args.model,
+        kv_budget_bytes=int(args.kv_budget_gb * (1 << 30)),
+        cost_usd_per_hour=settings.cost_usd_per_hour,
+    )
 
 
 def cluster_backend(args: argparse.Namespace) -> Backend:
@@ -202,7 +208,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         settings = settings_from_args(args)
         log.info("gateway settings: %s", settings.model_dump())
-        serve(settings, colocated_backend(args) if args.colocated else cluster_backend(args))
+        serve(settings, colocated_backend(args, settings) if args.colocated else cluster_backend(args))
     except (DisaggError, ValidationError) as exc:
         print(f"gateway: error: {exc}", file=sys.stderr)
         return EXIT_USAGE
