@@ -1,7 +1,7 @@
 """A real Prometheus (Debian's `prometheus` binary) scraping a local cluster: `disagg up --prometheus`.
 
     prometheus = LocalPrometheus(["127.0.0.1:8000", "127.0.0.1:41234", ...], scrape_interval_s=2)
-    url = prometheus.start()         # returns once /-/ready answers: http://127.0.0.1:PORT
+    url = prometheus.start()         # returns once every target was scraped: http://127.0.0.1:PORT
     prometheus.query("up")           # PromQL over /api/v1/query: the result vector
     prometheus.stop()                # SIGTERM, SIGKILL after 10 s; its data folder is removed
 
@@ -67,7 +67,8 @@ class LocalPrometheus:
         self._log: IO[bytes] | None = None
 
     def start(self) -> str:
-        """Write the config, start Prometheus and wait until it is ready; returns its URL."""
+        """Write the config, start Prometheus and wait until it has scraped every target once (so
+        that counters have a sample before the first request: rate() needs it); returns its URL."""
         self._folder = Path(tempfile.mkdtemp(prefix="disagg-prometheus-"))
         self.set_targets(self.targets)
         config = self._folder / "prometheus.yml"
@@ -92,6 +93,7 @@ class LocalPrometheus:
         )
         try:
             self._wait_ready()
+            self._wait_scraped()
         except BaseException:
             self.stop()
             raise
@@ -112,19 +114,8 @@ class LocalPrometheus:
         temporary.write_text(json.dumps([{"targets": self.targets, "labels": {}}]))
         temporary.replace(self._folder / "targets.json")  # atomic: never a half-written file
 
-    def query(self, expr: str, at: float | None = None) -> list[dict[str, Any]]:
-        """The result of an instant query (a vector's samples), or DisaggError with Prometheus's error."""
-        params = {"query": expr} | ({"time": repr(at)} if at is not None else {})
-        url = f"{self.url}/api/v1/query?{urllib.parse.urlencode(params)}"
-        try:
-            with urllib.request.urlopen(url, timeout=10) as response:
-                body = json.load(response)
-        except urllib.error.HTTPError as exc:  # 400/422: a bad expression; the body says why
-            body = json.load(exc)
-        if body.get("status") != "success":
-            raise DisaggError(f"Prometheus refused {expr!r}: {body.get('error', body)}")
-        result = body["data"]["result"]
-        return result if isinstance(result, list) else [{"metric": {}, "value": result}]
+    def query(self, expr: str) -> list[dict[str, Any]]:
+        return query(self.url, expr)
 
     def stop(self) -> None:
         if self._proc is not None and self._proc.poll() is None:
@@ -178,11 +169,36 @@ class LocalPrometheus:
             time.sleep(0.1)
         raise DisaggError(f"prometheus not ready after {self.ready_timeout_s:.0f} s:\n{self._log_tail()}")
 
+    def _wait_scraped(self) -> None:
+        deadline = time.monotonic() + self.ready_timeout_s
+        while time.monotonic() < deadline:
+            up = self.query("up == 1")
+            if len(up) >= len(self.targets):
+                return
+            time.sleep(0.1)
+        raise DisaggError(f"prometheus did not scrape all {len(self.targets)} targets:\n{self._log_tail()}")
+
     def _log_tail(self) -> str:
         if self._folder is None:
             return ""
         lines = (self._folder / "prometheus.log").read_text(errors="replace").splitlines()
         return "\n".join(f"    {line}" for line in lines[-15:])
+
+
+def query(url: str, expr: str) -> list[dict[str, Any]]:
+    """An instant query of the Prometheus at `url`: the result's samples (a scalar as one sample
+    without labels), or DisaggError with Prometheus's reason."""
+    try:
+        with urllib.request.urlopen(
+            f"{url}/api/v1/query?{urllib.parse.urlencode({'query': expr})}", timeout=10
+        ) as r:
+            body = json.load(r)
+    except urllib.error.HTTPError as exc:  # 400/422: a bad expression; the body says why
+        body = json.load(exc)
+    if body.get("status") != "success":
+        raise DisaggError(f"Prometheus refused {expr!r}: {body.get('error', body)}")
+    result = body["data"]["result"]
+    return result if isinstance(result, list) else [{"metric": {}, "value": result}]
 
 
 def _free_port() -> int:
@@ -192,4 +208,4 @@ def _free_port() -> int:
         return int(sock.getsockname()[1])
 
 
-__all__ = ["INSTALL_HINT", "RULES_DIR", "LocalPrometheus"]
+__all__ = ["INSTALL_HINT", "RULES_DIR", "LocalPrometheus", "query"]
