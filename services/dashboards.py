@@ -181,7 +181,7 @@ ATTENTION = (
         "percentunit",
         (
             Query(
-                f"sum by (pod) (disagg_kv_blocks_used{{{M}}}) / sum by (pod) (disagg_kv_blocks_total{{{M}}})",
+                f"sum by (pod) (disagg_kv_blocks_used{{{M}}}) / sum by (pod) (disagg_kv_blocks_capacity{{{M}}})",
                 "{{pod}}",
             ),
         ),
@@ -191,7 +191,7 @@ ATTENTION = (
         "short",
         (
             Query(f"sum(disagg_kv_blocks_used{{{M}}})", "used"),
-            Query(f"sum(disagg_kv_blocks_total{{{M}}})", "total"),
+            Query(f"sum(disagg_kv_blocks_capacity{{{M}}})", "total"),
         ),
     ),
     Chart("Open sequences", "short", (Query(f"sum by (pod) (disagg_kv_sequences{{{M}}})", "{{pod}}"),)),

@@ -188,7 +188,7 @@ PREFILL_REQUESTS = _spec(
 )
 # ---- attention pods ------------------------------------------------------------------------------
 KV_BLOCKS_USED = _spec("disagg_kv_blocks_used", G, (ATTENTION,), "KV blocks held by sequences.")
-KV_BLOCKS_TOTAL = _spec("disagg_kv_blocks_total", G, (ATTENTION,), "KV blocks in the pool.")
+KV_BLOCKS_TOTAL = _spec("disagg_kv_blocks_capacity", G, (ATTENTION,), "KV blocks in the pool.")
 KV_SEQUENCES = _spec("disagg_kv_sequences", G, (ATTENTION,), "Sequences open on the pod.")
 ATTENTION_BYTES_READ = _spec(
     "disagg_attention_bytes_read_total",
