@@ -202,6 +202,14 @@ def _add_up(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
         help="how prompts' K/V go from prefill to attention pods: gRPC ImportKV (default) or NIXL WRITEs "
         "straight into the attention pods' KV pools (UCX: RDMA where the host has it, shared memory here)",
     )
+    p.add_argument(
+        "--step-transport",
+        choices=["tcp", "grpc"],
+        default="tcp",
+        help="what carries each layer's q/k/v and attention output between decode and attention pods: "
+        "the attention pods' Step socket (tcp, default: length-prefixed frames, no gRPC thread handoffs) "
+        "or the gRPC Step stream (grpc)",
+    )
     p.add_argument("--colocated", action="store_true", help="one engine process with local attention")
     _add_model_args(p)
     p.set_defaults(func=cmd_up)
@@ -235,6 +243,7 @@ def cmd_up(args: argparse.Namespace) -> int:
         max_num_seqs=args.max_num_seqs,
         micro_batches=args.micro_batches,
         transport=args.transport,
+        step_transport=args.step_transport,
     )
     return run(plan)
 
