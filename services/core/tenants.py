@@ -64,7 +64,9 @@ class LimitKind(StrEnum):
 class RateLimitedError(DisaggError):
     """The tenant is over a per-minute limit; `retry_after_s` None: this request can never fit."""
 
-    def __init__(self, tenant: str, kind: LimitKind, limit: int, retry_after_s: int | None, cost: int) -> None:
+    def __init__(
+        self, tenant: str, kind: LimitKind, limit: int, retry_after_s: int | None, cost: int
+    ) -> None:
         if retry_after_s is None:
             message = (
                 f"this request needs {cost} tokens (prompt + max_tokens) but tenant {tenant!r} may use "
@@ -179,7 +181,8 @@ end
 if worst > 0 then return {kind, tostring(worst)} end
 rc = rc + 1
 if ARGV[3] ~= '' then tc = tc + tokens end
-redis.call('HSET', KEYS[1], 'window', tostring(win), 'req_cur', rc, 'req_prev', rp, 'tok_cur', tc, 'tok_prev', tp)
+redis.call('HSET', KEYS[1], 'window', tostring(win), 'req_cur', rc, 'req_prev', rp,
+           'tok_cur', tc, 'tok_prev', tp)
 redis.call('PEXPIRE', KEYS[1], 2 * W)
 return {'ok', tostring(win)}
 """
