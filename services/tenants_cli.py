@@ -2,7 +2,8 @@
 
     disagg keys create --tenant acme          # prints the key once, on stdout (its id on stderr)
     disagg keys list [--tenant acme]          # id, tenant, created, last used, revoked
-    disagg keys revoke key_0123456789ab
+    disagg keys revoke key_0123456789ab       # refused by gateways within their cache time
+    disagg keys delete key_0123456789ab       # forget a revoked key (no key left: no authentication)
     disagg tenants set acme --requests-per-minute 60 --tokens-per-minute 100000 --monthly-budget-usd 50
     disagg tenants list [--month 2025-01]     # limits, active keys, the month's usage and spend
 
@@ -49,7 +50,12 @@ def add_keys_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) ->
     revoke = keys.add_parser("revoke", help="revoke a key by id (gateways refuse it within ~1 s)")
     revoke.add_argument("key_id", help="the id `disagg keys list` shows, e.g. key_0123456789ab")
     revoke.set_defaults(func=cmd_keys_revoke)
-    for command in (create, listing, revoke):
+    delete = keys.add_parser(
+        "delete", help="forget a revoked key; with no key left the gateway serves everyone as `default`"
+    )
+    delete.add_argument("key_id")
+    delete.set_defaults(func=cmd_keys_delete)
+    for command in (create, listing, revoke, delete):
         _add_redis_arg(command)
 
 
@@ -117,6 +123,16 @@ def cmd_keys_revoke(args: argparse.Namespace) -> int:
     with _redis(args) as (client, settings):
         revoked = ApiKeyStore(client, settings).revoke(args.key_id)
     print(f"API key {args.key_id} {'revoked' if revoked else 'was already revoked'}", file=sys.stderr)
+    return 0
+
+
+def cmd_keys_delete(args: argparse.Namespace) -> int:
+    with _redis(args) as (client, settings):
+        store = ApiKeyStore(client, settings)
+        store.delete(args.key_id)
+        left = store.any_keys()
+    note = "" if left else "; no API keys are left: gateways now serve every request as tenant `default`"
+    print(f"API key {args.key_id} deleted{note}", file=sys.stderr)
     return 0
 
 

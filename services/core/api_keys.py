@@ -7,8 +7,7 @@ Key schema (prefix `disagg:` by default, `RedisSettings.key_prefix`; see also re
     disagg:apikey:{key_id}         hash    none   key_id, tenant, sha256, created_at, last_used_at,
                                                   revoked_at ("" while active); unix seconds
     disagg:apikey-hash:{sha256}    string  none   key_id: the lookup index from a presented key
-    disagg:apikeys                 set     none   every key id ever created (for `disagg keys list`)
-    disagg:apikeys:active          set     none   key ids not revoked; SCARD > 0 = "keys exist"
+    disagg:apikeys                 set     none   every key id not deleted; SCARD > 0 = "keys exist"
 
 A key is `sk-disagg-` + 43 URL-safe characters (256 random bits from `secrets`). Redis never sees the
 key itself: only `sha256(key)` (hex) and a key id derived from it (`key_` + its first 12 hex digits),
@@ -18,11 +17,14 @@ key unusable when it is lost or rotated. The clear key is returned once, by `cre
 
 Lifecycle of a key:
 
-    create(tenant) ─▶ lookup(key)* (updates last_used_at) ─▶ revoke(key_id)   (the record stays, marked)
+    create(tenant) ─▶ lookup(key)* (updates last_used_at) ─▶ revoke(key_id) ─▶ delete(key_id)
+                                                             record kept, marked   record gone
 
-`lookup` and `revoke` are Lua scripts, so a lookup racing a revoke either sees the key active or
-revoked, never half of it. Revoked keys keep their hash index so the gateway can say "revoked"
-rather than "unknown"; `import_key` never revives a revoked key.
+"Keys exist" (the gateway then requires one) counts revoked keys too: revoking the last key locks
+the gateway instead of opening it to everyone. Only deleting every (revoked) key returns it to the
+keyless single-tenant mode. `lookup`, `revoke` and `delete` are Lua scripts, so a lookup racing a
+revoke sees the key either active or revoked, never half of it. Revoked keys keep their hash index
+so the gateway can say "revoked" rather than "unknown"; `import_key` never revives a revoked key.
 """
 
 from __future__ import annotations
@@ -103,17 +105,26 @@ redis.call('HSET', record, 'last_used_at', ARGV[2])
 return {'valid', key_id, fields[1]}
 """
 
-# KEYS: record, active set.  ARGV: now.  Returns 'revoked', 'already' or 'unknown'.
+# KEYS: record.  ARGV: now.  Returns 'revoked', 'already' or 'unknown'.
 _REVOKE_LUA = """
 local revoked = redis.call('HGET', KEYS[1], 'revoked_at')
 if not revoked then return 'unknown' end
 if revoked ~= '' then return 'already' end
 redis.call('HSET', KEYS[1], 'revoked_at', ARGV[1])
-redis.call('SREM', KEYS[2], ARGV[2])
 return 'revoked'
 """
 
-# KEYS: record, hash index, all set, active set.  ARGV: key_id, tenant, sha256, now.
+# KEYS: record, all set.  ARGV: prefix, key_id.  Returns 'deleted', 'active' or 'unknown'.
+_DELETE_LUA = """
+local fields = redis.call('HMGET', KEYS[1], 'revoked_at', 'sha256')
+if not fields[1] then return 'unknown' end
+if fields[1] == '' then return 'active' end
+redis.call('DEL', KEYS[1], ARGV[1] .. 'apikey-hash:' .. fields[2])
+redis.call('SREM', KEYS[2], ARGV[2])
+return 'deleted'
+"""
+
+# KEYS: record, hash index, all set.  ARGV: key_id, tenant, sha256, now.
 # Returns 'created', 'exists' (same key already there, its tenant unchanged) or 'revoked'.
 _IMPORT_LUA = """
 local revoked = redis.call('HGET', KEYS[1], 'revoked_at')
@@ -125,7 +136,6 @@ redis.call('HSET', KEYS[1], 'key_id', ARGV[1], 'tenant', ARGV[2], 'sha256', ARGV
            'created_at', ARGV[4], 'last_used_at', '', 'revoked_at', '')
 redis.call('SET', KEYS[2], ARGV[1])
 redis.call('SADD', KEYS[3], ARGV[1])
-redis.call('SADD', KEYS[4], ARGV[1])
 return 'created'
 """
 
@@ -139,6 +149,7 @@ class ApiKeyStore:
         self.prefix = settings.key_prefix
         self._lookup = client.register_script(_LOOKUP_LUA)
         self._revoke = client.register_script(_REVOKE_LUA)
+        self._delete = client.register_script(_DELETE_LUA)
         self._import = client.register_script(_IMPORT_LUA)
 
     # ---- key names ----
@@ -151,10 +162,6 @@ class ApiKeyStore:
     @property
     def _all(self) -> str:
         return f"{self.prefix}apikeys"
-
-    @property
-    def _active(self) -> str:
-        return f"{self.prefix}apikeys:active"
 
     # ---- operations ----
     def create(self, tenant: str) -> tuple[str, ApiKeyRecord]:
@@ -180,7 +187,7 @@ class ApiKeyStore:
             )
         key_hash = hash_key(key)
         key_id = key_id_of(key_hash)
-        keys = [self._record(key_id), self._index(key_hash), self._all, self._active]
+        keys = [self._record(key_id), self._index(key_hash), self._all]
         return str(self._import(keys=keys, args=[key_id, tenant, key_hash, repr(time.time())]))
 
     def lookup(self, key: str) -> KeyLookup:
@@ -192,14 +199,22 @@ class ApiKeyStore:
 
     def revoke(self, key_id: str) -> bool:
         """Revoke a key by id. False if it was already revoked; ApiKeyError if there is no such key."""
-        reply = self._revoke(keys=[self._record(key_id), self._active], args=[repr(time.time()), key_id])
+        reply = self._revoke(keys=[self._record(key_id)], args=[repr(time.time())])
         if reply == "unknown":
             raise ApiKeyError(f"no API key with id {key_id!r}; `disagg keys list` shows the ids")
         return reply == "revoked"
 
-    def any_active(self) -> bool:
-        """Whether any key is active: the gateway then requires `Authorization: Bearer`."""
-        return int(self.client.scard(self._active)) > 0
+    def delete(self, key_id: str) -> None:
+        """Forget a revoked key entirely (an active key must be revoked first)."""
+        reply = self._delete(keys=[self._record(key_id), self._all], args=[self.prefix, key_id])
+        if reply == "unknown":
+            raise ApiKeyError(f"no API key with id {key_id!r}; `disagg keys list` shows the ids")
+        if reply == "active":
+            raise ApiKeyError(f"API key {key_id} is active; revoke it first (`disagg keys revoke {key_id}`)")
+
+    def any_keys(self) -> bool:
+        """Whether any key exists, revoked ones included: the gateway then requires a valid key."""
+        return int(self.client.scard(self._all)) > 0
 
     def get(self, key_id: str) -> ApiKeyRecord | None:
         key = self._record(key_id)

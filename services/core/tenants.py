@@ -13,8 +13,11 @@ Key schema (prefix `disagg:` by default, `RedisSettings.key_prefix`; API keys ar
                                                              cost_usd (UTC month of the request's end)
 
 Rate limits are sliding-window counters (two fixed one-minute windows, the previous one weighted by
-how much of it still overlaps the last 60 s), counted on Redis' clock in one Lua script, so every
-gateway replica shares them and admission is all-or-nothing. Lifecycle of one request:
+how much of it still overlaps the last 60 s, as if its traffic had been spread evenly over it),
+counted on Redis' clock in one Lua script, so every gateway replica shares them and admission is
+all-or-nothing. A refusal says when the same request would fit with no other traffic (Retry-After,
+rounded up to whole seconds); with the even-spread assumption that can be up to two minutes away
+(a full window now is still weighted while the next one runs). Lifecycle of one request:
 
     admit(tenant, limits, tokens)  ─▶  generation  ─▶  record_usage(tenant, prompt, completion, cost, charge)
       budget: month-to-date spend < budget          settles the tokens window to the actual usage and adds

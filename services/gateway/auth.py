@@ -7,14 +7,15 @@
     ...generation...
     tenancy.finish(charge, tally)                          # once per admitted request (off the event loop)
 
-Authentication: while no API key is active (and no keys file is configured) every request is tenant
+Authentication: while Redis holds no API key (and no keys file is configured) every request is tenant
 `default` and any `Authorization` header is ignored (OpenAI clients always send one). Once a key
-exists, the completion routes and /v1/models need `Authorization: Bearer <key>`; /health and
-/metrics never do. The gateway caches "do keys exist", each valid key's tenant and each tenant's
-limits for `cache_s` (1 s by default), so the hot path costs no Redis round trip for
-authentication: a new first key, a revoked key or a changed limit takes effect within `cache_s` on
-every gateway replica. Unknown and revoked keys are not cached (each costs one lookup), so the cache
-only ever holds real keys. A tenant without limits costs no Redis call at admission either.
+exists (revoked keys count: revoking the last key locks the gateway rather than opening it), the
+completion routes and /v1/models need `Authorization: Bearer <key>`; /health and /metrics never do.
+The gateway caches "do keys exist", each valid key's tenant and each tenant's limits for `cache_s`
+(1 s by default), so the hot path costs no Redis round trip for authentication: a new first key, a
+revoked key or a changed limit takes effect within `cache_s` on every gateway replica. Unknown and
+revoked keys are not cached (each costs one lookup), so the cache only ever holds real keys. A
+tenant without limits costs no Redis call at admission either.
 
 Redis unreachable: fail closed. Anything not answered from a fresh cache entry gets a 503
 `auth_unavailable` naming the Redis; nothing is served as `default` because Redis cannot say whether
@@ -22,7 +23,7 @@ keys exist. Usage that cannot be recorded is logged and lost (the request itself
 
 A keys file (`DISAGG_GATEWAY_API_KEYS_FILE`, one `TENANT:KEY` per line, `#` comments) makes the
 gateway authenticated even before Redis holds any key, and its keys are imported again whenever Redis
-reports no active key (a Redis restarted without persistence). Keys are never logged: errors name a
+holds no key at all (a Redis restarted without persistence). Keys are never logged: errors name a
 key by its id (`key_` + 12 hex digits of its SHA-256) or by a file's line number.
 """
 
@@ -195,9 +196,9 @@ class Tenancy:
         return cached
 
     def _check_keys(self, keys: ApiKeyStore) -> bool:
-        if keys.any_active():
+        if keys.any_keys():
             return True
-        if self._bootstrap:  # a keys file is configured but Redis holds no active key: (re)import it
+        if self._bootstrap:  # a keys file is configured but Redis holds no key: (re)import it
             self.bootstrap()
             return True
         return False
