@@ -13,6 +13,7 @@ from pathlib import Path
 import pytest
 import redis
 
+from services.cli import main
 from services.core.api_keys import KEY_PREFIX, ApiKeyError, ApiKeyStore, LookupStatus
 from services.core.registry import RedisSettings
 from services.core.tenants import (
@@ -227,31 +228,58 @@ def run_cli(*args: str, settings: RedisSettings) -> subprocess.CompletedProcess[
     )
 
 
-def test_keys_and_tenants_commands(
-    keys: ApiKeyStore, store: TenantStore, redis_settings: RedisSettings
-) -> None:
+def test_keys_create_as_a_process(keys: ApiKeyStore, redis_settings: RedisSettings) -> None:
     created = run_cli("keys", "create", "--tenant", "acme", settings=redis_settings)
     assert created.returncode == 0, created.stderr
     key = created.stdout.strip()
-    assert key.startswith(KEY_PREFIX) and "\n" not in key
+    assert key.startswith(KEY_PREFIX) and "\n" not in key  # stdout is the key alone: KEY=$(...)
     key_id = keys.lookup(key).key_id
     assert key_id is not None and key_id in created.stderr and key not in created.stderr
 
-    listed = run_cli("keys", "list", "--tenant", "acme", settings=redis_settings)
-    assert listed.returncode == 0 and key_id in listed.stdout and key not in listed.stdout
-    revoked = run_cli("keys", "revoke", key_id, settings=redis_settings)
-    assert revoked.returncode == 0 and keys.lookup(key).status is LookupStatus.REVOKED
+
+def cli(capsys: pytest.CaptureFixture[str], settings: RedisSettings, *args: str) -> tuple[int, str, str]:
+    """The same `disagg` entry point in this process (each new process costs seconds of imports)."""
+    code = main([*args, "--redis-url", settings.url])
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+def test_keys_and_tenants_commands(
+    keys: ApiKeyStore,
+    store: TenantStore,
+    redis_settings: RedisSettings,
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    monkeypatch.setenv("DISAGG_REDIS_KEY_PREFIX", redis_settings.key_prefix)
+    code, key, err = cli(capsys, redis_settings, "keys", "create", "--tenant", "acme")
+    key = key.strip()
+    key_id = keys.lookup(key).key_id
+    assert code == 0 and key_id is not None and key_id in err
+
+    code, listed, _ = cli(capsys, redis_settings, "keys", "list", "--tenant", "acme")
+    row = next(line for line in listed.splitlines() if key_id in line)
+    assert (
+        code == 0 and "acme" in row and "never" not in row and key not in listed
+    )  # the lookup above used it
+    assert cli(capsys, redis_settings, "keys", "revoke", key_id)[0] == 0
+    assert keys.lookup(key).status is LookupStatus.REVOKED
 
     limits = ("--requests-per-minute", "60", "--monthly-budget-usd", "5")
-    assert run_cli("tenants", "set", "acme", *limits, settings=redis_settings).returncode == 0
-    assert store.limits("acme") == TenantLimits(60, None, 5.0)
+    assert cli(capsys, redis_settings, "tenants", "set", "acme", *limits)[0] == 0
+    assert cli(capsys, redis_settings, "tenants", "set", "acme", "--tokens-per-minute", "900")[0] == 0
+    assert store.limits("acme") == TenantLimits(60, 900, 5.0)  # flags not given keep their value
     store.record_usage("acme", 100, 23, 1.25)
-    table = run_cli("tenants", "list", settings=redis_settings)
-    assert table.returncode == 0
-    row = next(line for line in table.stdout.splitlines() if "acme" in line)
-    assert all(cell in row for cell in ("60", "5.00", "1.2500", "123"))
+    code, table, _ = cli(capsys, redis_settings, "tenants", "list")
+    row = next(line for line in table.splitlines() if "acme" in line)
+    assert code == 0 and all(cell in row for cell in ("60", "900", "5.00", "1.2500", "123"))
 
-    unreachable = run_cli("keys", "list", "--redis-url", "redis://127.0.0.1:1/0", settings=redis_settings)
-    assert unreachable.returncode == 2, unreachable.stderr
-    lines = unreachable.stderr.strip().splitlines()
-    assert len(lines) == 1 and lines[0].startswith("disagg: error: cannot use Redis at redis://127.0.0.1:1/0")
+    for args, needle in (
+        (("tenants", "set", "acme", "--tokens-per-minute", "0"), "tokens_per_minute must be at least 1"),
+        (("keys", "delete", "key_nope"), "no API key with id 'key_nope'"),
+    ):
+        code, _, err = cli(capsys, redis_settings, *args)
+        assert code == 2 and err.startswith("disagg: error: ") and needle in err
+        assert len(err.strip().splitlines()) == 1
+    code, _, err = cli(capsys, RedisSettings(url="redis://127.0.0.1:1/0"), "keys", "list")
+    assert code == 2 and err.strip().startswith("disagg: error: cannot use Redis at redis://127.0.0.1:1/0")
