@@ -12,10 +12,12 @@ Every pod is a subprocess on a free port (`--port 0`), killed by a finalizer.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import select
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -34,6 +36,14 @@ from services.core.attention import AttentionStep, OutOfBlocks, Reserved, SeqChu
 from services.core.model.config import ModelConfig
 from services.core.model.load import LoadedModel
 from services.core.placement import Placement, PlacementEntry
+from services.core.transport.step_socket import (
+    HEADER,
+    ConnectionClosed,
+    FrameKind,
+    configure,
+    parse_error,
+    recv_frame,
+)
 from services.core.wire import encode, encode_into
 from services.decode.colocated import build_engine
 from services.decode.engine import Engine
@@ -301,6 +311,64 @@ def test_malformed_frames_get_invalid_argument_and_the_pod_keeps_serving(tiny_po
     health = health_pb2_grpc.HealthStub(grpc.insecure_channel(tiny_pods[0].address))
     status = health.Check(health_pb2.HealthCheckRequest(service="disagg.v1.Attention"), timeout=5).status
     assert status == health_pb2.HealthCheckResponse.SERVING
+
+
+def _socket(pod: Pod) -> socket.socket:
+    port = pod.stub().Stats(pb.StatsRequest(), timeout=5).step_port
+    assert port, "the pod offers no Step socket"
+    sock = socket.create_connection((pod.address.rsplit(":", 1)[0], port), timeout=10)
+    return configure(sock)
+
+
+def _exchange(pod: Pod, frames: list[bytes]) -> list[tuple[FrameKind, bytes]]:
+    """Send raw frames on a fresh connection; every frame that came back before the pod closed it."""
+    with _socket(pod) as sock:
+        for frame in frames:
+            sock.sendall(frame)
+        got = []
+        with contextlib.suppress(ConnectionClosed):
+            while True:
+                got.append(recv_frame(sock, 1 << 26))
+    return got
+
+
+def _message(frame: pb.StepRequest) -> bytes:
+    payload = frame.SerializeToString()
+    return HEADER.pack(FrameKind.MESSAGE, len(payload)) + payload
+
+
+@pytest.mark.timeout(60)
+def test_step_socket_answers_bad_frames_with_an_error_frame_and_keeps_serving(
+    tiny_pods: tuple[Pod, Pod],
+) -> None:
+    """The Step socket carries the same checks as the gRPC stream; a bad frame ends its connection
+    with an ERROR frame naming the status and the problem, never the pod."""
+    pod = tiny_pods[0]
+    stub = pod.stub()
+    stub.Open(pb.OpenRequest(seq_id=78, kv_head_start=0, kv_head_count=1, policy="dense"), timeout=5)
+    stub.Reserve(pb.ReserveRequest(seq_id=78, num_tokens=2), timeout=5)
+    k = v = torch.zeros(2, 5)
+    good_q = encode(torch.zeros(2, 2, 5))
+    begin = pb.StepRequest(begin=pb.StepBegin(step_id=0, chunks=[pb.StepChunk(seq_id=78, length=2)]))
+    short = tensor_pb2.Tensor(dtype=good_q.dtype, shape=good_q.shape, data=good_q.data[:-4])
+    cases = [
+        ([HEADER.pack(7, 0)], "INVALID_ARGUMENT", "unknown frame kind 7"),
+        ([HEADER.pack(FrameKind.MESSAGE, 1 << 30)], "INVALID_ARGUMENT", "over the limit"),
+        ([HEADER.pack(FrameKind.MESSAGE, 3) + b"\xff\xff\xff"], "INVALID_ARGUMENT", "malformed Step frame"),
+        ([_message(begin), _message(_layer(0, short, k, v))], "INVALID_ARGUMENT", "q: data holds 76 bytes"),
+        ([_message(_layer(9, good_q, k, v))], "INVALID_ARGUMENT", "step 9"),
+    ]
+    for frames, status, needle in cases:
+        ((kind, payload),) = _exchange(pod, frames)
+        assert kind is FrameKind.ERROR
+        got_status, message = parse_error(payload)
+        assert got_status == status and needle in message, (got_status, message)
+    # Still serving, on the socket and through the real client.
+    with _socket(pod) as sock:
+        sock.sendall(_message(begin) + _message(_layer(0, good_q, k, v)))
+        kind, payload = recv_frame(sock, 1 << 26)
+    assert kind is FrameKind.MESSAGE and pb.StepResponse.FromString(payload).layer == 0
+    stub.Free(pb.FreeRequest(seq_id=78), timeout=5)
 
 
 # ---- failures -------------------------------------------------------------------------------------
