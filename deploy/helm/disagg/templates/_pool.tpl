@@ -56,7 +56,9 @@ StatefulSet (attention) that run it.
 - --transport={{ .p.transport }}
 {{- end }}
 {{- range $k, $val := .p.settings }}
+{{- if not (kindIs "invalid" $val) }}{{/* null: the setting's default */}}
 - {{ printf "--%s=%s" ($k | replace "_" "-") (include "disagg.scalar" $val) | quote }}
+{{- end }}
 {{- end }}
 {{- end }}
 
