@@ -263,7 +263,9 @@ def gateway_schema() -> dict[str, Any]:
 def redis_schema() -> dict[str, Any]:
     return obj(
         {
-            "external": obj({"url": s(pattern="^(|rediss?://.+)$"), "existingSecret": s(), "existingSecretKey": s()}),
+            "external": obj(
+                {"url": s(pattern="^(|rediss?://.+)$"), "existingSecret": s(), "existingSecretKey": s()}
+            ),
             "image": obj({"repository": s(), "tag": s(), "pullPolicy": s()}),
             "port": i(1, 65535),
             "auth": obj({"enabled": BOOL, "existingSecret": s(), "existingSecretKey": s()}),
@@ -311,7 +313,7 @@ def build_schema() -> dict[str, Any]:
             "dtype": s(enum=["float32", "bfloat16", "float16"]),
         }
     )
-    return obj(
+    schema = obj(
         {
             "nameOverride": s(),
             "fullnameOverride": s(),
@@ -350,8 +352,8 @@ def build_schema() -> dict[str, Any]:
             "networkPolicy": obj({"enabled": BOOL, "gatewayFrom": K8S_LIST, "metricsFrom": K8S_LIST}),
             "tests": obj({"prompt": s(minLength=1), "expectContains": s(), "resources": RESOURCES}),
         },
-        **{"$schema": "http://json-schema.org/draft-07/schema#", "title": "disagg chart values"},
     )
+    return {"$schema": "http://json-schema.org/draft-07/schema#", "title": "disagg chart values", **schema}
 
 
 def render() -> str:

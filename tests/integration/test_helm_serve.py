@@ -46,12 +46,19 @@ class Process:
         self.log = logs / f"{name}.log"
         with self.log.open("wb") as out:
             self.proc = subprocess.Popen(
-                argv, env=env, stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-                start_new_session=True, preexec_fn=die_with_parent,
+                argv,
+                env=env,
+                stdout=out,
+                stderr=subprocess.STDOUT,
+                stdin=subprocess.DEVNULL,
+                start_new_session=True,
+                preexec_fn=die_with_parent,
             )
 
     def tail(self) -> str:
-        return f"--- {self.name} (exit {self.proc.poll()}):\n" + "\n".join(self.log.read_text().splitlines()[-25:])
+        return f"--- {self.name} (exit {self.proc.poll()}):\n" + "\n".join(
+            self.log.read_text().splitlines()[-25:]
+        )
 
     def stop_within(self, seconds: float) -> float:
         """SIGTERM as the kubelet sends it; the seconds it took to exit 0."""
@@ -78,7 +85,9 @@ class LocalKubelet:
         self.redis_url = ""
 
     def environment(self, spec: dict[str, Any], pod: str, mounts: dict[str, Path]) -> tuple[list[str], dict]:
-        argv, env = command_line(spec, Resolver({"status.podIP": "127.0.0.1", "metadata.name": pod}, self.secrets))
+        argv, env = command_line(
+            spec, Resolver({"status.podIP": "127.0.0.1", "metadata.name": pod}, self.secrets)
+        )
         for name, value in env.items():
             for mount, local in mounts.items():
                 value = value.replace(mount, str(local))
@@ -119,7 +128,7 @@ class LocalKubelet:
     def start_redis(self) -> Process:
         """The rendered valkey-server command line on the bundled binary, bound to loopback."""
         doc = workload(self.docs, "redis")
-        argv, env = command_line(container(doc), Resolver({}, self.secrets))
+        argv, _env = command_line(container(doc), Resolver({}, self.secrets))
         port, data = free_port(), self.tmp / "redis-data"
         data.mkdir()
         local = {"--port": str(port), "--bind": "127.0.0.1", "--dir": str(data)}
@@ -194,7 +203,9 @@ def test_rendered_release_serves_and_stops(kubelet: LocalKubelet) -> None:
 
     # `helm test`: the rendered test pod's own command, pointed at the local gateway.
     (test_pod,) = [d for d in docs if d["kind"] == "Pod"]
-    argv, env = kubelet.environment(test_pod["spec"]["containers"][0], "test", kubelet.secret_mounts(test_pod))
+    argv, env = kubelet.environment(
+        test_pod["spec"]["containers"][0], "test", kubelet.secret_mounts(test_pod)
+    )
     env["DISAGG_TEST_URL"] = url
     result = subprocess.run(
         [sys.executable, *argv[1:]], env=env, capture_output=True, text=True, timeout=120, check=False

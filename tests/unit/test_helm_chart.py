@@ -17,6 +17,7 @@ import kubernetes_validate
 import pytest
 import yaml
 from cloudcoil.models.prometheus_operator import v1 as prometheus_operator
+from pydantic import BaseModel
 
 from tests.helm_chart import (
     CHART,
@@ -36,7 +37,10 @@ from tests.helm_chart import (
 
 KUBE_VERSION = "1.30.0"
 COMPONENTS = {"gateway", "prefill", "decode", "attention", "redis", "test"}
-CRDS = {"ServiceMonitor": prometheus_operator.ServiceMonitor, "PrometheusRule": prometheus_operator.PrometheusRule}
+CRDS: dict[str, type[BaseModel]] = {
+    "ServiceMonitor": prometheus_operator.ServiceMonitor,
+    "PrometheusRule": prometheus_operator.PrometheusRule,
+}
 
 
 @pytest.fixture(scope="module")
@@ -111,7 +115,9 @@ def test_labels_and_selectors_match(variant: str, rendered: dict[str, list[dict[
         if obj["kind"] in ("Deployment", "StatefulSet"):
             assert obj["spec"]["selector"]["matchLabels"].items() <= labels.items()
     for svc in of_kind(docs, "Service"):
-        selected = [pod for _, pod in pods if svc["spec"]["selector"].items() <= pod["metadata"]["labels"].items()]
+        selected = [
+            pod for _, pod in pods if svc["spec"]["selector"].items() <= pod["metadata"]["labels"].items()
+        ]
         assert selected, f"{variant}: Service {svc['metadata']['name']} selects no pod"
         for port in svc["spec"]["ports"]:
             for pod in selected:
@@ -212,7 +218,10 @@ def test_two_attention_pools_of_different_hardware(rendered: dict[str, list[dict
     assert (gf["cost-usd-per-hour"], df["cost-usd-per-hour"]) == ("1.1", "0.35")
     assert (gf["kv-budget-bytes"], df["kv-budget-bytes"]) == ("21474836480", "53687091200")
     denv = {v["name"]: v.get("value") for v in container(dram)["env"]}
-    assert (denv["DISAGG_ATTENTION_DEFAULT_POLICY"], denv["DISAGG_ATTENTION_DEFAULT_BUDGET"]) == ("sparq", "0.125")
+    assert (denv["DISAGG_ATTENTION_DEFAULT_POLICY"], denv["DISAGG_ATTENTION_DEFAULT_BUDGET"]) == (
+        "sparq",
+        "0.125",
+    )
     assert container(gpu)["resources"]["limits"]["nvidia.com/gpu"] == 1
     assert "nvidia.com/gpu" not in container(dram)["resources"]["limits"]
     # Stable identities: each pool a StatefulSet with its own headless Service.
@@ -225,13 +234,17 @@ def test_external_redis(rendered: dict[str, list[dict[str, Any]]]) -> None:
     assert not [doc for doc in docs if doc["metadata"]["name"].startswith(f"{RELEASE}-redis")]
     gateway = container(workload(docs, "gateway"))
     for c, var in [(gateway, "DISAGG_CLUSTER_REDIS_URL")] + [
-        (container(workload(docs, role)), f"DISAGG_{role.upper()}_REDIS_URL") for role in ("prefill", "decode")
+        (container(workload(docs, role)), f"DISAGG_{role.upper()}_REDIS_URL")
+        for role in ("prefill", "decode")
     ]:
         env = {v["name"]: v for v in c["env"]}
         assert env[var]["valueFrom"]["secretKeyRef"] == {"name": "disagg-redis-url", "key": "url"}
         assert "DISAGG_REDIS_PASSWORD" not in env
     volumes = workload(docs, "gateway")["spec"]["template"]["spec"]["volumes"]
-    assert {"name": "api-keys", "secret": {"secretName": "disagg-bootstrap-keys", "defaultMode": 0o440}} in volumes
+    assert {
+        "name": "api-keys",
+        "secret": {"secretName": "disagg-bootstrap-keys", "defaultMode": 0o440},
+    } in volumes
     assert not of_kind(docs, "Secret")  # both Secrets are the operator's
 
 
@@ -241,10 +254,12 @@ def test_monitoring_ships_every_dashboard_and_rule(rendered: dict[str, list[dict
     assert dashboards, "no dashboards in deploy/helm/disagg/dashboards/ (the observability work ships them)"
     assert rule_files, "no recording rules in deploy/helm/disagg/rules/ (the observability work ships them)"
     docs = rendered["monitoring"]
-    maps = [doc for doc in of_kind(docs, "ConfigMap") if doc["metadata"]["labels"].get("grafana_dashboard") == "1"]
+    maps = [
+        doc for doc in of_kind(docs, "ConfigMap") if doc["metadata"]["labels"].get("grafana_dashboard") == "1"
+    ]
     assert sorted(key for doc in maps for key in doc["data"]) == [path.name for path in dashboards]
     for doc in maps:
-        (name, text), = doc["data"].items()
+        ((name, text),) = doc["data"].items()
         assert text.strip() == (CHART / "dashboards" / name).read_text().strip()
     (rule,) = of_kind(docs, "PrometheusRule")
     expected = [group for path in rule_files for group in yaml.safe_load(path.read_text())["groups"]]
@@ -252,7 +267,8 @@ def test_monitoring_ships_every_dashboard_and_rule(rendered: dict[str, list[dict
     assert rule["metadata"]["labels"]["release"] == "kube-prometheus-stack"
     (monitor,) = of_kind(docs, "ServiceMonitor")
     scraped = [
-        svc for svc in of_kind(docs, "Service")
+        svc
+        for svc in of_kind(docs, "Service")
         if monitor["spec"]["selector"]["matchLabels"].items() <= svc["metadata"]["labels"].items()
     ]
     assert {component(svc) for svc in scraped} == {"gateway", "prefill", "decode", "attention"}
@@ -279,7 +295,9 @@ def test_model_on_a_volume(rendered: dict[str, list[dict[str, Any]]]) -> None:
     for role in ("gateway", "prefill", "decode", "attention"):
         doc = workload(docs, role)
         spec, c = doc["spec"]["template"]["spec"], container(doc)
-        assert {"name": "model", "persistentVolumeClaim": {"claimName": "models", "readOnly": True}} in spec["volumes"]
+        assert {"name": "model", "persistentVolumeClaim": {"claimName": "models", "readOnly": True}} in spec[
+            "volumes"
+        ]
         assert {"name": "model", "mountPath": "/models", "readOnly": True} in c["volumeMounts"]
         assert flags(c["args"])["model"] == "/models/qwen2.5-0.5b-instruct"
     served = [a for a in container(workload(docs, "gateway"))["args"] if a.startswith("--served-model-name")]

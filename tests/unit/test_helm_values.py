@@ -10,8 +10,8 @@ from __future__ import annotations
 import argparse
 import fnmatch
 import importlib.util
-import re
 import os
+import re
 import tomllib
 from typing import Any
 
@@ -74,12 +74,27 @@ def test_values_schema_is_generated_from_the_settings_classes() -> None:
         ({"poolDefaults": {"gpus": 0.5}}, "/poolDefaults/gpus"),
         ({"decode": {"port": 50081, "pools": [{"name": "Main"}]}}, "/decode/pools/0/name"),
         ({"decode": {"port": 50081, "pools": [{"name": "a", "device": "tpu"}]}}, "device"),
-        ({"decode": {"port": 50081, "pools": [{"name": "a", "settings": {"max_num_seq": 8}}]}}, "max_num_seq"),
-        ({"decode": {"port": 50081, "pools": [{"name": "a", "settings": {"micro_batches": 9}}]}}, "micro_batches"),
+        (
+            {"decode": {"port": 50081, "pools": [{"name": "a", "settings": {"max_num_seq": 8}}]}},
+            "max_num_seq",
+        ),
+        (
+            {"decode": {"port": 50081, "pools": [{"name": "a", "settings": {"micro_batches": 9}}]}},
+            "micro_batches",
+        ),
         ({"decode": {"port": 50081, "pools": [{"name": "a", "transport": "nixl"}]}}, "transport"),
-        ({"decode": {"port": 50081, "pools": [{"name": "a", "settings": {"port": 1}}]}}, "port"),  # chart's own
-        ({"attention": {"port": 50061, "pools": [{"name": "a", "settings": {"kv_budget_bytes": "1Gi"}}]}}, "kv_budget"),
-        ({"attention": {"port": 50061, "pools": [{"name": "a", "attentionPolicy": {"name": "h2o"}}]}}, "name"),
+        (
+            {"decode": {"port": 50081, "pools": [{"name": "a", "settings": {"port": 1}}]}},
+            "port",
+        ),  # chart's own
+        (
+            {"attention": {"port": 50061, "pools": [{"name": "a", "settings": {"kv_budget_bytes": "1Gi"}}]}},
+            "kv_budget",
+        ),
+        (
+            {"attention": {"port": 50061, "pools": [{"name": "a", "attentionPolicy": {"name": "h2o"}}]}},
+            "name",
+        ),
         ({"attention": {"port": 50061, "pools": []}}, "/attention/pools"),
         ({"gateway": {"cluster": {"placement": "random"}}}, "placement"),
         ({"gateway": {"settings": {"max_concurrent_requests": 0}}}, "max_concurrent_requests"),
@@ -90,7 +105,10 @@ def test_values_schema_is_generated_from_the_settings_classes() -> None:
     ],
 )
 def test_schema_rejects(values: dict[str, Any], complaint: str) -> None:
-    with helm.Chart.load(str(CHART)) as chart, pytest.raises(helm.HelmValuesError, match=re.escape(complaint)):
+    with (
+        helm.Chart.load(str(CHART)) as chart,
+        pytest.raises(helm.HelmValuesError, match=re.escape(complaint)),
+    ):
         chart.validate_schema(values)
 
 
@@ -109,7 +127,10 @@ def test_schema_rejects(values: dict[str, Any], complaint: str) -> None:
     ],
 )
 def test_templates_refuse(values: dict[str, Any], complaint: str) -> None:
-    with helm.Chart.load(str(CHART)) as chart, pytest.raises(helm.HelmRenderError, match=re.escape(complaint)):
+    with (
+        helm.Chart.load(str(CHART)) as chart,
+        pytest.raises(helm.HelmRenderError, match=re.escape(complaint)),
+    ):
         chart.render(values, name=RELEASE, namespace="llm")
 
 
@@ -163,7 +184,8 @@ def test_gateway_command_is_what_disagg_serve_accepts(variant: str, monkeypatch:
     port = c["ports"][0]["containerPort"]
     assert (settings.host, settings.port, args.colocated) == ("0.0.0.0", port, False)
     assert c["readinessProbe"]["httpGet"] == {"path": "/health", "port": "http"}
-    cluster = ClusterSettings()
+    no_overrides: dict[str, Any] = {}
+    cluster = ClusterSettings(**no_overrides)  # from the environment only
     assert cluster.redis_url.startswith("redis://")
     if variant != "external-redis":
         assert cluster.redis_url.endswith(".svc.cluster.local:6379/0")
@@ -178,7 +200,10 @@ def _dockerignored(path: str, patterns: list[str]) -> bool:
     for pattern in patterns:
         negate = pattern.startswith("!")
         glob = pattern.lstrip("!").rstrip("/")
-        if any(fnmatch.fnmatchcase(c, glob) or fnmatch.fnmatchcase(c, glob.replace("**/", "")) for c in candidates):
+        if any(
+            fnmatch.fnmatchcase(c, glob) or fnmatch.fnmatchcase(c, glob.replace("**/", ""))
+            for c in candidates
+        ):
             ignored = not negate
     return ignored
 
@@ -196,7 +221,9 @@ def test_dockerfile(name: str) -> None:
         for source in copy.value[:-1]:
             path = ROOT / source
             assert path.exists(), f"{name}: COPY {source} does not exist"
-            files = [path] if path.is_file() else [p for p in path.rglob("*.py") if "__pycache__" not in p.parts]
+            files = (
+                [path] if path.is_file() else [p for p in path.rglob("*.py") if "__pycache__" not in p.parts]
+            )
             assert files
             for f in files:
                 assert not _dockerignored(str(f.relative_to(ROOT)), patterns), f"{f} is .dockerignored"
@@ -221,4 +248,3 @@ def test_dockerfile(name: str) -> None:
 def _chart_default(key: str) -> Any:
     with helm.Chart.load(str(CHART)) as chart:
         return chart.values[key]
-
