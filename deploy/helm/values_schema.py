@@ -20,6 +20,9 @@ from typing import Any
 
 from pydantic_settings import BaseSettings
 
+# The settings of this checkout (not of whichever disagg the interpreter has installed).
+sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
+
 from services.attention.server import AttentionSettings
 from services.decode.server import DecodeSettings
 from services.gateway.cluster import ClusterSettings
