@@ -61,6 +61,11 @@ GATEWAY_MANAGED = {
     "api_keys_file",
 }
 CLUSTER_MANAGED = {"redis_url"}
+POOL_KEYS_FROM_SETTINGS = {
+    "costUsdPerHour": "cost_usd_per_hour",
+    "torchThreads": "torch_threads",
+    "shutdownGraceSeconds": "shutdown_grace_s",
+}
 POLICIES = ["dense", "sink_window", "heavy_hitter", "sparq", "quest"]
 
 
@@ -188,6 +193,10 @@ def pool_properties(role: str) -> dict[str, Any]:
         props["attentionPolicy"] = obj({"name": s(enum=POLICIES), "budget": num(exclusiveMinimum=0)})
     if role:
         settings = ROLE_SETTINGS[role]
+        # Pool keys that are settings under another name carry the setting's own bounds.
+        fields = field_schemas(settings, set())
+        for key, name in POOL_KEYS_FROM_SETTINGS.items():
+            props[key] = {k: v for k, v in fields[name].items() if k != "default"}
         props["settings"] = settings_map(
             settings, set(CHART_MANAGED), f"{settings.__name__} fields, as flags --field-name"
         )

@@ -96,6 +96,7 @@ def test_values_schema_is_generated_from_the_settings_classes() -> None:
             "name",
         ),
         ({"attention": {"port": 50061, "pools": []}}, "/attention/pools"),
+        ({"attention": {"port": 50061, "pools": [{"name": "a", "shutdownGraceSeconds": 61}]}}, "shutdown"),
         ({"gateway": {"cluster": {"placement": "random"}}}, "placement"),
         ({"gateway": {"settings": {"max_concurrent_requests": 0}}}, "max_concurrent_requests"),
         ({"gateway": {"resources": {"requests": None}}}, "requests"),  # null deletes a default
@@ -170,6 +171,9 @@ def test_pod_commands_are_what_disagg_serve_accepts(variant: str, monkeypatch: p
         assert int(os.environ[f"DISAGG_{role.upper()}_METRICS_PORT"]) == ports["metrics"]
         if "metrics_port" in cls.model_fields:  # once the pods serve /metrics themselves
             assert settings.metrics_port == ports["metrics"]
+        policy = os.environ.get("DISAGG_ATTENTION_DEFAULT_POLICY")
+        if policy and "default_policy" in cls.model_fields:  # once attention pods have policies
+            assert str(getattr(settings.default_policy, "value", settings.default_policy)) == policy
 
 
 @pytest.mark.parametrize("variant", list(VARIANTS))
