@@ -308,3 +308,22 @@ def _files(values: dict[str, Any]) -> dict[str, str]:
     from tests.helm_chart import render_files
 
     return render_files(values)
+
+
+def test_gguf_on_a_host_path(rendered: dict[str, list[dict[str, Any]]]) -> None:
+    docs = rendered["model-hostpath"]
+    decode = workload(docs, "decode")
+    spec, c = decode["spec"]["template"]["spec"], container(decode)
+    model = next(v for v in spec["volumes"] if v["name"] == "model")
+    assert model["hostPath"] == {"path": "/mnt/models", "type": "Directory"}
+    assert flags(c["args"])["model"] == "/models/SmolLM2-360M-Instruct.Q8_0.gguf"
+    env = {v["name"]: v.get("value") for v in c["env"]}
+    assert env["DISAGG_CACHE_DIR"] == "/var/cache/disagg"  # the conversion's writable emptyDir
+    assert {"name": "model-cache", "mountPath": "/var/cache/disagg"} in c["volumeMounts"]
+    served = [a for a in container(workload(docs, "gateway"))["args"] if a.startswith("--served-model-name")]
+    assert served == ["--served-model-name=SmolLM2-360M-Instruct.Q8_0"]
+    redis = container(workload(docs, "redis"))
+    assert "--requirepass" not in redis["args"] and "--protected-mode" in redis["args"]
+    assert "DISAGG_REDIS_PASSWORD" not in env and "DISAGG_GATEWAY_API_KEYS_FILE" not in {
+        v["name"] for v in container(workload(docs, "gateway"))["env"]
+    }
