@@ -32,13 +32,13 @@ test-fast: setup
 	$(PY) -m pytest -m 'not slow' $(PYTEST_ARGS)
 
 lint: setup
-	$(VENV)/bin/ruff check services tests bench
-	$(VENV)/bin/ruff format --check services tests bench
+	$(VENV)/bin/ruff check services tests bench deploy
+	$(VENV)/bin/ruff format --check services tests bench deploy
 	$(VENV)/bin/mypy
 
 format: setup
-	$(VENV)/bin/ruff format services tests bench
-	$(VENV)/bin/ruff check --fix services tests bench
+	$(VENV)/bin/ruff format services tests bench deploy
+	$(VENV)/bin/ruff check --fix services tests bench deploy
 
 bench: setup
 	$(PY) bench/engine.py
