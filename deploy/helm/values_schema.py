@@ -276,7 +276,13 @@ def redis_schema() -> dict[str, Any]:
     return obj(
         {
             "external": obj(
-                {"url": s(pattern="^(|rediss?://.+)$"), "existingSecret": s(), "existingSecretKey": s()}
+                {
+                    "url": s(pattern="^(|rediss?://.+)$"),
+                    "existingSecret": s(),
+                    "existingSecretKey": s(),
+                    "passwordSecret": s(),
+                    "passwordSecretKey": s(),
+                }
             ),
             "image": obj({"repository": s(), "tag": s(), "pullPolicy": s()}),
             "port": i(1, 65535),

@@ -239,7 +239,8 @@ def test_external_redis(rendered: dict[str, list[dict[str, Any]]]) -> None:
     ]:
         env = {v["name"]: v for v in c["env"]}
         assert env[var]["valueFrom"]["secretKeyRef"] == {"name": "disagg-redis-url", "key": "url"}
-        assert "DISAGG_REDIS_PASSWORD" not in env
+        password = env["DISAGG_REDIS_PASSWORD"]["valueFrom"]["secretKeyRef"]
+        assert password == {"name": "disagg-redis-password", "key": "password"}
     volumes = workload(docs, "gateway")["spec"]["template"]["spec"]["volumes"]
     assert {
         "name": "api-keys",

@@ -140,7 +140,11 @@ def _start_env(
     c: dict[str, Any], docs: list[dict[str, Any]], pod: str, monkeypatch: pytest.MonkeyPatch
 ) -> list[str]:
     """The container's argv; its environment is put in place of the test's DISAGG_* variables."""
-    secrets = {**secret_data(docs), ("disagg-redis-url", "url"): "redis://managed:6379/0"}
+    secrets = {
+        **secret_data(docs),  # and the operator's own, of the external-redis variant
+        ("disagg-redis-url", "url"): "redis://managed:6379/0",
+        ("disagg-redis-password", "password"): "secret",
+    }
     resolver = Resolver({"status.podIP": "10.1.2.3", "metadata.name": pod}, secrets)
     argv, env = command_line(c, resolver)
     for name in [n for n in os.environ if n.startswith("DISAGG_")]:

@@ -122,7 +122,15 @@ app.kubernetes.io/instance: {{ .Release.Name }}
 {{- else if $v.external.url -}}
 - name: {{ .urlVar }}
   value: {{ $v.external.url | quote }}
-{{- else -}}
+{{- end }}
+{{- if and (not (include "disagg.redisInternal" .root)) $v.external.passwordSecret }}
+- name: DISAGG_REDIS_PASSWORD
+  valueFrom:
+    secretKeyRef:
+      name: {{ $v.external.passwordSecret }}
+      key: {{ $v.external.passwordSecretKey }}
+{{- end }}
+{{- if include "disagg.redisInternal" .root -}}
 - name: {{ .urlVar }}
   value: {{ printf "redis://%s-redis.%s.svc.%s:%d/0" (include "disagg.fullname" .root) .root.Release.Namespace .root.Values.clusterDomain (int $v.port) | quote }}
 {{- if $v.auth.enabled }}
