@@ -22,7 +22,7 @@ from __future__ import annotations
 import logging
 import sys
 import threading
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from contextlib import AbstractContextManager
 from dataclasses import dataclass
 from typing import Literal
@@ -166,11 +166,15 @@ class AttentionServicer(pb_grpc.AttentionServicer):
 
     def Free(self, request: pb.FreeRequest, context: grpc.ServicerContext) -> pb.FreeResponse:
         with _status(context):
-            if self.nixl is not None:  # waits while a NIXL WRITE into the sequence may be in flight
-                released = self.nixl.free(request.seq_id, self.engine.free)
-            else:
-                released = self.engine.free(request.seq_id)
+            released = self.free_sequence(request.seq_id)
         return pb.FreeResponse(released_blocks=released)
+
+    def free_sequence(self, seq_id: int) -> int:
+        """Free a sequence's blocks; with NIXL, first wait while a WRITE into them may be in flight
+        (else a late WRITE could land in blocks already given to another sequence)."""
+        if self.nixl is not None:
+            return self.nixl.free(seq_id, self.engine.free)
+        return self.engine.free(seq_id)
 
     def PlanImport(
         self, request: pb.PlanImportRequest, context: grpc.ServicerContext
@@ -308,7 +312,7 @@ def start(settings: AttentionSettings) -> RunningPod:
         load=lambda: engine.stats().sequences,
     )
     registry = registration.registry
-    reaper = OrphanReaper(engine, registry).start() if registry is not None else None
+    reaper = OrphanReaper(engine, registry, servicer.free_sequence).start() if registry is not None else None
     if servicer.nixl is not None:
         servicer.nixl.publish(registry)
     return RunningPod(server, engine, settings, registration, reaper, servicer.nixl)
@@ -323,9 +327,12 @@ class OrphanReaper:
     row (one TTL of slack for a late heartbeat) loses its sequences. Redis errors skip a round.
     """
 
-    def __init__(self, engine: AttentionEngine, registry: PodRegistry) -> None:
+    def __init__(
+        self, engine: AttentionEngine, registry: PodRegistry, free: Callable[[int], int] | None = None
+    ) -> None:
         self.engine = engine
         self.registry = registry
+        self.free = free or engine.free  # the pod's safe free (AttentionServicer.free_sequence)
         self.interval_s = registry.settings.pod_ttl_s
         self._missing: set[str] = set()
         self._stop = threading.Event()
@@ -356,7 +363,7 @@ class OrphanReaper:
         live = {pod.pod_id for pod in self.registry.live_pods(Role.DECODE)}
         missing = owners - live
         for owner in missing & self._missing:
-            sequences, blocks = self.engine.free_owned_by(owner)
+            sequences, blocks = self.engine.free_owned_by(owner, self.free)
             log.warning(
                 "decode pod %s left the registry: freed its %d sequences (%d blocks)",
                 owner,
