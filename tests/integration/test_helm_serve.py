@@ -1,5 +1,6 @@
 """The chart's rendered release, run as local processes: each container's command, arguments and
-environment taken from the rendered objects, as a kubelet would start them.
+environment taken from the rendered objects, as a kubelet would start them. The first test runs only
+the rendered Redis (fast); the second, marked slow, the whole release with the real model.
 
     rendered Redis StatefulSet  ─▶ the bundled valkey-server with its args (password from the Secret)
     rendered attention / prefill / decode / gateway ─▶ `disagg serve ROLE ...` ─▶ register in Redis
@@ -28,13 +29,15 @@ from typing import Any
 
 import grpc
 import pytest
+import redis
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from services.core.redis_server import free_port, valkey_binary
+from services.core.registry import RedisSettings, connect
 from services.core.runtime import die_with_parent
-from tests.helm_chart import Resolver, command_line, container, render, secret_data, workload
+from tests.helm_chart import RELEASE, Resolver, command_line, container, render, secret_data, workload
 
-pytestmark = [pytest.mark.slow, pytest.mark.timeout(300)]
+pytestmark = pytest.mark.timeout(300)
 READY_TIMEOUT_S = 200.0
 
 
@@ -177,6 +180,31 @@ def _http_ok(url: str) -> bool:
         return False
 
 
+def test_rendered_redis_requires_its_password(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The rendered valkey-server arguments start the bundled server, which then refuses clients
+    without the release's password and serves those given it as DISAGG_REDIS_PASSWORD."""
+    kubelet = LocalKubelet(render({}), tmp_path, tmp_path)
+    try:
+        kubelet.start_redis()
+        password = kubelet.secrets[(f"{RELEASE}-redis", "password")]
+        deadline = time.monotonic() + 10
+        monkeypatch.setenv("DISAGG_REDIS_PASSWORD", password)
+        while True:
+            try:
+                assert connect(RedisSettings(url=kubelet.redis_url)).ping()
+                break
+            except redis.ConnectionError:
+                if time.monotonic() > deadline:
+                    kubelet.fail("the rendered Redis did not answer")
+                time.sleep(0.1)
+        monkeypatch.delenv("DISAGG_REDIS_PASSWORD")
+        with pytest.raises(redis.AuthenticationError):
+            connect(RedisSettings(url=kubelet.redis_url)).ping()
+    finally:
+        kubelet.cleanup()
+
+
+@pytest.mark.slow
 def test_rendered_release_serves_and_stops(kubelet: LocalKubelet) -> None:
     docs = kubelet.docs
     kubelet.start_redis()
