@@ -63,7 +63,8 @@ from services.proto import decode_pb2, decode_pb2_grpc
 
 log = logging.getLogger(__name__)
 
-TENANT = "default"  # until API keys exist (the observability issue), every request is one tenant's
+# Request records do not carry the caller's tenant yet (Backend.generate takes none; docs/tenants.md).
+TENANT = "default"
 
 
 class ClusterSettings(BaseSettings):
