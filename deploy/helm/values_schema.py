@@ -48,6 +48,7 @@ CHART_MANAGED = {
     "cost_usd_per_hour": "the pool's costUsdPerHour",
     "torch_threads": "the pool's torchThreads",
     "shutdown_grace_s": "the pool's shutdownGraceSeconds (it also sets terminationGracePeriodSeconds)",
+    "step_port": "attention.stepPort, like the gRPC port the same in every attention pool",
     "metrics_port": "the pool's metrics.port (env DISAGG_<ROLE>_METRICS_PORT)",
     "default_policy": "the attention pool's attentionPolicy.name",
     "default_budget": "the attention pool's attentionPolicy.budget",
@@ -206,13 +207,14 @@ def pool_properties(role: str) -> dict[str, Any]:
 def role_schema(role: str) -> dict[str, Any]:
     pool = obj(pool_properties(role), required=["name"])
     defaults = obj({k: v for k, v in pool_properties(role).items() if k != "name"})
+    ports = {"port": i(1, 65535), **({"stepPort": i(1, 65535)} if role == "attention" else {})}
     return obj(
         {
-            "port": i(1, 65535),
+            **ports,
             "defaults": defaults,
             "pools": {"type": "array", "minItems": 0 if role == "prefill" else 1, "items": pool},
         },
-        required=["port", "pools"],
+        required=[*ports, "pools"],
     )
 
 

@@ -123,6 +123,8 @@ class LocalKubelet:
         name = f"{doc['metadata']['name']}-0"
         argv, env = self.environment(container(doc), name, self.secret_mounts(doc))
         argv = [f"--{port_flag}={port}" if a.startswith(f"--{port_flag}=") else a for a in argv]
+        # Every other fixed container port (the attention pods' Step socket) gets a free one too.
+        argv = [f"--step-port={free_port()}" if a.startswith("--step-port=") else a for a in argv]
         assert argv[0] == "disagg"
         process = Process(name, [sys.executable, "-m", "services.cli", *argv[1:]], env, self.tmp)
         self.processes.append(process)

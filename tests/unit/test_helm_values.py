@@ -95,7 +95,7 @@ def test_values_schema_is_generated_from_the_settings_classes() -> None:
             {"attention": {"port": 50061, "pools": [{"name": "a", "attentionPolicy": {"name": "h2o"}}]}},
             "name",
         ),
-        ({"attention": {"port": 50061, "pools": []}}, "/attention/pools"),
+        ({"attention": {"port": 50061, "stepPort": 50062, "pools": []}}, "/attention/pools"),
         ({"attention": {"port": 50061, "pools": [{"name": "a", "shutdownGraceSeconds": 61}]}}, "shutdown"),
         ({"gateway": {"cluster": {"placement": "random"}}}, "placement"),
         ({"gateway": {"settings": {"max_concurrent_requests": 0}}}, "max_concurrent_requests"),
@@ -173,6 +173,8 @@ def test_pod_commands_are_what_disagg_serve_accepts(variant: str, monkeypatch: p
         assert c["readinessProbe"]["grpc"]["port"] == c["livenessProbe"]["grpc"]["port"] == settings.port
         assert settings.redis_url and settings.redis_url.startswith("redis://")
         assert int(os.environ[f"DISAGG_{role.upper()}_METRICS_PORT"]) == ports["metrics"]
+        if role == "attention":
+            assert settings.step_port == ports["step"]
         if "metrics_port" in cls.model_fields:  # once the pods serve /metrics themselves
             assert settings.metrics_port == ports["metrics"]
         policy = os.environ.get("DISAGG_ATTENTION_DEFAULT_POLICY")

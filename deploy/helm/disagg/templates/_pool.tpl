@@ -55,6 +55,9 @@ StatefulSet (attention) that run it.
 {{- if ne .role "decode" }}
 - --transport={{ .p.transport }}
 {{- end }}
+{{- if eq .role "attention" }}
+- --step-port={{ int $v.attention.stepPort }}
+{{- end }}
 {{- range $k, $val := .p.settings }}
 {{- if not (kindIs "invalid" $val) }}{{/* null: the setting's default */}}
 - {{ printf "--%s=%s" ($k | replace "_" "-") (include "disagg.scalar" $val) | quote }}
@@ -145,6 +148,10 @@ spec:
           containerPort: {{ $port }}
         - name: metrics
           containerPort: {{ int .p.metrics.port }}
+        {{- if eq .role "attention" }}
+        - name: step
+          containerPort: {{ int .root.Values.attention.stepPort }}
+        {{- end }}
       startupProbe:
         grpc:
           port: {{ $port }}
