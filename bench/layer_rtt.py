@@ -23,14 +23,10 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import select
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Iterator
-from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -41,8 +37,8 @@ from rich.progress import Progress
 from rich.table import Table
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+from bench._pods import attention_pod, geometry_folder
 from bench._results import write_section
-from bench.kv_transfer import SMOLLM2_135M
 from services.attention.kv_pool import KVPool, KVPoolConfig
 from services.attention.local import LocalAttention
 from services.core.attention import SeqChunk
@@ -51,42 +47,7 @@ from services.core.placement import Placement
 from services.decode.attention_link import StepTransport
 from services.decode.remote_attention import RemoteAttention, RemoteAttentionOptions
 
-ROOT = Path(__file__).resolve().parent.parent
 LAYERS, HQ, HKV, D = 30, 9, 3, 64
-
-
-@contextmanager
-def attention_pod(folder: Path) -> Iterator[tuple[str, int]]:
-    """A real attention pod (standalone, no Redis) serving `folder`'s geometry: (address, pid)."""
-    env = {
-        **os.environ,
-        "DISAGG_ATTENTION_MODEL": str(folder),
-        "DISAGG_ATTENTION_PORT": "0",
-        "DISAGG_ATTENTION_TORCH_THREADS": "1",  # as `disagg up` runs them
-        "DISAGG_ATTENTION_KV_BUDGET_BYTES": str(1 << 30),
-    }
-    env.pop("DISAGG_REDIS_URL", None)
-    log = (folder / "attention.log").open("w")
-    process = subprocess.Popen(
-        [sys.executable, "-m", "services.attention.server"],
-        cwd=ROOT,
-        env=env,
-        stdout=subprocess.PIPE,
-        stderr=log,
-        text=True,
-    )
-    try:
-        assert process.stdout is not None
-        ready, _, _ = select.select([process.stdout], [], [], 120)
-        line = process.stdout.readline() if ready else ""
-        if "listening on" not in line:
-            raise SystemExit(
-                f"attention pod did not start: {line!r}\n{(folder / 'attention.log').read_text()}"
-            )
-        yield line.rsplit(" ", 1)[1].strip(), process.pid
-    finally:
-        process.kill()
-        process.wait(10)
 
 
 def cpu_seconds(pid: int) -> float:
@@ -182,13 +143,10 @@ def local_attention_us(batch: int, context: int, repeats: int = 50) -> float:
 def measure(batches: tuple[int, ...] = (1, 32), context: int = 256, steps: int = 20) -> list[dict[str, Any]]:
     rows: list[dict[str, Any]] = []
     with tempfile.TemporaryDirectory(prefix="disagg-rtt-") as tmp, Progress(transient=True) as progress:
-        folder = Path(tmp)
-        (folder / "config.json").write_text(json.dumps(SMOLLM2_135M))
-        (folder / "tokenizer.json").write_text("{}")  # a model folder's files; only config.json is read
-        (folder / "model.safetensors").write_bytes(b"")
-        config = ModelConfig.from_folder(folder)
+        config = ModelConfig.from_folder(geometry_folder(Path(tmp)))
         task = progress.add_task("round trips", total=2 * len(batches))
-        with attention_pod(folder) as (address, pid):
+        # One torch thread, as `disagg up` runs attention pods.
+        with attention_pod({"torch_threads": "1", "kv_budget_bytes": str(1 << 30)}) as (address, pid):
             for batch in batches:
                 floor = round(local_attention_us(batch, context))
                 measured = time_transports(address, pid, config, batch, context, steps)
