@@ -13,6 +13,7 @@ Every pod is a subprocess on a free port (`--port 0`), killed by a finalizer.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import json
 import os
 import select
@@ -45,6 +46,7 @@ from services.core.transport.step_socket import (
     recv_frame,
 )
 from services.core.wire import encode, encode_into
+from services.decode.attention_link import StepTransport
 from services.decode.colocated import build_engine
 from services.decode.engine import Engine
 from services.decode.remote_attention import AttentionPodError, RemoteAttention, RemoteAttentionOptions
@@ -131,7 +133,12 @@ def tiny_pods(launch: Callable[..., Pod], tiny_model: Path) -> tuple[Pod, Pod]:
 
 # ---- RemoteAttention over pods with the tiny geometry -----------------------------------------
 @pytest.mark.timeout(120)
-def test_remote_equals_local_for_every_placement(tiny_pods: tuple[Pod, Pod], tiny_model: Path) -> None:
+@pytest.mark.parametrize("transport", list(StepTransport))
+def test_remote_equals_local_for_every_placement(
+    tiny_pods: tuple[Pod, Pod], tiny_model: Path, transport: StepTransport
+) -> None:
+    """Both carriers of the Step frames (the pods' Step socket and the gRPC stream) give exactly
+    what local attention gives."""
     a, b = (p.address for p in tiny_pods)
     cfg = ModelConfig.from_folder(tiny_model)
     placements = {
@@ -139,7 +146,8 @@ def test_remote_equals_local_for_every_placement(tiny_pods: tuple[Pod, Pod], tin
         1: Placement.head_partitioned([a, b], 3),  # a: heads 0-1, b: head 2
         2: Placement((PlacementEntry(b, 0, 1), PlacementEntry(a, 1, 2))),  # a holds another slice
     }
-    remote = RemoteAttention(cfg, torch.float32, placements.__getitem__, FAST)
+    options = dataclasses.replace(FAST, step_transport=transport)
+    remote = RemoteAttention(cfg, torch.float32, placements.__getitem__, options)
     local = LocalAttention(KVPool(KVPoolConfig(cfg.num_layers, cfg.head_dim), 500), 3, 6)
     torch.manual_seed(0)
     steps = [[SeqChunk(0, 0, 5), SeqChunk(1, 0, 20), SeqChunk(2, 0, 1)]]
@@ -373,10 +381,12 @@ def test_step_socket_answers_bad_frames_with_an_error_frame_and_keeps_serving(
 
 # ---- failures -------------------------------------------------------------------------------------
 def _remote_mid_step(
-    pod: Pod, tiny_model: Path, layer_timeout_s: float = 5
+    pod: Pod, tiny_model: Path, layer_timeout_s: float = 5, transport: StepTransport = StepTransport.TCP
 ) -> tuple[RemoteAttention, AttentionStep]:
     cfg = ModelConfig.from_folder(tiny_model)
-    options = RemoteAttentionOptions(rpc_timeout_s=5, layer_timeout_s=layer_timeout_s)
+    options = RemoteAttentionOptions(
+        rpc_timeout_s=5, layer_timeout_s=layer_timeout_s, step_transport=transport
+    )
     remote = RemoteAttention(cfg, torch.float32, Placement.request_partitioned(pod.address, 3), options)
     remote.open(0)
     remote.reserve(0, 4)
@@ -394,9 +404,12 @@ def _next_layer_fails(step: AttentionStep, within_s: float) -> AttentionPodError
 
 
 @pytest.mark.timeout(60)
-def test_killed_pod_makes_attend_fail_promptly(launch: Callable[..., Pod], tiny_model: Path) -> None:
+@pytest.mark.parametrize("transport", list(StepTransport))
+def test_killed_pod_makes_attend_fail_promptly(
+    launch: Callable[..., Pod], tiny_model: Path, transport: StepTransport
+) -> None:
     pod = launch(tiny_model, kv_budget_bytes="1000000")
-    remote, step = _remote_mid_step(pod, tiny_model)
+    remote, step = _remote_mid_step(pod, tiny_model, transport=transport)
     pod.process.send_signal(signal.SIGKILL)
     pod.process.wait(10)
     error = _next_layer_fails(step, within_s=3)
@@ -405,11 +418,13 @@ def test_killed_pod_makes_attend_fail_promptly(launch: Callable[..., Pod], tiny_
 
 
 @pytest.mark.timeout(60)
+@pytest.mark.parametrize("transport", list(StepTransport))
 def test_hung_pod_makes_attend_fail_after_the_layer_timeout(
-    launch: Callable[..., Pod], tiny_model: Path
+    launch: Callable[..., Pod], tiny_model: Path, transport: StepTransport
 ) -> None:
+    """The socket's timeout (tcp) or the watchdog (grpc) turns a hung pod into an error."""
     pod = launch(tiny_model, kv_budget_bytes="1000000")
-    remote, step = _remote_mid_step(pod, tiny_model, layer_timeout_s=1)
+    remote, step = _remote_mid_step(pod, tiny_model, layer_timeout_s=1, transport=transport)
     pod.process.send_signal(signal.SIGSTOP)
     deadline = time.monotonic() + 10  # a loaded machine can take a moment to stop every thread
     while Path(f"/proc/{pod.process.pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "T":
