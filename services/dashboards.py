@@ -181,7 +181,8 @@ ATTENTION = (
         "percentunit",
         (
             Query(
-                f"sum by (pod) (disagg_kv_blocks_used{{{M}}}) / sum by (pod) (disagg_kv_blocks_capacity{{{M}}})",
+                f"sum by (pod) (disagg_kv_blocks_used{{{M}}}) "
+                f"/ sum by (pod) (disagg_kv_blocks_capacity{{{M}}})",
                 "{{pod}}",
             ),
         ),

@@ -30,18 +30,29 @@ class AttentionMetrics:
         metrics.computed(ATTENTION_BYTES_READ, lambda: _by_policy(engine.bytes_read_total()))
         metrics.computed(ATTENTION_DENSE_BYTES, lambda: _by_policy(engine.dense_bytes_total()))
         self._layer_seconds = metrics.histogram(ATTENTION_LAYER_SECONDS)
-        self._in = metrics.counter(
-            TRANSFER_BYTES, transport="grpc", direction="received", payload="activations"
-        )
-        self._out = metrics.counter(TRANSFER_BYTES, transport="grpc", direction="sent", payload="activations")
+        carriers = ("tcp", "grpc")  # the Step socket, the gRPC Step stream
+        self._in = {
+            t: metrics.counter(TRANSFER_BYTES, transport=t, direction="received", payload="activations")
+            for t in carriers
+        }
+        self._out = {
+            t: metrics.counter(TRANSFER_BYTES, transport=t, direction="sent", payload="activations")
+            for t in carriers
+        }
 
     def frame(
-        self, seconds: float, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, o: torch.Tensor
+        self,
+        transport: str,
+        seconds: float,
+        q: torch.Tensor,
+        k: torch.Tensor,
+        v: torch.Tensor,
+        o: torch.Tensor,
     ) -> None:
-        """One Step layer frame computed in `seconds`: q/k/v in, o out."""
+        """One Step layer frame over `transport` computed in `seconds`: q/k/v in, o out."""
         self._layer_seconds.observe(seconds)
-        self._in.inc(q.nbytes + k.nbytes + v.nbytes)
-        self._out.inc(o.nbytes)
+        self._in[transport].inc(q.nbytes + k.nbytes + v.nbytes)
+        self._out[transport].inc(o.nbytes)
 
     def imported(self, transport: str, nbytes: int) -> None:
         """K/V of a prompt written into the pool (ImportKV over grpc, or a NIXL transfer)."""

@@ -19,11 +19,12 @@ Errors map to status codes here and only here (see `_STATUS`).
 
 from __future__ import annotations
 
+import functools
 import logging
 import sys
 import threading
 import time
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from contextlib import AbstractContextManager
 from dataclasses import dataclass
 from typing import Literal
@@ -42,6 +43,7 @@ from services.attention.engine import (
     NotReservedError,
     PodClosingError,
     PodGeometry,
+    Released,
     SequenceExistsError,
     StepSession,
     TooManyStepsError,
@@ -54,6 +56,7 @@ from services.attention.nixl_import import (
     NixlImporter,
     TransferNotPlannedError,
 )
+from services.attention.step_server import StepSocketServer
 from services.core.attention import OutOfBlocks, SeqChunk
 from services.core.errors import DisaggError
 from services.core.metrics import ATTENTION, MetricsServer, PodMetrics
@@ -110,6 +113,13 @@ class AttentionSettings(PodSettings):
         description="share of cost_usd_per_hour that pays for KV memory (blocks held x time); the rest "
         "pays for compute (docs/cost.md)",
     )
+    step_port: int = Field(
+        0,
+        ge=0,
+        le=65535,
+        description="TCP port of the Step socket (decode pods' --step-transport tcp); 0 picks a free one, "
+        "which Stats tells clients (set a fixed one where a NetworkPolicy lists ports)",
+    )
 
 
 # Most specific first: the first matching class gives the status.
@@ -132,6 +142,12 @@ def _status(context: grpc.ServicerContext) -> AbstractContextManager[None]:
     return grpc_errors(context, _STATUS, "attention")
 
 
+def _status_name(exc: BaseException) -> str:
+    """The status the gRPC edge would give `exc`, by name (for the Step socket's ERROR frames)."""
+    codes = (code for kind, code in _STATUS if isinstance(exc, kind) and isinstance(code, grpc.StatusCode))
+    return next(codes, grpc.StatusCode.INTERNAL).name
+
+
 class AttentionServicer(pb_grpc.AttentionServicer):
     def __init__(
         self, engine: AttentionEngine, settings: AttentionSettings, metrics: AttentionMetrics | None = None
@@ -141,6 +157,7 @@ class AttentionServicer(pb_grpc.AttentionServicer):
         self.limits = TensorLimits(max_bytes=settings.max_message_bytes)
         self.nixl: NixlImporter | None = None  # set at start with transport nixl
         self.metrics = metrics or AttentionMetrics(PodMetrics(ATTENTION, settings.pod_id), engine)
+        self.step_port = 0  # the Step socket's bound port, set at start (Stats tells clients)
 
     def Open(self, request: pb.OpenRequest, context: grpc.ServicerContext) -> pb.OpenResponse:
         with _status(context):
@@ -182,11 +199,15 @@ class AttentionServicer(pb_grpc.AttentionServicer):
 
     def Free(self, request: pb.FreeRequest, context: grpc.ServicerContext) -> pb.FreeResponse:
         with _status(context):
-            if self.nixl is not None:  # waits while a NIXL WRITE into the sequence may be in flight
-                released = self.nixl.free(request.seq_id, self.engine.release)
-            else:
-                released = self.engine.release(request.seq_id)
+            released = self.free_sequence(request.seq_id)
         return pb.FreeResponse(released_blocks=released.blocks, cost_usd=released.cost_usd)
+
+    def free_sequence(self, seq_id: int) -> Released:
+        """Free a sequence's blocks (and say what it cost here); with NIXL, first wait while a WRITE
+        into them may be in flight (else a late WRITE could land in blocks given to another sequence)."""
+        if self.nixl is not None:
+            return self.nixl.free(seq_id, self.engine.release)
+        return self.engine.release(seq_id)
 
     def PlanImport(
         self, request: pb.PlanImportRequest, context: grpc.ServicerContext
@@ -230,6 +251,7 @@ class AttentionServicer(pb_grpc.AttentionServicer):
             head_dim=geometry.head_dim,
             dtype=DTYPE_TO_WIRE[geometry.dtype],
             max_message_bytes=self.settings.max_message_bytes,
+            step_port=self.step_port,
         )
 
     def Step(
@@ -239,13 +261,17 @@ class AttentionServicer(pb_grpc.AttentionServicer):
         try:
             for frame in request_iterator:
                 with _status(context):
-                    response = self._frame(session, frame)
+                    response = self.step_frame(session, frame)
                 if response is not None:
                     yield response
         finally:
             session.close()
 
-    def _frame(self, session: StepSession, frame: pb.StepRequest) -> pb.StepResponse | None:
+    def step_frame(
+        self, session: StepSession, frame: pb.StepRequest, transport: str = "grpc"
+    ) -> pb.StepResponse | None:
+        """One frame of a Step exchange, whichever carries it (`transport`: grpc, the gRPC stream;
+        tcp, the Step socket)."""
         kind = frame.WhichOneof("frame")
         if kind == "begin":
             chunks = [SeqChunk(c.seq_id, c.start, c.length) for c in frame.begin.chunks]
@@ -260,7 +286,7 @@ class AttentionServicer(pb_grpc.AttentionServicer):
         v = decode(f.v_new, self.limits, name="v_new", dtype=g.dtype, shape=(lanes, g.head_dim))
         started = time.perf_counter()
         o = session.layer(f.step_id, f.layer, q, k, v)  # [M, G, D]
-        self.metrics.frame(time.perf_counter() - started, q, k, v, o)
+        self.metrics.frame(transport, time.perf_counter() - started, q, k, v, o)
         response = pb.StepResponse(step_id=f.step_id, layer=f.layer)
         encode_into(response.o, o)
         return response
@@ -293,6 +319,7 @@ class RunningPod:
     registration: PodRegistration
     reaper: OrphanReaper | None
     metrics: MetricsServer
+    step_socket: StepSocketServer
     nixl: NixlImporter | None = None
 
     @property
@@ -307,6 +334,7 @@ class RunningPod:
         self.engine.close()  # new steps fail with UNAVAILABLE at once
         self.grpc.stop(self.settings.shutdown_grace_s)  # then open calls end with UNAVAILABLE
         self.metrics.stop()
+        self.step_socket.stop()  # its steps already fail with UNAVAILABLE (engine closed)
         if self.nixl is not None:
             self.nixl.close()
 
@@ -326,6 +354,16 @@ def start(settings: AttentionSettings) -> RunningPod:
         servicers=[(pb_grpc.add_AttentionServicer_to_server, servicer)],
         service_names=[SERVICE_NAME],
     )
+    step_socket = StepSocketServer(
+        engine,
+        functools.partial(servicer.step_frame, transport="tcp"),
+        _status_name,
+        settings.host,
+        settings.step_port,
+        max_message_bytes=settings.max_message_bytes,
+        max_connections=settings.threads,
+    ).start()
+    servicer.step_port = step_socket.port
     stats = engine.stats()
     registration = PodRegistration.start(
         settings.redis_url,
@@ -338,10 +376,13 @@ def start(settings: AttentionSettings) -> RunningPod:
         metrics_address=metrics_address,
     )
     registry = registration.registry
-    reaper = OrphanReaper(engine, registry).start() if registry is not None else None
+    free = lambda seq_id: servicer.free_sequence(seq_id).blocks  # noqa: E731
+    reaper = OrphanReaper(engine, registry, free).start() if registry is not None else None
     if servicer.nixl is not None:
         servicer.nixl.publish(registry)
-    return RunningPod(server, engine, settings, registration, reaper, metrics_server, servicer.nixl)
+    return RunningPod(
+        server, engine, settings, registration, reaper, metrics_server, step_socket, servicer.nixl
+    )
 
 
 class OrphanReaper:
@@ -353,9 +394,12 @@ class OrphanReaper:
     row (one TTL of slack for a late heartbeat) loses its sequences. Redis errors skip a round.
     """
 
-    def __init__(self, engine: AttentionEngine, registry: PodRegistry) -> None:
+    def __init__(
+        self, engine: AttentionEngine, registry: PodRegistry, free: Callable[[int], int] | None = None
+    ) -> None:
         self.engine = engine
         self.registry = registry
+        self.free = free or engine.free  # the pod's safe free (AttentionServicer.free_sequence)
         self.interval_s = registry.settings.pod_ttl_s
         self._missing: set[str] = set()
         self._stop = threading.Event()
@@ -386,7 +430,7 @@ class OrphanReaper:
         live = {pod.pod_id for pod in self.registry.live_pods(Role.DECODE)}
         missing = owners - live
         for owner in missing & self._missing:
-            sequences, blocks = self.engine.free_owned_by(owner)
+            sequences, blocks = self.engine.free_owned_by(owner, self.free)
             log.warning(
                 "decode pod %s left the registry: freed its %d sequences (%d blocks)",
                 owner,

@@ -98,7 +98,8 @@ REQUESTS = _spec(
     "disagg_requests_total",
     C,
     GATEWAYS,
-    "Requests ended, by status: ok, invalid, no_capacity, unavailable, timeout, cancelled, error.",
+    "Requests ended, by status: ok, invalid, rate_limited, over_budget, no_capacity, unavailable, "
+    "timeout, cancelled, error.",
     "tenant",
     "status",
 )
@@ -216,7 +217,8 @@ TRANSFER_BYTES = _spec(
     "disagg_transfer_bytes_total",
     C,
     (PREFILL, DECODE, ATTENTION),
-    "Tensor bytes moved between pods: transport grpc|nixl, direction sent|received, payload "
+    "Tensor bytes moved between pods: transport tcp (the Step socket) | grpc | nixl, direction "
+    "sent|received, payload "
     "activations (per-layer q/k/v and o) | kv (prompt K/V from prefill to attention pods).",
     "transport",
     "direction",

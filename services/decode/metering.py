@@ -113,23 +113,31 @@ class StepTiming:
 
 
 class LinkMetrics:
-    """The decode pod's Step streams: activation bytes each way and each layer's round trip."""
+    """The decode pod's Step exchanges, by carrier (tcp: the Step socket, grpc: the gRPC stream):
+    activation bytes each way and each layer's round trip."""
+
+    CARRIERS = ("tcp", "grpc")
 
     def __init__(self, metrics: PodMetrics | None = None) -> None:
         metrics = metrics or PodMetrics(DECODE)
-        self._sent = metrics.counter(
-            TRANSFER_BYTES, transport="grpc", direction="sent", payload="activations"
-        )
-        self._received = metrics.counter(
-            TRANSFER_BYTES, transport="grpc", direction="received", payload="activations"
-        )
-        self._round_trip = metrics.histogram(TRANSFER_SECONDS, transport="grpc", payload="activations")
+        payload = "activations"
+        self._sent = {
+            t: metrics.counter(TRANSFER_BYTES, transport=t, direction="sent", payload=payload)
+            for t in self.CARRIERS
+        }
+        self._received = {
+            t: metrics.counter(TRANSFER_BYTES, transport=t, direction="received", payload=payload)
+            for t in self.CARRIERS
+        }
+        self._round_trip = {
+            t: metrics.histogram(TRANSFER_SECONDS, transport=t, payload=payload) for t in self.CARRIERS
+        }
 
-    def sent(self, nbytes: int) -> None:
-        self._sent.inc(nbytes)
+    def sent(self, transport: str, nbytes: int) -> None:
+        self._sent[transport].inc(nbytes)
 
-    def received(self, nbytes: int) -> None:
-        self._received.inc(nbytes)
+    def received(self, transport: str, nbytes: int) -> None:
+        self._received[transport].inc(nbytes)
 
-    def round_trip(self, seconds: float) -> None:
-        self._round_trip.observe(seconds)
+    def round_trip(self, transport: str, seconds: float) -> None:
+        self._round_trip[transport].observe(seconds)

@@ -56,6 +56,7 @@ from services.decode.attention_link import (
     AttentionPodError,
     PodLink,
     RemoteAttentionOptions,
+    SocketStepStream,
     StepStream,
     Watchdog,
 )
@@ -288,9 +289,14 @@ class RemoteAttention(AttentionPart):
 class _Target:
     """One pod's share of a step."""
 
-    stream: StepStream
+    stream: StepStream | SocketStepStream
     lanes: torch.Tensor | None  # [M] indices into the step's N·Hkv lanes; None: all of them, in order
     num_lanes: int  # M
+
+    @property
+    def transport(self) -> str:
+        """The carrier's name in metrics: tcp (the Step socket) or grpc (the gRPC stream)."""
+        return "tcp" if isinstance(self.stream, SocketStepStream) else "grpc"
 
 
 class _RemoteStep(AttentionStep):
@@ -334,7 +340,7 @@ class _RemoteStep(AttentionStep):
                 o = self._collect(layer, q)
             answered = time.perf_counter()
             self.part.wait_seconds += answered - waiting
-            self.part.link.round_trip(answered - sent_at)
+            self.part.link.round_trip(self.targets[0].transport, answered - sent_at)
             return o
 
         return result
@@ -363,7 +369,7 @@ class _RemoteStep(AttentionStep):
             encode_into(f.k_new, k_lanes if idx is None else k_lanes.index_select(0, idx))
             encode_into(f.v_new, v_lanes if idx is None else v_lanes.index_select(0, idx))
             target.stream.send(frame)
-            self.part.link.sent(len(f.q.data) + len(f.k_new.data) + len(f.v_new.data))
+            self.part.link.sent(target.transport, len(f.q.data) + len(f.k_new.data) + len(f.v_new.data))
 
     def _collect(self, layer: int, q: torch.Tensor) -> torch.Tensor:
         n, hq, d = q.shape
@@ -379,7 +385,7 @@ class _RemoteStep(AttentionStep):
     def _receive(self, target: _Target, layer: int, q: torch.Tensor) -> torch.Tensor:
         """The pod's o: [M, G, D], on q's device."""
         response = target.stream.receive(self.part.options.layer_timeout_s)
-        self.part.link.received(len(response.o.data))
+        self.part.link.received(target.transport, len(response.o.data))
         address = target.stream.address
         if response.step_id != self.step_id or response.layer != layer:
             error = AttentionPodError(

@@ -4,9 +4,11 @@
     GET  /v1/models             GET  /health                    GET /docs (OpenAPI)
     GET  /metrics               (Prometheus text format; docs/metrics.md)
 
-A request: start its meter (`metering.py`: tenant, latencies, cost) -> validate and tokenize
-(`prompts.py`) -> admit a guarded generation (`runner.py`) -> render events as one JSON body or as
-SSE chunks (`render.py`), `usage` carrying the request's cost. Every error becomes OpenAI's error
+A request: authenticate (the `authenticate` dependency sets `request.state.tenant`; see auth.py) ->
+start its meter (`metering.py`: the tenant's latencies, tokens and cost) -> validate and tokenize
+(`prompts.py`) -> admit it against the tenant's limits, then as a guarded generation (`runner.py`;
+closing it records the tenant's usage and the request's metrics) -> render events as one JSON body or
+as SSE chunks (`render.py`), `usage` carrying the request's cost. Every error becomes OpenAI's error
 JSON here and only here (`errors.describe`). A streaming response waits for the first token before
 sending headers, so errors up to then still get their real status; later ones become an SSE error event.
 """
@@ -16,17 +18,19 @@ from __future__ import annotations
 import asyncio
 import functools
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine
+from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine, Mapping
 from typing import Any, Literal, ParamSpec
 
-from fastapi import FastAPI, Request
+from fastapi import Depends, FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import Response, StreamingResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from services.core.cost import CostMeter
+from services.core.errors import DisaggError
 from services.core.metrics import PodMetrics
 from services.decode.engine import TokenEvent
+from services.gateway.auth import Tenancy, authenticate
 from services.gateway.backend import Backend
 from services.gateway.errors import (
     INVALID_REQUEST,
@@ -36,7 +40,7 @@ from services.gateway.errors import (
     describe,
     invalid_request,
 )
-from services.gateway.metering import DEFAULT_TENANT, GatewayMetering, RequestMeter
+from services.gateway.metering import GatewayMetering, RequestMeter
 from services.gateway.prompts import ModelLimits, PreparedRequest, prepare_chat, prepare_completion
 from services.gateway.protocol import (
     ChatCompletionRequest,
@@ -56,16 +60,18 @@ from services.gateway.settings import GatewaySettings
 P = ParamSpec("P")
 SSE_HEADERS = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}  # no proxy buffering
 ERROR_RESPONSES: dict[int | str, dict[str, Any]] = {
-    status: {"model": ErrorResponse} for status in (400, 404, 500, 503, 504)
+    status: {"model": ErrorResponse} for status in (400, 401, 402, 404, 429, 500, 503, 504)
 }
+AUTHENTICATED = [Depends(authenticate)]  # routes that need an API key once keys exist
 
 
 class Gateway:
     """The state behind the routes: the backend, the settings and the admitted requests."""
 
-    def __init__(self, backend: Backend, settings: GatewaySettings) -> None:
+    def __init__(self, backend: Backend, settings: GatewaySettings, tenancy: Tenancy | None = None) -> None:
         self.backend = backend
         self.settings = settings
+        self.tenancy = tenancy or Tenancy.single_tenant()
         self.metrics = PodMetrics(backend.role, settings.pod_id, backend.model_name)
         backend.instrument(self.metrics)
         more_costs = backend.cost_sources()  # non-empty: the backend carries this process's price
@@ -105,7 +111,7 @@ class Gateway:
     ) -> Response:
         """One request, metered from arrival: an error before its generation is counted here; once
         admitted, the generation counts it when it closes."""
-        meter = self.metering.begin(DEFAULT_TENANT)  # issue 6 part B: the tenant of the API key
+        meter = self.metering.begin(request.state.tenant)
         try:
             prepared = await prepare
             meter.prompt(len(prepared.prompt_ids))
@@ -119,15 +125,23 @@ class Gateway:
     async def respond(
         self, request: Request, prepared: PreparedRequest, fmt: ResponseFormat, meter: RequestMeter
     ) -> Response:
-        generation = self.admission.admit(
-            self.backend,
-            prepared.prompt_ids,
-            prepared.params,
-            timeout_s=self.settings.request_timeout_seconds,
-            meter=meter,
-            disconnected=functools.partial(_wait_for_disconnect, request),
-        )
+        tokens = len(prepared.prompt_ids) + prepared.params.max_tokens
+        charge = await self.tenancy.admit(request.state.tenant, tokens)
         tally = Tally(prompt_tokens=len(prepared.prompt_ids))
+        finish = functools.partial(self.tenancy.finish, charge, tally)  # once, when the request ends
+        try:
+            generation = self.admission.admit(
+                self.backend,
+                prepared.prompt_ids,
+                prepared.params,
+                timeout_s=self.settings.request_timeout_seconds,
+                meter=meter,
+                disconnected=functools.partial(_wait_for_disconnect, request),
+                on_close=finish,
+            )
+        except BaseException:
+            finish()
+            raise
         if not prepared.stream:
             try:
                 async for event in generation:
@@ -144,8 +158,8 @@ class Gateway:
         return StreamingResponse(body, media_type="text/event-stream", headers=SSE_HEADERS)
 
 
-def create_app(backend: Backend, settings: GatewaySettings) -> FastAPI:
-    gateway = Gateway(backend, settings)
+def create_app(backend: Backend, settings: GatewaySettings, tenancy: Tenancy | None = None) -> FastAPI:
+    gateway = Gateway(backend, settings, tenancy)
     app = FastAPI(
         title="disagg gateway",
         summary="OpenAI-compatible completions and chat completions served by disagg",
@@ -154,20 +168,31 @@ def create_app(backend: Backend, settings: GatewaySettings) -> FastAPI:
     app.state.gateway = gateway
     app.add_exception_handler(RequestValidationError, _validation_error)
     app.add_exception_handler(StarletteHTTPException, _http_error)
+    app.add_exception_handler(DisaggError, _dependency_error)  # errors raised by `authenticate`
 
-    @app.post("/v1/completions", response_model=CompletionResponse, responses=ERROR_RESPONSES)
+    @app.post(
+        "/v1/completions",
+        response_model=CompletionResponse,
+        responses=ERROR_RESPONSES,
+        dependencies=AUTHENTICATED,
+    )
     @_openai_errors
     async def completions(body: CompletionRequest, request: Request) -> Response:
         prepared = prepare_completion(body, backend.tokenizer, gateway.limits)
         return await gateway.serve(request, prepared, CompletionFormat)
 
-    @app.post("/v1/chat/completions", response_model=ChatCompletionResponse, responses=ERROR_RESPONSES)
+    @app.post(
+        "/v1/chat/completions",
+        response_model=ChatCompletionResponse,
+        responses=ERROR_RESPONSES,
+        dependencies=AUTHENTICATED,
+    )
     @_openai_errors
     async def chat_completions(body: ChatCompletionRequest, request: Request) -> Response:
         prepared = prepare_chat(body, backend.tokenizer, gateway.limits)
         return await gateway.serve(request, prepared, ChatFormat)
 
-    @app.get("/v1/models", response_model=ModelList)
+    @app.get("/v1/models", response_model=ModelList, responses=ERROR_RESPONSES, dependencies=AUTHENTICATED)
     async def models() -> ModelList:
         cards = [
             ModelCard(id=name, created=gateway.started, max_model_len=backend.max_model_len)
@@ -252,6 +277,10 @@ async def _validation_error(request: Request, exc: Exception) -> Response:
     return _error(invalid_request(f"invalid `{field}`: {first.get('msg')}{more}", location[0]))
 
 
+async def _dependency_error(request: Request, exc: Exception) -> Response:
+    return _error(describe(exc))
+
+
 async def _http_error(request: Request, exc: Exception) -> Response:
     status = exc.status_code if isinstance(exc, StarletteHTTPException) else 500
     detail = exc.detail if isinstance(exc, StarletteHTTPException) else "internal error"
@@ -260,11 +289,11 @@ async def _http_error(request: Request, exc: Exception) -> Response:
 
 
 def _error(error: HttpError) -> Response:
-    return _json(error.body.model_dump_json(), error.status)
+    return _json(error.body.model_dump_json(), error.status, error.headers)
 
 
-def _json(body: str, status: int = 200) -> Response:
-    return Response(content=body, status_code=status, media_type="application/json")
+def _json(body: str, status: int = 200, headers: Mapping[str, str] | None = None) -> Response:
+    return Response(content=body, status_code=status, media_type="application/json", headers=headers)
 
 
 __all__ = ["Gateway", "create_app"]

@@ -8,9 +8,10 @@
     meter.fail(exc)                       # the request ends with an error instead
     meter.finish()                        # once, idempotent: status, latencies, tokens, costs
 
-Every gateway-side function takes the request's `tenant` (API keys: issue 6 part B; until then
-"default"). Series of a tenant are created, at zero, for every status and component the first time
-the tenant is seen, so ratios and rates have data before the first error.
+Every gateway-side function takes the request's `tenant` (its API key's, docs/tenants.md; "default"
+without keys). Requests refused by authentication (401) never reach a route and are not counted.
+Series of a tenant are created, at zero, for every status and component the first time the tenant
+is seen, so ratios and rates have data before the first error.
 
 The gateway's cost: its time is shared equally among the requests in flight (processor sharing on
 its CostMeter, from arrival to the last event); no request in flight is idle. Latency histograms
@@ -43,17 +44,19 @@ from services.core.metrics import (
     PodMetrics,
     export_cost,
 )
+from services.core.tenants import DEFAULT_TENANT, BudgetExceededError, RateLimitedError
 from services.decode.engine import TokenEvent
 from services.gateway.backend import BackendLoad
 from services.gateway.errors import ClientDisconnectedError, DeadlineExceededError, ModelNotServedError
 
-DEFAULT_TENANT = "default"  # every request's tenant until API keys exist (issue 6 part B)
 COMPONENTS = ("prefill", "decode", "attention", "gateway")  # the keys of usage.cost_breakdown
 
 
 class Status(StrEnum):
     OK = "ok"
     INVALID = "invalid"  # 400 / 404: the request's fault
+    RATE_LIMITED = "rate_limited"  # 429: the tenant's requests or tokens per minute
+    OVER_BUDGET = "over_budget"  # 402: the tenant's monthly budget is spent
     NO_CAPACITY = "no_capacity"  # 503: no room now
     UNAVAILABLE = "unavailable"  # 503: a pod failed, shutting down
     TIMEOUT = "timeout"  # 504: the request deadline passed
@@ -66,6 +69,10 @@ def status_of(exc: BaseException) -> Status:
     match exc:
         case InvalidRequestError() | ModelNotServedError():
             return Status.INVALID
+        case RateLimitedError():
+            return Status.RATE_LIMITED
+        case BudgetExceededError():
+            return Status.OVER_BUDGET
         case NoCapacityError():
             return Status.NO_CAPACITY
         case BackendUnavailableError():
