@@ -209,3 +209,15 @@ def test_the_launcher_scrapes_every_pod(cluster: Cluster) -> None:
     assert len(up) == 5 and all(r["value"][1] == "1" for r in up)
     health = httpx.get(f"{cluster.url}/health", timeout=10).json()
     assert health["status"] == "ok"
+
+
+def test_both_ends_count_the_same_transferred_bytes(cluster: Cluster) -> None:
+    def total(role: str, direction: str, payload: str) -> float:
+        labels = f'role="{role}", direction="{direction}", payload="{payload}"'
+        return cluster.value(f"sum(disagg_transfer_bytes_total{{{labels}}})")
+
+    assert total("decode", "sent", "activations") == total("attention", "received", "activations") > 0
+    assert total("attention", "sent", "activations") == total("decode", "received", "activations") > 0
+    assert total("prefill", "sent", "kv") == total("attention", "received", "kv") > 0
+    read = cluster.value("sum(disagg_attention_bytes_read_total)")
+    assert read == cluster.value("sum(disagg_attention_dense_bytes_total)") > 0  # dense: no savings
