@@ -158,28 +158,55 @@ def test_sparq_window_only_attends_to_the_last_positions(device: str) -> None:
 
 
 @pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("e_dtype", [torch.float32, torch.float16])
+def test_sparq_scores_match_the_reference_score(device: str, e_dtype: torch.dtype) -> None:
+    """Phase 1 (logits over kt, then the keys): Σ_g softmax_g of the approximate logits, window +inf;
+    fp16 scratch within its 2^-11 relative rounding."""
+    lengths, bs, r, window = [1, 37, 600, 1100], 16, 8, 4
+    pool, q, k, _ = make_pool(lengths, bs, torch.float32, device, seed=8)
+    paged, kt = PagedLanes.build(pool, bs, device), sparq.kt_from_k(k)
+    idx, q_sel = sparq.select_components(q, r, D**-0.5)
+    width = max(lengths)
+    table = paged.padded_table(-(-width // bs))
+    kt_sel = kt[table[:, :, None], idx[:, None, :]].permute(0, 2, 1, 3).reshape(len(lengths), r, -1)
+    logits = torch.bmm(q_sel, kt_sel[:, :, :width])  # [n_lanes, G, width]
+    length, pos = torch.tensor(lengths, device=device)[:, None], torch.arange(width, device=device)[None, :]
+    valid = pos < length
+    score = logits.masked_fill(~valid[:, None, :], float("-inf")).softmax(dim=-1).sum(dim=1)
+    phase1 = sparq_kernels.sparq_scores(q_sel, idx.int(), kt, paged, width, window, e_dtype, block_n=256)
+    keys = phase1.keys[:, :width]
+    assert phase1.wpad >= width and keys.dtype == torch.int32
+    got = keys.view(torch.float32)
+    in_window = valid & (pos >= length - window)
+    assert bool(got[in_window].isinf().all())
+    middle = valid & ~in_window
+    err = ((got[middle] - score[middle]).abs() / score[middle]).max()
+    assert err < (1e-5 if e_dtype == torch.float32 else 2e-3), err
+
+
+@pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("use_torch", [False, True])
 def test_sparq_pick_is_exact(device: str, use_torch: bool, monkeypatch: pytest.MonkeyPatch) -> None:
-    """The selection = torch.topk of the reference score: ties across the k-th value, a crowded
-    threshold bin (lane 4: every score equal), the forced window, lanes shorter than k, unused slots."""
+    """The selection = torch.topk of the keys: ties across the k-th value, a crowded threshold bin
+    (lane 4: every score equal), the forced window (+inf), lanes shorter than k, unused slots."""
     if use_torch:
         monkeypatch.setattr(sparq_kernels, "PICK_MAX_WIDTH", 0)
     gen = torch.Generator().manual_seed(6)
-    lengths, bs, window = [1, 5, 300, 1500, 1500], 16, 4
+    lengths, bs = [1, 5, 300, 1500, 1500], 16
     pool, _, _, _ = make_pool(lengths, bs, torch.float32, "cpu", seed=6)
     paged = PagedLanes.build(pool, bs, device)
-    width = max(lengths)
-    logits = torch.randn(len(lengths), G, width, generator=gen) * 3
-    logits[3, :, 100:180] = 10.0  # 80 equal top logits: a tie across the k-th value at k = 64
-    logits[4] = 0.0  # all scores equal: the bin holds every key
-    logits_dev = torch.nn.functional.pad(logits, (0, 7)).to(device)  # wpad > width
-    length = torch.tensor(lengths)[:, None]
-    pos = torch.arange(width)[None, :]
-    valid = pos < length
-    score = logits.masked_fill(~valid[:, None, :], float("-inf")).softmax(dim=-1).sum(dim=1)
-    score = score.masked_fill(valid & (pos >= length - window), float("inf")).masked_fill(~valid, -1.0)
+    width, wpad = max(lengths), max(lengths) + 7
+    score = torch.rand(len(lengths), wpad, generator=gen) * 1e-3
+    score[:, ::7] = torch.rand(len(lengths), -(-wpad // 7), generator=gen)  # several exponents
+    score[3, 100:180] = 0.9  # 80 equal top scores: a tie across the k-th value at k = 64
+    score[4] = 0.25  # every score equal: the bin holds every key
+    for lane, n in enumerate(lengths):
+        score[lane, max(0, n - 4) : n] = float("inf")
+    keys = score.view(torch.int32).clone()
+    keys[torch.arange(wpad)[None, :] >= torch.tensor(lengths)[:, None]] = -1
+    phase1 = sparq_kernels.Phase1(keys.to(device), wpad)
     for k in (64, 1500):
-        rows = sparq_kernels.sparq_pick(logits_dev, paged, k, window, width).cpu()
+        rows = sparq_kernels.sparq_pick(phase1, paged, k, width).cpu()
         assert rows.shape == (len(lengths), k) and rows.dtype == torch.int32
         for lane, ((table, n), got) in enumerate(zip(pool, rows.tolist(), strict=True)):
             at = {block: i for i, block in enumerate(table)}
