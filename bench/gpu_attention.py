@@ -11,6 +11,7 @@ One call: (1) measures the device copy bandwidth (a large device-to-device copy,
     triton    kernels.paged_decode.paged_decode_attention (split-K flash-decoding over the block table)
     sparq     kernels.sparq.sparq_decode_triton at 1/8 of dense bytes: r = D/8 components and k = S/16
               keys (window 64 inside k): r·S + 2·k·D = S·D/8 + S·D/8 = (2·S·D)/8 per lane
+    sparq_h   the same with fp16 phase-1 scratch (e_dtype=torch.float16; sparq_kernels docstring)
 
 Every lane has the same context S (batch × Hkv lanes), blocks are placed at random in the pool. Times are
 medians of CUDA-event timings of CUDA-graph replays with the L2 flushed before each
@@ -27,6 +28,7 @@ import json
 import sys
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
+from functools import partial
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -165,6 +167,11 @@ class Case:
             "sparq": lambda: (
                 sparq.sparq_decode_triton(q, k_cache, v_cache, kt_cache, lanes, r, k, window, scale).out
             ),
+            "sparq_h": lambda: (
+                sparq.sparq_decode_triton(
+                    q, k_cache, v_cache, kt_cache, lanes, r, k, window, scale, e_dtype=torch.float16
+                ).out
+            ),
         }
 
 
@@ -190,10 +197,10 @@ def run_case(case: Case, copy_bps: float) -> list[Row]:
         except RuntimeError as error:  # a path that cannot be captured is timed eagerly, and says so
             print(f"{name}: CUDA graph capture failed ({error}); timing it eagerly", flush=True)
             ms = bench_ms(fn, graph=False)
-        eager = bench_ms(fn, graph=False) * 1e3 if name in ("triton", "sparq") else None
-        nbytes = sparse if name == "sparq" else case.dense_bytes()
+        eager = bench_ms(fn, graph=False) * 1e3 if name in ("triton", "sparq") else None  # sparq_h: same
+        nbytes = sparse if name.startswith("sparq") else case.dense_bytes()
         gbps = nbytes / (ms * 1e-3) / 1e9
-        err = rel_err(out, sparq_reference if name == "sparq" else reference)
+        err = rel_err(out, sparq_reference if name.startswith("sparq") else reference)
         row = Row(case.shape, hkv, group, head_dim, case.block_size, case.batch, case.context, name, ms * 1e3,
                   eager, nbytes, gbps, 100 * gbps * 1e9 / copy_bps, err)  # fmt: skip
         rows.append(row)
@@ -288,29 +295,33 @@ def _stage_case(case: Case) -> None:
     context, (r, k, window) = case.context, case.sparq_budget()
     n_lanes, group, head_dim = q.shape
     item = k_cache.element_size()
-    kt_bytes, logit_bytes = n_lanes * context * r * item, n_lanes * context * group * 4
+    kt_bytes, logit_bytes = n_lanes * context * r * item, n_lanes * context * group * 4  # fp32 e
     gather_bytes = n_lanes * k * 2 * head_dim * item
     idx, q_sel = sk.sparq_select(q, r, scale)
-    logits = sk.sparq_logits(q_sel, idx, kt_cache, lanes, context)
-    rows = sk.sparq_pick(logits, lanes, k, window, context)
+    phase1 = sk.sparq_scores(q_sel, idx, kt_cache, lanes, context, window)
+    rows = sk.sparq_pick(phase1, lanes, k, context)
     methods = case.methods()
     print(f"== {case.shape} bs={case.block_size} B={case.batch} ctx={context} lanes={n_lanes} r={r} k={k}")
     _try_ms("dense (triton)", methods["triton"], case.dense_bytes())
-    _try_ms("sparq step", methods["sparq"], kt_bytes + gather_bytes)
+    _try_ms("sparq step, fp32 scratch", methods["sparq"], kt_bytes + gather_bytes)
+    _try_ms("sparq step, fp16 scratch", methods["sparq_h"], kt_bytes + gather_bytes)
     _try_ms("select components", lambda: sk.sparq_select(q, r, scale))
-    for block_n, warps in ((256, 4), (512, 4), (1024, 4), (512, 8), (1024, 8)):
+    for block_n, warps, e_dtype in (
+        (256, 4, torch.float32), (512, 4, torch.float32), (1024, 4, torch.float32), (512, 8, torch.float32),
+        (1024, 8, torch.float32), (512, 4, torch.float16),
+    ):  # fmt: skip
         _try_ms(
-            f"logits bn={block_n} w={warps} (kt+write)",
-            lambda b=block_n, w=warps: sk.sparq_logits(q_sel, idx, kt_cache, lanes, context, b, w),
-            kt_bytes + logit_bytes,
+            f"scores bn={block_n} w={warps} {str(e_dtype)[6:]}",
+            partial(sk.sparq_scores, q_sel, idx, kt_cache, lanes, context, window, e_dtype, block_n, warps),
+            kt_bytes + (1 if e_dtype == torch.float16 else 2) * logit_bytes + n_lanes * context * 4,
         )
     for pick_warps in (None, 8, 32):
         _try_ms(
             f"pick warps={pick_warps or sk.pick_warps(context)}",
-            lambda w=pick_warps: sk.sparq_pick(logits, lanes, k, window, context, w),
-            logit_bytes,
+            partial(sk.sparq_pick, phase1, lanes, k, context, pick_warps),
+            n_lanes * context * 4,
         )
-    _try_ms("torch.topk, one row/lane", lambda: logits[:, 0, :context].topk(k, dim=1, sorted=False))
+    _try_ms("torch.topk of the keys", lambda: phase1.keys[:, :context].topk(k, dim=1, sorted=False))
     _try_ms(
         "phase 2 (gather rows + merge)",
         lambda: paged_decode.gathered_decode_attention(q, k_cache, v_cache, lanes, rows, scale),
@@ -321,7 +332,11 @@ def _stage_case(case: Case) -> None:
         for nbytes in (32, 128):
             print(f"  L2 fetch granularity hint {nbytes}: reads back {l2_fetch_granularity(nbytes)}")
             _try_ms("  dense", methods["triton"], case.dense_bytes())
-            _try_ms("  logits", lambda: sk.sparq_logits(q_sel, idx, kt_cache, lanes, context), kt_bytes)
+            _try_ms(
+                "  scores",
+                lambda: sk.sparq_scores(q_sel, idx, kt_cache, lanes, context, window),
+                kt_bytes + 2 * logit_bytes + n_lanes * context * 4,
+            )
             _try_ms("  sparq step", methods["sparq"], kt_bytes + gather_bytes)
         if default is not None:
             l2_fetch_granularity(default)
@@ -340,18 +355,29 @@ def print_table(rows: list[Row], copy_bps: float) -> None:
     )
     for column in ("shape", "bs", "B", "ctx", "sdpa us", "ref us", "triton us", "eager", "%copy"):
         table.add_column(column, justify="right")
-    for column in ("sparq us", "eager", "%copy", "x dense", "err", "sparq err"):
+    for column in (
+        "sparq us",
+        "eager",
+        "%copy",
+        "x dense",
+        "fp16-e us",
+        "x dense",
+        "err",
+        "sparq err",
+        "fp16 err",
+    ):
         table.add_column(column, justify="right")
     cases: dict[tuple[str, int, int, int], dict[str, Row]] = {}
     for row in rows:
         cases.setdefault((row.shape, row.block_size, row.batch, row.context), {})[row.method] = row
     for (shape, bs, batch, context), m in cases.items():
-        tri, sp = m["triton"], m["sparq"]
+        tri, sp, sh = m["triton"], m["sparq"], m["sparq_h"]
         table.add_row(
             shape, str(bs), str(batch), f"{context // 1024}K", f"{m['sdpa'].time_us:.0f}",
             f"{m['reference'].time_us:.0f}", f"{tri.time_us:.1f}", f"{tri.eager_us:.1f}",
             f"{tri.pct_copy:.0f}", f"{sp.time_us:.1f}", f"{sp.eager_us:.1f}", f"{sp.pct_copy:.0f}",
-            f"{tri.time_us / sp.time_us:.2f}", f"{tri.err:.0e}", f"{sp.err:.0e}",
+            f"{tri.time_us / sp.time_us:.2f}", f"{sh.time_us:.1f}", f"{tri.time_us / sh.time_us:.2f}",
+            f"{tri.err:.0e}", f"{sp.err:.0e}", f"{sh.err:.0e}",
         )  # fmt: skip
     Console(width=200).print(table)
 
