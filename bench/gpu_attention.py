@@ -11,7 +11,6 @@ One call: (1) measures the device copy bandwidth (a large device-to-device copy,
     triton    kernels.paged_decode.paged_decode_attention (split-K flash-decoding over the block table)
     sparq     kernels.sparq.sparq_decode_triton at 1/8 of dense bytes: r = D/8 components and k = S/16
               keys (window 64 inside k): r·S + 2·k·D = S·D/8 + S·D/8 = (2·S·D)/8 per lane
-    sparq_h   the same with fp16 phase-1 scratch (e_dtype=torch.float16; sparq_kernels docstring)
 
 Every lane has the same context S (batch × Hkv lanes), blocks are placed at random in the pool. Times are
 medians of CUDA-event timings of CUDA-graph replays with the L2 flushed before each
@@ -23,7 +22,6 @@ so GB/s and %copy say how close each comes to the memory-bound floor.
 from __future__ import annotations
 
 import argparse
-import ctypes
 import json
 import sys
 from collections.abc import Callable
@@ -167,11 +165,6 @@ class Case:
             "sparq": lambda: (
                 sparq.sparq_decode_triton(q, k_cache, v_cache, kt_cache, lanes, r, k, window, scale).out
             ),
-            "sparq_h": lambda: (
-                sparq.sparq_decode_triton(
-                    q, k_cache, v_cache, kt_cache, lanes, r, k, window, scale, e_dtype=torch.float16
-                ).out
-            ),
         }
 
 
@@ -197,7 +190,7 @@ def run_case(case: Case, copy_bps: float) -> list[Row]:
         except RuntimeError as error:  # a path that cannot be captured is timed eagerly, and says so
             print(f"{name}: CUDA graph capture failed ({error}); timing it eagerly", flush=True)
             ms = bench_ms(fn, graph=False)
-        eager = bench_ms(fn, graph=False) * 1e3 if name in ("triton", "sparq") else None  # sparq_h: same
+        eager = bench_ms(fn, graph=False) * 1e3 if name in ("triton", "sparq") else None
         nbytes = sparse if name.startswith("sparq") else case.dense_bytes()
         gbps = nbytes / (ms * 1e-3) / 1e9
         err = rel_err(out, sparq_reference if name.startswith("sparq") else reference)
@@ -242,29 +235,6 @@ def tune(dtype: torch.dtype) -> None:
         torch.cuda.empty_cache()
 
 
-def _cudart() -> ctypes.CDLL | None:
-    for name in ("libcudart.so.13", "libcudart.so.12", "libcudart.so"):
-        try:
-            return ctypes.CDLL(name)
-        except OSError:
-            continue
-    for path in sorted(Path(sys.prefix).glob("lib/python3*/site-packages/nvidia/*/lib/libcudart.so*")):
-        return ctypes.CDLL(str(path))
-    return None
-
-
-def l2_fetch_granularity(nbytes: int | None = None) -> int | None:
-    """Read (and with nbytes, first set) cudaLimitMaxL2FetchGranularity, a per-context hint (0x05)."""
-    lib = _cudart()
-    if lib is None:
-        return None
-    if nbytes is not None:
-        lib.cudaDeviceSetLimit(ctypes.c_int(5), ctypes.c_size_t(nbytes))
-    value = ctypes.c_size_t()
-    lib.cudaDeviceGetLimit(ctypes.byref(value), ctypes.c_int(5))
-    return int(value.value)
-
-
 STAGE_CASES = [
     ("smollm2", 16, 64, 16384),
     ("llama8b", 16, 16, 16384),
@@ -296,54 +266,53 @@ def _stage_case(case: Case) -> None:
     n_lanes, group, head_dim = q.shape
     item = k_cache.element_size()
     kt_bytes, logit_bytes = n_lanes * context * r * item, n_lanes * context * group * 4  # fp32 e
+    key_bytes = n_lanes * context * 4
     gather_bytes = n_lanes * k * 2 * head_dim * item
     idx, q_sel = sk.sparq_select(q, r, scale)
-    phase1 = sk.sparq_scores(q_sel, idx, kt_cache, lanes, context, window)
+    e, stats = sk.sparq_logits(q_sel, idx, kt_cache, lanes, context)
+    phase1 = sk.sparq_keys(e, stats, lanes, window)
     rows = sk.sparq_pick(phase1, lanes, k, context)
     methods = case.methods()
     print(f"== {case.shape} bs={case.block_size} B={case.batch} ctx={context} lanes={n_lanes} r={r} k={k}")
     _try_ms("dense (triton)", methods["triton"], case.dense_bytes())
-    _try_ms("sparq step, fp32 scratch", methods["sparq"], kt_bytes + gather_bytes)
-    _try_ms("sparq step, fp16 scratch", methods["sparq_h"], kt_bytes + gather_bytes)
+    _try_ms("sparq step", methods["sparq"], kt_bytes + gather_bytes)
     _try_ms("select components", lambda: sk.sparq_select(q, r, scale))
-    for block_n, warps, e_dtype in (
-        (256, 4, torch.float32), (512, 4, torch.float32), (1024, 4, torch.float32), (512, 8, torch.float32),
-        (1024, 8, torch.float32), (512, 4, torch.float16),
-    ):  # fmt: skip
+    for block_n, warps in ((256, 4), (512, 4), (1024, 4), (512, 2), (1024, 8)):
         _try_ms(
-            f"scores bn={block_n} w={warps} {str(e_dtype)[6:]}",
-            partial(sk.sparq_scores, q_sel, idx, kt_cache, lanes, context, window, e_dtype, block_n, warps),
-            kt_bytes + (1 if e_dtype == torch.float16 else 2) * logit_bytes + n_lanes * context * 4,
+            f"logits bn={block_n} w={warps} (kt + e)",
+            partial(sk.sparq_logits, q_sel, idx, kt_cache, lanes, context, block_n, warps),
+            kt_bytes + logit_bytes,
         )
+    _try_ms("keys (e + keys)", lambda: sk.sparq_keys(e, stats, lanes, window), logit_bytes + key_bytes)
     for pick_warps in (None, 8, 32):
         _try_ms(
             f"pick warps={pick_warps or sk.pick_warps(context)}",
             partial(sk.sparq_pick, phase1, lanes, k, context, pick_warps),
-            n_lanes * context * 4,
+            key_bytes,
         )
-    _try_ms("torch.topk of the keys", lambda: phase1.keys[:, :context].topk(k, dim=1, sorted=False))
     _try_ms(
         "phase 2 (gather rows + merge)",
         lambda: paged_decode.gathered_decode_attention(q, k_cache, v_cache, lanes, rows, scale),
         gather_bytes,
     )
-    if case.block_size == 16 and case.batch == 64:
-        default = l2_fetch_granularity()
-        for nbytes in (32, 128):
-            print(f"  L2 fetch granularity hint {nbytes}: reads back {l2_fetch_granularity(nbytes)}")
-            _try_ms("  dense", methods["triton"], case.dense_bytes())
-            _try_ms(
-                "  scores",
-                lambda: sk.sparq_scores(q_sel, idx, kt_cache, lanes, context, window),
-                kt_bytes + 2 * logit_bytes + n_lanes * context * 4,
-            )
-            _try_ms("  sparq step", methods["sparq"], kt_bytes + gather_bytes)
-        if default is not None:
-            l2_fetch_granularity(default)
+    for config in (
+        paged_decode.DecodeConfig(32, 4, 3, 4, 128),
+        paged_decode.DecodeConfig(64, 4, 3, 8, 128),
+        paged_decode.DecodeConfig(128, 4, 3, 4, 256),
+        paged_decode.DecodeConfig(64, 8, 2, 4, 256),
+    ):
+        _try_ms(
+            f"phase 2 {config.block_n}/{config.num_warps}w/{config.num_stages}s/{config.programs_per_sm}"
+            f"/{config.min_split}",
+            partial(
+                paged_decode.gathered_decode_attention, q, k_cache, v_cache, lanes, rows, scale, None, config
+            ),
+            gather_bytes,
+        )
 
 
 def stages(dtype: torch.dtype) -> None:
-    """Time each launch of the SparQ step and its variants (phase-1 tiles, pick warps, L2 fetch hint)."""
+    """Time each launch of the SparQ step and its variants (phase-1 tiles, pick warps)."""
     for shape, block_size, batch, context in STAGE_CASES:
         _stage_case(Case.make(shape, block_size, batch, context, dtype))
         torch.cuda.empty_cache()
@@ -355,29 +324,18 @@ def print_table(rows: list[Row], copy_bps: float) -> None:
     )
     for column in ("shape", "bs", "B", "ctx", "sdpa us", "ref us", "triton us", "eager", "%copy"):
         table.add_column(column, justify="right")
-    for column in (
-        "sparq us",
-        "eager",
-        "%copy",
-        "x dense",
-        "fp16-e us",
-        "x dense",
-        "err",
-        "sparq err",
-        "fp16 err",
-    ):
+    for column in ("sparq us", "eager", "%copy", "x dense", "err", "sparq err"):
         table.add_column(column, justify="right")
     cases: dict[tuple[str, int, int, int], dict[str, Row]] = {}
     for row in rows:
         cases.setdefault((row.shape, row.block_size, row.batch, row.context), {})[row.method] = row
     for (shape, bs, batch, context), m in cases.items():
-        tri, sp, sh = m["triton"], m["sparq"], m["sparq_h"]
+        tri, sp = m["triton"], m["sparq"]
         table.add_row(
             shape, str(bs), str(batch), f"{context // 1024}K", f"{m['sdpa'].time_us:.0f}",
             f"{m['reference'].time_us:.0f}", f"{tri.time_us:.1f}", f"{tri.eager_us:.1f}",
             f"{tri.pct_copy:.0f}", f"{sp.time_us:.1f}", f"{sp.eager_us:.1f}", f"{sp.pct_copy:.0f}",
-            f"{tri.time_us / sp.time_us:.2f}", f"{sh.time_us:.1f}", f"{tri.time_us / sh.time_us:.2f}",
-            f"{tri.err:.0e}", f"{sp.err:.0e}", f"{sh.err:.0e}",
+            f"{tri.time_us / sp.time_us:.2f}", f"{tri.err:.0e}", f"{sp.err:.0e}",
         )  # fmt: skip
     Console(width=200).print(table)
 

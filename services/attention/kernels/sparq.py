@@ -129,7 +129,6 @@ def sparq_decode_triton(
     local_window: int,
     scale: float,
     num_splits: int | None = None,  # phase-2 partitions per lane; None: fill the GPU
-    e_dtype: torch.dtype = torch.float32,  # phase-1 scratch precision (sparq_kernels module docstring)
 ) -> SparqOutput:
     """Same function as sparq_decode_reference, in Triton (ties at the k-th score broken by position).
 
@@ -144,7 +143,7 @@ def sparq_decode_triton(
     if k_cache.shape[0] * lanes.block_size >= 2**31:
         raise ValueError("the Triton SparQ step indexes pool rows in int32: pool too large for one layer")
     idx, q_sel = sparq_kernels.sparq_select(q, r, scale)  # = select_components, one launch
-    phase1 = sparq_kernels.sparq_scores(q_sel, idx, kt_cache, lanes, width, local_window, e_dtype)
+    phase1 = sparq_kernels.sparq_scores(q_sel, idx, kt_cache, lanes, width, local_window)
     rows = sparq_kernels.sparq_pick(phase1, lanes, min(k, width), width)  # [n_lanes, kk]
     out = paged_decode.gathered_decode_attention(q, k_cache, v_cache, lanes, rows, scale, num_splits)
     return SparqOutput(out, sparq_bytes(lengths, r, k, q.shape[-1], k_cache.element_size()))

@@ -16,16 +16,18 @@ Why this shape (bench/RESULTS-gpu.md has the numbers): the score of a GQA lane n
 log-sum-exp over the whole lane before any position can be scored. The previous design re-read kt for
 that (two passes of 32-byte runs at bs 16, the slowest access of the step) and then ran a 5-launch
 histogram radix select (global atomics) or torch.topk; both selections cost about a dense phase-1 pass.
-Here kt is read once; the G values e per position are written once and read once, fully coalesced.
-`e_dtype` float32 (the default) keeps the scores those of the fp32 reference up to rounding; float16
-halves those bytes at a relative error of 2^-11 on each e (more where e < 6e-5, fp16's subnormals), which
-can move positions that sit within that distance of the k-th score.
+Here kt is read once; the G values e per position are written once and read once, fully coalesced, in
+fp32, which keeps the scores those of the fp32 reference up to rounding. (An fp16 e was tried on the H200:
+slower, because of its conversions, and the selection moved: error against the reference 1-3e-2
+instead of 2e-3.)
 
 _sparq_pick holds the lane's keys in registers ([WIDTH], WIDTH = next power of two >= the longest lane,
 one program per lane), so it serves lanes up to PICK_MAX_WIDTH positions; longer lanes are selected by
 torch.topk over the same keys (slower, same function). The threshold search:
-  stage A  binary bisection of bits 30..SPLIT over all keys (one CTA-wide count per bit),
-  stage B  the keys inside the bin found (typically a few %) are compacted to a scratch row, and the
+  stage A  binary bisection of bits 30..SPLIT (16) over all keys (one CTA-wide count per bit),
+  stage B  the keys inside the bin found (1/128 of an octave: typically well under 1 % of the lane; at
+           SPLIT 20 the random bench data overflowed CAND and took the slow path) are compacted to a
+           scratch row, and the
            remaining SPLIT bits are found 4 at a time (16 candidate thresholds per count) on them;
            if the bin holds more than CAND keys, stage A simply continues on all keys (exact either way).
 Ties at the k-th score are broken by position (the lowest positions are taken).
@@ -49,7 +51,7 @@ PICK_MAX_WIDTH = 32768  # longest lane _sparq_pick selects in registers; longer:
 @triton.jit
 def _sparq_select(
     q_ptr,  # [n_lanes, G, D]
-    idx_ptr,  # [n_lanes, R] int32 out: the lane's top-R components of Σ_g |q|
+    idx_ptr,  # [n_lanes, R] int32 out: the lane's top-R components of Σ_g |q|, by decreasing mass
     qs_ptr,  # [n_lanes, G, R] fp32 out: q at them times each head's temperature
     scale,
     stride_qn,
@@ -59,35 +61,33 @@ def _sparq_select(
     R: tl.constexpr,
     BLOCK_G: tl.constexpr,
     BLOCK_D: tl.constexpr,
-    BLOCK_R: tl.constexpr,
 ):
-    """sparq.select_components in one program per lane (R rounds of argmax; ties: lowest index)."""
+    """sparq.select_components in one program per lane. Each component's rank (how many components
+    have more mass, ties: lower index first) comes from one [D, D] comparison, so there is no serial
+    loop of R argmax rounds; the top R are scattered to their rank."""
     lane = tl.program_id(0)
     offs_g = tl.arange(0, BLOCK_G)
     offs_d = tl.arange(0, BLOCK_D)
-    offs_r = tl.arange(0, BLOCK_R)
     mask = (offs_g[:, None] < G) & (offs_d[None, :] < D)
     q = tl.load(
         q_ptr + lane * stride_qn + offs_g[:, None] * stride_qg + offs_d[None, :], mask=mask, other=0.0
     )
     q = q.to(tl.float32)  # [BLOCK_G, BLOCK_D]
-    mass = tl.where(offs_d < D, tl.sum(tl.abs(q), 0), -1.0)  # [BLOCK_D]; -1 marks taken or padding
+    mass = tl.where(offs_d < D, tl.sum(tl.abs(q), 0), -1.0)  # [BLOCK_D]; -1: padding
+    mass_c = tl.expand_dims(mass, 1)  # [BLOCK_D, 1]
+    mass_r = tl.expand_dims(mass, 0)  # [1, BLOCK_D]
+    d_c = tl.expand_dims(offs_d, 1)
+    d_r = tl.expand_dims(offs_d, 0)
+    before = (mass_r > mass_c) | ((mass_r == mass_c) & (d_r < d_c))  # [BLOCK_D, BLOCK_D]
+    rank = tl.sum(before.to(tl.int32), 1)  # [BLOCK_D]
+    chosen = (rank < R) & (offs_d < D)
     total = tl.sum(tl.abs(q), 1)  # [BLOCK_G]
-    kept = tl.zeros([BLOCK_G], tl.float32)
-    idx = tl.zeros([BLOCK_R], tl.int32)
-    qs = tl.zeros([BLOCK_G, BLOCK_R], tl.float32)
-    for i in range(R):
-        j = tl.min(tl.where(mass == tl.max(mass, 0), offs_d, BLOCK_D), 0)
-        q_j = tl.sum(tl.where(offs_d[None, :] == j, q, 0.0), 1)  # [BLOCK_G] = q[:, j]
-        kept += tl.abs(q_j)
-        idx = tl.where(offs_r == i, j, idx)
-        qs = tl.where(offs_r[None, :] == i, q_j[:, None], qs)
-        mass = tl.where(offs_d == j, -1.0, mass)
+    kept = tl.sum(tl.where(chosen[None, :], tl.abs(q), 0.0), 1)
     ratio = tl.where(total > 0, kept / tl.where(total > 0, total, 1.0), 1.0)
-    qs = qs * (scale / tl.sqrt(tl.maximum(ratio, 1e-12)))[:, None]
-    tl.store(idx_ptr + lane * R + offs_r, idx, mask=offs_r < R)
-    qs_mask = (offs_g[:, None] < G) & (offs_r[None, :] < R)
-    tl.store(qs_ptr + (lane * G + offs_g[:, None]) * R + offs_r[None, :], qs, mask=qs_mask)
+    qs = q * (scale / tl.sqrt(tl.maximum(ratio, 1e-12)))[:, None]
+    tl.store(idx_ptr + lane * R + rank, offs_d, mask=chosen)
+    qs_ptrs = qs_ptr + (lane * G + offs_g[:, None]) * R + rank[None, :]
+    tl.store(qs_ptrs, qs, mask=(offs_g[:, None] < G) & chosen[None, :])
 
 
 @triton.jit
@@ -96,46 +96,44 @@ def _sparq_logits(
     idx_ptr,  # [n_lanes, R] int32 component ids
     kt_ptr,  # [num_blocks, D, BS]
     blocks_ptr, lane_start_ptr, lane_len_ptr,  # PagedLanes
-    e_ptr,  # [n_lanes, G, wpad] out (fp32 or fp16): exp(logit - tile max); tiles past the length unwritten
+    e_ptr,  # [n_lanes, G, wpad] fp32 out: exp(logit - tile max); tiles past the length unwritten
     m_ptr, l_ptr,  # [n_lanes, n_tiles, G] fp32 out: tile max of the logits, tile Σ e
     wpad, stride_ktb, stride_ktd,
-    G: tl.constexpr, R: tl.constexpr, BS: tl.constexpr, SUB: tl.constexpr,
-    BLOCK_G: tl.constexpr, BLOCK_N: tl.constexpr,
+    G: tl.constexpr, R: tl.constexpr, BS: tl.constexpr, SUB: tl.constexpr, BLOCK_N: tl.constexpr,
 ):  # fmt: skip
-    """One tile of BLOCK_N positions = BLOCK_N / SUB runs of SUB positions, each inside one pool block, so
-    a component's run is contiguous in kt_cache and loads as wide vectors (the block id alone is
-    gathered). Components are unrolled: each is one [runs, SUB] load and one rank-1 update of the
-    [BLOCK_G, BLOCK_N] logits, which keeps the layouts 2-D (no cross-thread reduction)."""
+    """One tile of BLOCK_N positions = RUNS runs of SUB positions, each inside one pool block, so a
+    component's run is contiguous in kt_cache and loads as wide vectors (the block id alone is
+    gathered). Every tensor keeps the [RUNS, SUB] layout of those loads: heads and components are
+    unrolled loops with scalar q, so nothing crosses threads but the per-head max and sum (a [G, N]
+    tile would need layout conversions through shared memory: 44 barriers per program, measured slow).
+    Heads after the first re-read the components from L1."""
     lane = tl.program_id(0)
     tile = tl.program_id(1)
     length = tl.load(lane_len_ptr + lane)
     if tile * BLOCK_N < length:
         start = tl.load(lane_start_ptr + lane)
-        offs_g = tl.arange(0, BLOCK_G)
-        g_ok = offs_g < G
-        base = tile * BLOCK_N + tl.arange(0, BLOCK_N // SUB) * SUB  # [runs] first position of each run
+        base = tile * BLOCK_N + tl.arange(0, BLOCK_N // SUB) * SUB  # [RUNS] first position of each run
         run_ok = base < length
         blk = tl.load(blocks_ptr + start + base // BS, mask=run_ok, other=0).to(tl.int64)
-        first = blk * stride_ktb + (base % BS if SUB < BS else 0)  # [runs]
-        s = tl.zeros([BLOCK_G, BLOCK_N], tl.float32)
-        for i in tl.static_range(R):
-            comp = tl.load(idx_ptr + lane * R + i).to(tl.int64)
-            q_i = tl.load(qs_ptr + (lane * G + offs_g) * R + i, mask=g_ok, other=0.0)  # [BLOCK_G]
-            # Whole runs are read (rows past the length sit inside the lane's last block): the mask
-            # stays constant along a run and the loads stay vectorized.
-            ptrs = kt_ptr + (first + comp * stride_ktd)[:, None] + tl.arange(0, SUB)[None, :]
-            kt = tl.load(ptrs, mask=run_ok[:, None], other=0.0)  # [runs, SUB]
-            s += q_i[:, None] * tl.reshape(kt, [BLOCK_N]).to(tl.float32)[None, :]
-        offs_n = tile * BLOCK_N + tl.arange(0, BLOCK_N)
-        s = tl.where((offs_n < length)[None, :], s, float("-inf"))
-        m = tl.max(s, 1)  # [BLOCK_G], finite: the tile holds a position
-        e = tl.exp(s - m[:, None])
-        at = (lane * tl.num_programs(1) + tile) * G + offs_g
-        tl.store(m_ptr + at, m, mask=g_ok)
-        tl.store(l_ptr + at, tl.sum(e, 1), mask=g_ok)
-        out = e_ptr + (lane * G + offs_g).to(tl.int64) * wpad + tile * BLOCK_N  # [BLOCK_G]
-        e = e.to(e_ptr.dtype.element_ty)
-        tl.store(out[:, None] + tl.arange(0, BLOCK_N)[None, :], e, mask=g_ok[:, None])
+        first = blk * stride_ktb + (base % BS if SUB < BS else 0)  # [RUNS]
+        offs_sub = tl.arange(0, SUB)
+        pos = base[:, None] + offs_sub[None, :]  # [RUNS, SUB]
+        stat = (lane * tl.num_programs(1) + tile) * G
+        for g in tl.static_range(G):
+            s = tl.zeros([BLOCK_N // SUB, SUB], tl.float32)
+            for i in tl.static_range(R):
+                comp = tl.load(idx_ptr + lane * R + i).to(tl.int64)
+                q_gi = tl.load(qs_ptr + (lane * G + g) * R + i)
+                # Whole runs are read (rows past the length sit inside the lane's last block): the
+                # mask stays constant along a run and the loads stay vectorized.
+                ptrs = kt_ptr + (first + comp * stride_ktd)[:, None] + offs_sub[None, :]
+                s += q_gi * tl.load(ptrs, mask=run_ok[:, None], other=0.0).to(tl.float32)
+            s = tl.where(pos < length, s, float("-inf"))
+            m = tl.max(tl.max(s, 1), 0)  # finite: the tile holds a position
+            e = tl.exp(s - m)
+            tl.store(m_ptr + stat + g, m)
+            tl.store(l_ptr + stat + g, tl.sum(tl.sum(e, 1), 0))
+            tl.store(e_ptr + (lane * G + g).to(tl.int64) * wpad + pos, e)
 
 
 @triton.jit
@@ -146,29 +144,26 @@ def _sparq_keys(
     keys_ptr,  # [n_lanes, wpad] int32 out: fp32 bits of the score (>= 0, window +inf); -1 or unwritten past
     # the length
     wpad, local_window,
-    G: tl.constexpr, BLOCK_G: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_T: tl.constexpr,
+    G: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_T: tl.constexpr,
 ):  # fmt: skip
-    """score = Σ_g exp(logit_g - lse_g) = Σ_g e_g · exp(m_tile_g - lse_g), lse_g from the tile stats."""
+    """score = Σ_g e_g · exp(m_tile_g - M_g) / Σ_tiles l · exp(m - M_g) = Σ_g softmax_g(logits)."""
     lane = tl.program_id(0)
     tile = tl.program_id(1)
     n_tiles = tl.num_programs(1)
     length = tl.load(lane_len_ptr + lane)
     if tile * BLOCK_N < length:
-        offs_g = tl.arange(0, BLOCK_G)
-        g_ok = offs_g < G
         offs_t = tl.arange(0, BLOCK_T)
-        at = (lane * n_tiles + offs_t[:, None]) * G + offs_g[None, :]  # [BLOCK_T, BLOCK_G]
-        mask = (offs_t[:, None] < tl.cdiv(length, BLOCK_N)) & g_ok[None, :]
-        m = tl.load(m_ptr + at, mask=mask, other=float("-inf"))
-        top = tl.where(g_ok, tl.max(m, 0), 0.0)  # [BLOCK_G]
-        total = tl.sum(tl.load(l_ptr + at, mask=mask, other=0.0) * tl.exp(m - top[None, :]), 0)
-        lse = top + tl.log(tl.where(total > 0, total, 1.0))
-        m_tile = tl.load(m_ptr + (lane * n_tiles + tile) * G + offs_g, mask=g_ok, other=0.0)
-        c = tl.where(g_ok, tl.exp(m_tile - lse), 0.0)  # [BLOCK_G]
+        t_ok = offs_t < tl.cdiv(length, BLOCK_N)
         offs_n = tile * BLOCK_N + tl.arange(0, BLOCK_N)
-        rows = e_ptr + (lane * G + offs_g).to(tl.int64) * wpad  # [BLOCK_G]
-        e = tl.load(rows[:, None] + offs_n[None, :], mask=g_ok[:, None], other=0.0).to(tl.float32)
-        score = tl.sum(e * c[:, None], 0)  # [BLOCK_N]
+        score = tl.zeros([BLOCK_N], tl.float32)
+        for g in tl.static_range(G):
+            m = tl.load(m_ptr + (lane * n_tiles + offs_t) * G + g, mask=t_ok, other=float("-inf"))
+            top = tl.max(m, 0)  # [BLOCK_T] -> scalar, finite
+            total = tl.sum(
+                tl.load(l_ptr + (lane * n_tiles + offs_t) * G + g, mask=t_ok, other=0.0) * tl.exp(m - top), 0
+            )
+            c = tl.exp(tl.load(m_ptr + (lane * n_tiles + tile) * G + g) - top) / total
+            score += c * tl.load(e_ptr + (lane * G + g).to(tl.int64) * wpad + offs_n)
         ok = offs_n < length
         score = tl.where(ok & (offs_n >= length - local_window), float("inf"), score)
         key = tl.where(ok, score.to(tl.int32, bitcast=True), -1)
@@ -270,7 +265,7 @@ def sparq_select(
     _sparq_select[(n_lanes,)](
         q, idx, q_sel, scale, q.stride(0), q.stride(1),
         G=group, D=head_dim, R=r, BLOCK_G=triton.next_power_of_2(group),
-        BLOCK_D=triton.next_power_of_2(head_dim), BLOCK_R=triton.next_power_of_2(r), num_warps=1,
+        BLOCK_D=triton.next_power_of_2(head_dim), num_warps=4,
     )  # fmt: skip
     return idx, q_sel
 
@@ -285,6 +280,48 @@ class Phase1:
     wpad: int
 
 
+def sparq_logits(
+    q_sel: torch.Tensor,  # [n_lanes, G, r] fp32, temperature folded in
+    idx: torch.Tensor,  # [n_lanes, r] int32 selected components
+    kt_cache: torch.Tensor,  # [num_blocks, D, bs]
+    lanes: PagedLanes,
+    width: int,  # longest lane
+    block_n: int = LOGITS_BLOCK_N,
+    num_warps: int = LOGITS_WARPS,
+) -> tuple[torch.Tensor, torch.Tensor]:  # e [n_lanes, G, wpad] fp32, stats [2, n_lanes, n_tiles, G]
+    """Phase 1, pass over kt: e = exp(logit - tile max) of every head, and each tile's max and Σ e."""
+    n_lanes, group, r = q_sel.shape
+    if kt_cache.dim() != 3 or kt_cache.shape[2] != lanes.block_size or kt_cache.stride(2) != 1:
+        raise ValueError(f"kt_cache must be a contiguous [num_blocks, D, {lanes.block_size}]")
+    n_tiles = triton.cdiv(width, block_n)
+    e = torch.empty((n_lanes, group, n_tiles * block_n), dtype=torch.float32, device=q_sel.device)
+    stats = torch.empty((2, n_lanes, n_tiles, group), dtype=torch.float32, device=q_sel.device)
+    _sparq_logits[(n_lanes, n_tiles)](
+        q_sel.contiguous(), idx.contiguous(), kt_cache, lanes.blocks, lanes.lane_start, lanes.lane_len,
+        e, stats[0], stats[1], e.shape[2], kt_cache.stride(0), kt_cache.stride(1),
+        G=group, R=r, BS=lanes.block_size, SUB=min(block_n, lanes.block_size & -lanes.block_size),
+        BLOCK_N=block_n, num_warps=num_warps,
+    )  # fmt: skip
+    return e, stats
+
+
+def sparq_keys(
+    e: torch.Tensor,  # [n_lanes, G, wpad] from sparq_logits
+    stats: torch.Tensor,  # [2, n_lanes, n_tiles, G]
+    lanes: PagedLanes,
+    local_window: int,
+) -> Phase1:
+    """Phase 1, scoring: Σ_g softmax_g from e and the tile stats, as int32 keys."""
+    n_lanes, group, wpad = e.shape
+    n_tiles = stats.shape[2]
+    keys = torch.empty((n_lanes, wpad), dtype=torch.int32, device=e.device)
+    _sparq_keys[(n_lanes, n_tiles)](
+        e, stats[0], stats[1], lanes.lane_len, keys, wpad, local_window,
+        G=group, BLOCK_N=wpad // n_tiles, BLOCK_T=triton.next_power_of_2(n_tiles), num_warps=4,
+    )  # fmt: skip
+    return Phase1(keys, wpad)
+
+
 def sparq_scores(
     q_sel: torch.Tensor,  # [n_lanes, G, r] fp32, temperature folded in
     idx: torch.Tensor,  # [n_lanes, r] int32 selected components
@@ -292,34 +329,12 @@ def sparq_scores(
     lanes: PagedLanes,
     width: int,  # longest lane
     local_window: int,
-    e_dtype: torch.dtype = torch.float32,  # storage of exp(logit - tile max) between the two launches
     block_n: int = LOGITS_BLOCK_N,
     num_warps: int = LOGITS_WARPS,
 ) -> Phase1:
-    """Score = Σ_g softmax_g(approximate logits): one pass over kt (_sparq_logits), then _sparq_keys."""
-    n_lanes, group, r = q_sel.shape
-    if kt_cache.dim() != 3 or kt_cache.shape[2] != lanes.block_size or kt_cache.stride(2) != 1:
-        raise ValueError(f"kt_cache must be a contiguous [num_blocks, D, {lanes.block_size}]")
-    if e_dtype not in (torch.float32, torch.float16):
-        raise ValueError(f"e_dtype must be float32 or float16, got {e_dtype}")
-    device = q_sel.device
-    n_tiles = triton.cdiv(width, block_n)
-    wpad = n_tiles * block_n
-    e = torch.empty((n_lanes, group, wpad), dtype=e_dtype, device=device)
-    stats = torch.empty((2, n_lanes, n_tiles, group), dtype=torch.float32, device=device)
-    keys = torch.empty((n_lanes, wpad), dtype=torch.int32, device=device)
-    block_g = triton.next_power_of_2(group)
-    _sparq_logits[(n_lanes, n_tiles)](
-        q_sel.contiguous(), idx.contiguous(), kt_cache, lanes.blocks, lanes.lane_start, lanes.lane_len,
-        e, stats[0], stats[1], wpad, kt_cache.stride(0), kt_cache.stride(1),
-        G=group, R=r, BS=lanes.block_size, SUB=min(block_n, lanes.block_size & -lanes.block_size),
-        BLOCK_G=block_g, BLOCK_N=block_n, num_warps=num_warps,
-    )  # fmt: skip
-    _sparq_keys[(n_lanes, n_tiles)](
-        e, stats[0], stats[1], lanes.lane_len, keys, wpad, local_window,
-        G=group, BLOCK_G=block_g, BLOCK_N=block_n, BLOCK_T=triton.next_power_of_2(n_tiles), num_warps=4,
-    )  # fmt: skip
-    return Phase1(keys, wpad)
+    """Score = Σ_g softmax_g(approximate logits): one pass over kt, then the keys."""
+    e, stats = sparq_logits(q_sel, idx, kt_cache, lanes, width, block_n, num_warps)
+    return sparq_keys(e, stats, lanes, local_window)
 
 
 def pick_warps(width: int) -> int:
@@ -349,7 +364,7 @@ def sparq_pick(
     _sparq_pick[(n_lanes,)](
         keys, lanes.blocks, lanes.lane_start, lanes.lane_len, scratch, rows, phase1.wpad, k,
         BS=lanes.block_size, WIDTH=block, CHUNK=min(block, 256 * warps), CAND=cand,
-        SPLIT=16 if block > 16384 else 20,
+        SPLIT=16,
         BLOCK_K=triton.next_power_of_2(k), num_warps=warps,
     )  # fmt: skip
     return rows
