@@ -26,6 +26,7 @@ from services.attention.kernels import (  # noqa: E402
     paged_decode,
     sparq,
     sparq_kernels,
+    sparq_pick,
 )
 from services.attention.reference import DecodeLayout, paged_decode_attention  # noqa: E402
 
@@ -123,7 +124,7 @@ def test_sparq_triton_matches_reference(device: str, dtype: torch.dtype, block_s
 @pytest.mark.parametrize("device", DEVICES)
 def test_sparq_triton_with_torch_selection(device: str, monkeypatch: pytest.MonkeyPatch) -> None:
     """Past PICK_MAX_WIDTH the selection runs in torch over the same logits: same function."""
-    monkeypatch.setattr(sparq_kernels, "PICK_MAX_WIDTH", 0)
+    monkeypatch.setattr(sparq_pick, "PICK_MAX_WIDTH", 0)
     lanes, q, k, v = make_pool(LENGTHS, 16, torch.float32, device, seed=7)
     paged, kt = PagedLanes.build(lanes, 16, device), sparq.kt_from_k(k)
     ref = sparq.sparq_decode_reference(q, k, v, kt, paged, 8, 24, 4, D**-0.5)
@@ -183,28 +184,29 @@ def test_sparq_scores_match_the_reference_score(device: str) -> None:
 
 
 @pytest.mark.parametrize("device", DEVICES)
-@pytest.mark.parametrize("use_torch", [False, True])
-def test_sparq_pick_is_exact(device: str, use_torch: bool, monkeypatch: pytest.MonkeyPatch) -> None:
-    """The selection = torch.topk of the keys: ties across the k-th value, a crowded threshold bin
-    (lane 4: every score equal), the forced window (+inf), lanes shorter than k, unused slots."""
-    if use_torch:
-        monkeypatch.setattr(sparq_kernels, "PICK_MAX_WIDTH", 0)
+@pytest.mark.parametrize("path", ["sampled", "one_cta", "torch"])
+def test_sparq_pick_is_exact(device: str, path: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The selection = torch.topk of the keys, on each path: ties across the k-th value, a crowded
+    threshold bin (lanes 4 and 5: every score equal; lane 5's band exceeds BAND, so the sampled path
+    falls back), the forced window (+inf), lanes shorter than k, unused slots."""
+    if path == "torch":
+        monkeypatch.setattr(sparq_pick, "PICK_MAX_WIDTH", 0)
     gen = torch.Generator().manual_seed(6)
-    lengths, bs = [1, 5, 300, 1500, 1500], 16
+    lengths, bs = [1, 5, 300, 1500, 1500, 4200], 16
     pool, _, _, _ = make_pool(lengths, bs, torch.float32, "cpu", seed=6)
     paged = PagedLanes.build(pool, bs, device)
     width, wpad = max(lengths), max(lengths) + 7
     score = torch.rand(len(lengths), wpad, generator=gen) * 1e-3
     score[:, ::7] = torch.rand(len(lengths), -(-wpad // 7), generator=gen)  # several exponents
     score[3, 100:180] = 0.9  # 80 equal top scores: a tie across the k-th value at k = 64
-    score[4] = 0.25  # every score equal: the bin holds every key
+    score[4:] = 0.25  # every score equal: the bin holds every key
     for lane, n in enumerate(lengths):
         score[lane, max(0, n - 4) : n] = float("inf")
     keys = score.view(torch.int32).clone()
     keys[torch.arange(wpad)[None, :] >= torch.tensor(lengths)[:, None]] = -1
     phase1 = sparq_kernels.Phase1(keys.to(device), wpad)
     for k in (64, 1500):
-        rows = sparq_kernels.sparq_pick(phase1, paged, k, width).cpu()
+        rows = sparq_pick.sparq_pick(phase1, paged, k, width, sampled=path != "one_cta").cpu()
         assert rows.shape == (len(lengths), k) and rows.dtype == torch.int32
         for lane, ((table, n), got) in enumerate(zip(pool, rows.tolist(), strict=True)):
             at = {block: i for i, block in enumerate(table)}
@@ -213,6 +215,8 @@ def test_sparq_pick_is_exact(device: str, use_torch: bool, monkeypatch: pytest.M
             assert all(p < n for p in picked)
             expected = score[lane, :n].topk(min(k, n)).values
             assert torch.equal(score[lane, picked].sort(descending=True).values, expected)
+            if lane >= 4 and path != "torch":  # ties: the lowest positions (window aside)
+                assert sorted(p for p in picked if p < n - 4) == list(range(min(k, n) - 4))
 
 
 def test_sparq_budget_and_validation() -> None:

@@ -1,8 +1,8 @@
 """SparQ attention decode step (Ribar et al., "SparQ Attention", arXiv 2312.04985) over the paged pool.
 
 The semantics are defined once, by `sparq_decode_reference` (torch, CPU or GPU); `sparq_decode_triton`
-computes the same function with the kernels of sparq_kernels.py (phase 1 and the selection) and
-paged_decode.py (phase 2), and `sparq_decode` picks one.
+computes the same function with the kernels of sparq_kernels.py (phase 1), sparq_pick.py (the selection)
+and paged_decode.py (phase 2), and `sparq_decode` picks one.
 
 Per lane (one KV head of one sequence, carrying its G query heads), with r components, k keys:
 
@@ -132,10 +132,10 @@ def sparq_decode_triton(
 ) -> SparqOutput:
     """Same function as sparq_decode_reference, in Triton (ties at the k-th score broken by position).
 
-    Five launches and a merge (sparq_kernels.py): components, logits (one pass over kt), scores,
-    selection, phase 2. No host sync once the lengths are known on the host (PagedLanes.build), so a
-    step can be captured in a CUDA graph."""
-    from services.attention.kernels import paged_decode, sparq_kernels
+    Components, logits (one pass over kt) and scores (sparq_kernels.py), the selection (sparq_pick.py,
+    four launches), phase 2 and its merge (paged_decode.py). No host sync once the lengths are known
+    on the host (PagedLanes.build), so a step can be captured in a CUDA graph."""
+    from services.attention.kernels import paged_decode, sparq_kernels, sparq_pick
 
     lengths = lanes.lengths()
     _check(q, kt_cache, lengths, r, k, local_window)
@@ -144,7 +144,7 @@ def sparq_decode_triton(
         raise ValueError("the Triton SparQ step indexes pool rows in int32: pool too large for one layer")
     idx, q_sel = sparq_kernels.sparq_select(q, r, scale)  # = select_components, one launch
     phase1 = sparq_kernels.sparq_scores(q_sel, idx, kt_cache, lanes, width, local_window)
-    rows = sparq_kernels.sparq_pick(phase1, lanes, min(k, width), width)  # [n_lanes, kk]
+    rows = sparq_pick.sparq_pick(phase1, lanes, min(k, width), width)  # [n_lanes, kk]
     out = paged_decode.gathered_decode_attention(q, k_cache, v_cache, lanes, rows, scale, num_splits)
     return SparqOutput(out, sparq_bytes(lengths, r, k, q.shape[-1], k_cache.element_size()))
 

@@ -1,4 +1,4 @@
-"""Triton kernels of the SparQ step (semantics: sparq.sparq_decode_reference): four launches before phase 2.
+"""Triton kernels of SparQ's phase 1 (semantics: sparq.sparq_decode_reference): components, logits, scores.
 
     _sparq_select  grid [n_lanes]           top-r components of Σ_g |q|, q at them times each head's
                                             softmax temperature (sparq.select_components, one launch)
@@ -7,30 +7,17 @@
                                             (coalesced), and per tile the max and Σ e of each head
     _sparq_keys    grid [n_lanes, n_tiles]  lse per head from the tile stats; score = Σ_g e · exp(m_tile -
                                             lse) (= Σ_g softmax_g); window +inf -> int32 keys [n_lanes, wpad]
-    _sparq_pick    grid [n_lanes]           the exact k-th key by bisection on its bits, then the selected
-                                            positions' pool rows in position order -> rows [n_lanes, k]
-                                            int32 (-1: unused slot)
+    selection      sparq_pick.py: the top-k keys of each lane -> pool rows [n_lanes, k] int32 (-1 unused)
     phase 2        paged_decode.gathered_decode_attention over `rows` (+ the split-K merge)
 
 Why this shape (bench/RESULTS-gpu.md has the numbers): the score of a GQA lane needs every head's
 log-sum-exp over the whole lane before any position can be scored. The previous design re-read kt for
 that (two passes of 32-byte runs at bs 16, the slowest access of the step) and then ran a 5-launch
-histogram radix select (global atomics) or torch.topk; both selections cost about a dense phase-1 pass.
+histogram radix select (global atomics) or torch.topk; either selection cost about a phase-1 pass.
 Here kt is read once; the G values e per position are written once and read once, fully coalesced, in
 fp32, which keeps the scores those of the fp32 reference up to rounding. (An fp16 e was tried on the H200:
 slower, because of its conversions, and the selection moved: error against the reference 1-3e-2
 instead of 2e-3.)
-
-_sparq_pick holds the lane's keys in registers ([WIDTH], WIDTH = next power of two >= the longest lane,
-one program per lane), so it serves lanes up to PICK_MAX_WIDTH positions; longer lanes are selected by
-torch.topk over the same keys (slower, same function). The threshold search:
-  stage A  binary bisection of bits 30..SPLIT (16) over all keys (one CTA-wide count per bit),
-  stage B  the keys inside the bin found (1/128 of an octave: typically well under 1 % of the lane; at
-           SPLIT 20 the random bench data overflowed CAND and took the slow path) are compacted to a
-           scratch row, and the
-           remaining SPLIT bits are found 4 at a time (16 candidate thresholds per count) on them;
-           if the bin holds more than CAND keys, stage A simply continues on all keys (exact either way).
-Ties at the k-th score are broken by position (the lowest positions are taken).
 """
 
 from __future__ import annotations
@@ -43,9 +30,13 @@ import triton.language as tl
 
 from services.attention.kernels import PagedLanes
 
-LOGITS_BLOCK_N = 512  # positions per _sparq_logits program
 LOGITS_WARPS = 4
-PICK_MAX_WIDTH = 32768  # longest lane _sparq_pick selects in registers; longer: torch
+
+
+def logits_block_n(block_size: int) -> int:
+    """Positions per _sparq_logits program. H200, previous kernel version: 256 fastest at bs 16 (75 vs
+    93 us at 512), 512 at bs 128 (44 vs 60 us)."""
+    return 256 if block_size < 64 else 512
 
 
 @triton.jit
@@ -90,6 +81,20 @@ def _sparq_select(
     tl.store(qs_ptrs, qs, mask=(offs_g[:, None] < G) & chosen[None, :])
 
 
+MAX_GROUP = 8  # query heads per KV head _sparq_logits accumulates (one register tile each)
+
+
+@triton.jit
+def _tile_out(s, g, e_ptr, m_ptr, l_ptr, stat, e_row, pos, length):
+    """Head g of one tile: e = exp(logit - tile max) -> e_ptr, the max and Σ e -> the stats."""
+    s = tl.where(pos < length, s, float("-inf"))
+    m = tl.max(tl.max(s, 1), 0)  # finite: the tile holds a position
+    e = tl.exp(s - m)
+    tl.store(m_ptr + stat + g, m)
+    tl.store(l_ptr + stat + g, tl.sum(tl.sum(e, 1), 0))
+    tl.store(e_ptr + e_row + pos, e)
+
+
 @triton.jit
 def _sparq_logits(
     qs_ptr,  # [n_lanes, G, R] fp32: q's selected components, softmax temperature folded in
@@ -103,10 +108,11 @@ def _sparq_logits(
 ):  # fmt: skip
     """One tile of BLOCK_N positions = RUNS runs of SUB positions, each inside one pool block, so a
     component's run is contiguous in kt_cache and loads as wide vectors (the block id alone is
-    gathered). Every tensor keeps the [RUNS, SUB] layout of those loads: heads and components are
-    unrolled loops with scalar q, so nothing crosses threads but the per-head max and sum (a [G, N]
-    tile would need layout conversions through shared memory: 44 barriers per program, measured slow).
-    Heads after the first re-read the components from L1."""
+    gathered). Every tensor keeps the [RUNS, SUB] layout of those loads: components are an unrolled
+    loop, each read once, and each head (up to MAX_GROUP) has its own accumulator updated with a scalar
+    q, so nothing crosses threads but the per-head max and sum. (Measured on the H200: a [G, N] tile
+    needed layout conversions through shared memory, 44 barriers per program; re-reading the
+    components per head from L1 was slower still for G = 4, R = 16.)"""
     lane = tl.program_id(0)
     tile = tl.program_id(1)
     length = tl.load(lane_len_ptr + lane)
@@ -117,23 +123,54 @@ def _sparq_logits(
         blk = tl.load(blocks_ptr + start + base // BS, mask=run_ok, other=0).to(tl.int64)
         first = blk * stride_ktb + (base % BS if SUB < BS else 0)  # [RUNS]
         offs_sub = tl.arange(0, SUB)
+        s0 = tl.zeros([BLOCK_N // SUB, SUB], tl.float32)
+        s1 = tl.zeros([BLOCK_N // SUB, SUB], tl.float32)
+        s2 = tl.zeros([BLOCK_N // SUB, SUB], tl.float32)
+        s3 = tl.zeros([BLOCK_N // SUB, SUB], tl.float32)
+        s4 = tl.zeros([BLOCK_N // SUB, SUB], tl.float32)
+        s5 = tl.zeros([BLOCK_N // SUB, SUB], tl.float32)
+        s6 = tl.zeros([BLOCK_N // SUB, SUB], tl.float32)
+        s7 = tl.zeros([BLOCK_N // SUB, SUB], tl.float32)
+        q_row = qs_ptr + lane * G * R
+        for i in tl.static_range(R):
+            comp = tl.load(idx_ptr + lane * R + i).to(tl.int64)
+            # Whole runs are read (rows past the length sit inside the lane's last block): the
+            # mask stays constant along a run and the loads stay vectorized.
+            ptrs = kt_ptr + (first + comp * stride_ktd)[:, None] + offs_sub[None, :]
+            kt = tl.load(ptrs, mask=run_ok[:, None], other=0.0).to(tl.float32)  # [RUNS, SUB]
+            s0 += tl.load(q_row + i) * kt
+            if G > 1:
+                s1 += tl.load(q_row + R + i) * kt
+            if G > 2:
+                s2 += tl.load(q_row + 2 * R + i) * kt
+            if G > 3:
+                s3 += tl.load(q_row + 3 * R + i) * kt
+            if G > 4:
+                s4 += tl.load(q_row + 4 * R + i) * kt
+            if G > 5:
+                s5 += tl.load(q_row + 5 * R + i) * kt
+            if G > 6:
+                s6 += tl.load(q_row + 6 * R + i) * kt
+            if G > 7:
+                s7 += tl.load(q_row + 7 * R + i) * kt
         pos = base[:, None] + offs_sub[None, :]  # [RUNS, SUB]
         stat = (lane * tl.num_programs(1) + tile) * G
-        for g in tl.static_range(G):
-            s = tl.zeros([BLOCK_N // SUB, SUB], tl.float32)
-            for i in tl.static_range(R):
-                comp = tl.load(idx_ptr + lane * R + i).to(tl.int64)
-                q_gi = tl.load(qs_ptr + (lane * G + g) * R + i)
-                # Whole runs are read (rows past the length sit inside the lane's last block): the
-                # mask stays constant along a run and the loads stay vectorized.
-                ptrs = kt_ptr + (first + comp * stride_ktd)[:, None] + offs_sub[None, :]
-                s += q_gi * tl.load(ptrs, mask=run_ok[:, None], other=0.0).to(tl.float32)
-            s = tl.where(pos < length, s, float("-inf"))
-            m = tl.max(tl.max(s, 1), 0)  # finite: the tile holds a position
-            e = tl.exp(s - m)
-            tl.store(m_ptr + stat + g, m)
-            tl.store(l_ptr + stat + g, tl.sum(tl.sum(e, 1), 0))
-            tl.store(e_ptr + (lane * G + g).to(tl.int64) * wpad + pos, e)
+        e_row = (lane * G).to(tl.int64) * wpad
+        _tile_out(s0, 0, e_ptr, m_ptr, l_ptr, stat, e_row, pos, length)
+        if G > 1:
+            _tile_out(s1, 1, e_ptr, m_ptr, l_ptr, stat, e_row + wpad, pos, length)
+        if G > 2:
+            _tile_out(s2, 2, e_ptr, m_ptr, l_ptr, stat, e_row + 2 * wpad, pos, length)
+        if G > 3:
+            _tile_out(s3, 3, e_ptr, m_ptr, l_ptr, stat, e_row + 3 * wpad, pos, length)
+        if G > 4:
+            _tile_out(s4, 4, e_ptr, m_ptr, l_ptr, stat, e_row + 4 * wpad, pos, length)
+        if G > 5:
+            _tile_out(s5, 5, e_ptr, m_ptr, l_ptr, stat, e_row + 5 * wpad, pos, length)
+        if G > 6:
+            _tile_out(s6, 6, e_ptr, m_ptr, l_ptr, stat, e_row + 6 * wpad, pos, length)
+        if G > 7:
+            _tile_out(s7, 7, e_ptr, m_ptr, l_ptr, stat, e_row + 7 * wpad, pos, length)
 
 
 @triton.jit
@@ -170,89 +207,6 @@ def _sparq_keys(
         tl.store(keys_ptr + lane.to(tl.int64) * wpad + offs_n, key)
 
 
-@triton.jit
-def _count_at_least(key, threshold):
-    return tl.sum((key >= threshold).to(tl.int32), 0)
-
-
-@triton.jit
-def _sparq_pick(
-    keys_ptr,  # [n_lanes, wpad] int32 from _sparq_keys
-    blocks_ptr, lane_start_ptr, lane_len_ptr,  # PagedLanes
-    cand_ptr,  # [n_lanes, CAND] int32 scratch: the keys inside the threshold's bin
-    rows_ptr,  # [n_lanes, k] int32 out: pool rows (block * BS + row) of the selected positions, -1 unused
-    wpad, k,
-    BS: tl.constexpr, WIDTH: tl.constexpr, CHUNK: tl.constexpr, CAND: tl.constexpr, SPLIT: tl.constexpr,
-    BLOCK_K: tl.constexpr,
-):  # fmt: skip
-    """The lane's keys stay in registers for the bisection; the two compactions (bin keys, selected rows)
-    re-read them in CHUNK pieces, which bounds the registers of their scatters."""
-    lane = tl.program_id(0)
-    length = tl.load(lane_len_ptr + lane)
-    start = tl.load(lane_start_ptr + lane)
-    key_row = keys_ptr + lane.to(tl.int64) * wpad
-    offs = tl.arange(0, WIDTH)
-    key = tl.load(key_row + offs, mask=offs < length, other=-1)
-    need = tl.minimum(k, length)
-
-    # The k-th largest key `thr`: the largest value with at least `need` keys >= it, bit by bit.
-    thr = tl.zeros([], tl.int32)
-    at_least = length  # keys >= thr
-    for i in range(31 - SPLIT):  # stage A: bits 30..SPLIT over all keys
-        cand = thr | (tl.full([], 1, tl.int32) << (30 - i))
-        count = _count_at_least(key, cand)
-        thr = tl.where(count >= need, cand, thr)
-        at_least = tl.where(count >= need, count, at_least)
-    hi = thr + (1 << SPLIT)
-    n_hi = _count_at_least(key, hi)  # < need
-    if at_least - n_hi <= CAND:  # stage B on the bin's keys only, 4 bits per count
-        filled = tl.zeros([], tl.int32)
-        for c in tl.static_range(WIDTH // CHUNK):
-            offs_c = c * CHUNK + tl.arange(0, CHUNK)
-            chunk = tl.load(key_row + offs_c, mask=offs_c < length, other=-1)
-            in_bin = ((chunk >= thr) & (chunk < hi)).to(tl.int32)
-            tl.store(cand_ptr + lane * CAND + filled + tl.cumsum(in_bin, 0) - 1, chunk, mask=in_bin > 0)
-            filled += tl.sum(in_bin, 0)
-        tl.debug_barrier()  # the stores above are read back by other threads of this program
-        offs_b = tl.arange(0, CAND)
-        bin_ptrs = cand_ptr + lane * CAND + offs_b
-        bin_keys = tl.load(bin_ptrs, mask=offs_b < filled, other=-1, cache_modifier=".cg")
-        digits = tl.arange(0, 16)
-        for it in tl.static_range(SPLIT // 4):
-            shift = SPLIT - 4 * (it + 1)
-            cands = thr + (digits << shift)  # [16]
-            counts = tl.sum((bin_keys[:, None] >= cands[None, :]).to(tl.int32), 0)  # [16]
-            thr = thr + (tl.max(tl.where(counts >= need - n_hi, digits, 0), 0) << shift)
-        n_above = n_hi + tl.sum((bin_keys > thr).to(tl.int32), 0)
-        n_tie = tl.sum((bin_keys == thr).to(tl.int32), 0)
-    else:
-        for i in range(SPLIT):  # a crowded bin: continue bit by bit over all keys
-            cand = thr | (tl.full([], 1, tl.int32) << (SPLIT - 1 - i))
-            thr = tl.where(_count_at_least(key, cand) >= need, cand, thr)
-        n_above = tl.sum((key > thr).to(tl.int32), 0)
-        n_tie = tl.sum((key == thr).to(tl.int32), 0)
-
-    quota = need - n_above  # keys equal to thr to take, 1..n_tie: the lowest positions
-    taken = tl.zeros([], tl.int32)
-    ties = tl.zeros([], tl.int32)
-    for c in tl.static_range(WIDTH // CHUNK):
-        offs_c = c * CHUNK + tl.arange(0, CHUNK)
-        chunk = tl.load(key_row + offs_c, mask=offs_c < length, other=-1)
-        tie = chunk == thr
-        if n_tie > quota:
-            take = (chunk > thr) | (tie & (ties + tl.cumsum(tie.to(tl.int32), 0) <= quota))
-            ties += tl.sum(tie.to(tl.int32), 0)
-        else:
-            take = chunk >= thr
-        take_i = take.to(tl.int32)
-        blk = tl.load(blocks_ptr + start + offs_c // BS, mask=take, other=0)
-        tl.store(rows_ptr + lane * k + taken + tl.cumsum(take_i, 0) - 1, blk * BS + offs_c % BS, mask=take)
-        taken += tl.sum(take_i, 0)
-    offs_k = tl.arange(0, BLOCK_K)
-    unused = (offs_k >= need) & (offs_k < k)
-    tl.store(rows_ptr + lane * k + offs_k, tl.full([BLOCK_K], -1, tl.int32), mask=unused)
-
-
 def sparq_select(
     q: torch.Tensor,  # [n_lanes, G, D]
     r: int,
@@ -286,13 +240,16 @@ def sparq_logits(
     kt_cache: torch.Tensor,  # [num_blocks, D, bs]
     lanes: PagedLanes,
     width: int,  # longest lane
-    block_n: int = LOGITS_BLOCK_N,
+    block_n: int | None = None,  # None: logits_block_n(bs)
     num_warps: int = LOGITS_WARPS,
 ) -> tuple[torch.Tensor, torch.Tensor]:  # e [n_lanes, G, wpad] fp32, stats [2, n_lanes, n_tiles, G]
     """Phase 1, pass over kt: e = exp(logit - tile max) of every head, and each tile's max and Σ e."""
     n_lanes, group, r = q_sel.shape
     if kt_cache.dim() != 3 or kt_cache.shape[2] != lanes.block_size or kt_cache.stride(2) != 1:
         raise ValueError(f"kt_cache must be a contiguous [num_blocks, D, {lanes.block_size}]")
+    if group > MAX_GROUP:
+        raise ValueError(f"the Triton SparQ kernels take up to {MAX_GROUP} query heads per KV head: {group}")
+    block_n = block_n or logits_block_n(lanes.block_size)
     n_tiles = triton.cdiv(width, block_n)
     e = torch.empty((n_lanes, group, n_tiles * block_n), dtype=torch.float32, device=q_sel.device)
     stats = torch.empty((2, n_lanes, n_tiles, group), dtype=torch.float32, device=q_sel.device)
@@ -329,55 +286,9 @@ def sparq_scores(
     lanes: PagedLanes,
     width: int,  # longest lane
     local_window: int,
-    block_n: int = LOGITS_BLOCK_N,
+    block_n: int | None = None,
     num_warps: int = LOGITS_WARPS,
 ) -> Phase1:
     """Score = Σ_g softmax_g(approximate logits): one pass over kt, then the keys."""
     e, stats = sparq_logits(q_sel, idx, kt_cache, lanes, width, block_n, num_warps)
     return sparq_keys(e, stats, lanes, local_window)
-
-
-def pick_warps(width: int) -> int:
-    """Warps of _sparq_pick: 32 keys per thread up to 16K, 16 at 32K (the bisection's register array;
-    sm_90 compiles, cuobjdump: 128 registers at 16K / 16 warps, 64 at 32K / 32 warps, no spills)."""
-    return max(4, min(32, triton.next_power_of_2(width) // 1024))
-
-
-def sparq_pick(
-    phase1: Phase1,
-    lanes: PagedLanes,
-    k: int,  # keys per lane (<= width)
-    width: int,  # longest lane
-    num_warps: int | None = None,
-) -> torch.Tensor:  # [n_lanes, k] int32 pool rows (block * bs + row); -1: unused
-    """Selection: the top-k positions of the score (window included); position order below
-    PICK_MAX_WIDTH, any order above (torch.topk)."""
-    keys = phase1.keys
-    n_lanes = keys.shape[0]
-    if width > PICK_MAX_WIDTH:
-        return _pick_torch(phase1, lanes, k, width)
-    warps = num_warps or pick_warps(width)
-    block = triton.next_power_of_2(width)
-    cand = min(block, max(512, 32 * warps))  # bin keys stage B handles: [cand, 16] compares
-    rows = torch.empty((n_lanes, k), dtype=torch.int32, device=keys.device)
-    scratch = torch.empty((n_lanes, cand), dtype=torch.int32, device=keys.device)
-    _sparq_pick[(n_lanes,)](
-        keys, lanes.blocks, lanes.lane_start, lanes.lane_len, scratch, rows, phase1.wpad, k,
-        BS=lanes.block_size, WIDTH=block, CHUNK=min(block, 256 * warps), CAND=cand,
-        SPLIT=16,
-        BLOCK_K=triton.next_power_of_2(k), num_warps=warps,
-    )  # fmt: skip
-    return rows
-
-
-def _pick_torch(phase1: Phase1, lanes: PagedLanes, k: int, width: int) -> torch.Tensor:
-    """Lanes longer than PICK_MAX_WIDTH: torch.topk over the same keys (no host sync)."""
-    bs = lanes.block_size
-    length = lanes.lane_len.long()[:, None]  # [n_lanes, 1]
-    keys = phase1.keys[:, :width]
-    valid = (torch.arange(width, device=keys.device)[None, :] < length) & (keys >= 0)
-    score = torch.where(valid, keys.view(torch.float32), float("-inf"))  # unwritten tiles: masked
-    sel = score.topk(k, dim=1, sorted=False).indices  # [n_lanes, k]
-    table = lanes.padded_table(-(-width // bs))  # [n_lanes, MB]
-    rows = table.gather(1, sel // bs) * bs + sel % bs
-    return torch.where(sel < length, rows, -1).to(torch.int32)
