@@ -271,40 +271,35 @@ def _stage_case(case: Case) -> None:
     idx, q_sel = sk.sparq_select(q, r, scale)
     e, stats = sk.sparq_logits(q_sel, idx, kt_cache, lanes, context)
     phase1 = sk.sparq_keys(e, stats, lanes, window)
-    rows = sparq_pick.sparq_pick(phase1, lanes, k, context)
+    rows = sparq_pick.sparq_pick(phase1, lanes, k, context, window)
     methods = case.methods()
     print(f"== {case.shape} bs={case.block_size} B={case.batch} ctx={context} lanes={n_lanes} r={r} k={k}")
     _try_ms("dense (triton)", methods["triton"], case.dense_bytes())
     _try_ms("sparq step", methods["sparq"], kt_bytes + gather_bytes)
     _try_ms("select components", lambda: sk.sparq_select(q, r, scale))
-    for block_n, warps in ((256, 4), (512, 4), (256, 2), (1024, 8)):
+    for block_n, warps in ((256, 4), (512, 4), (256, 2)):
         _try_ms(
             f"logits bn={block_n} w={warps} (kt + e)",
             partial(sk.sparq_logits, q_sel, idx, kt_cache, lanes, context, block_n, warps),
             kt_bytes + logit_bytes,
         )
     _try_ms("keys (e + keys)", lambda: sk.sparq_keys(e, stats, lanes, window), logit_bytes + key_bytes)
-    _try_ms("pick, sampled", lambda: sparq_pick.sparq_pick(phase1, lanes, k, context), key_bytes)
-    for pick_warps in (None, 32):
+    for launches in (1, 2, 3, 4):
         _try_ms(
-            f"pick, one CTA/lane, warps={pick_warps or sparq_pick.pick_warps(context)}",
-            partial(sparq_pick.sparq_pick, phase1, lanes, k, context, pick_warps, False),
+            f"pick, sampled, first {launches} launches",
+            partial(sparq_pick.sparq_pick, phase1, lanes, k, context, window, None, True, launches),
             key_bytes,
         )
+    _try_ms(
+        "pick, one CTA/lane only",
+        partial(sparq_pick.sparq_pick, phase1, lanes, k, context, window, None, False),
+        key_bytes,
+    )
     _try_ms(
         "phase 2 (gather rows + merge)",
         lambda: paged_decode.gathered_decode_attention(q, k_cache, v_cache, lanes, rows, scale),
         gather_bytes,
     )
-    for config in (paged_decode.DecodeConfig(32, 4, 3, 4, 128), paged_decode.DecodeConfig(32, 4, 4, 8, 128)):
-        _try_ms(
-            f"phase 2 {config.block_n}/{config.num_warps}w/{config.num_stages}s/{config.programs_per_sm}"
-            f"/{config.min_split}",
-            partial(
-                paged_decode.gathered_decode_attention, q, k_cache, v_cache, lanes, rows, scale, None, config
-            ),
-            gather_bytes,
-        )
 
 
 def stages(dtype: torch.dtype) -> None:

@@ -206,7 +206,7 @@ def test_sparq_pick_is_exact(device: str, path: str, monkeypatch: pytest.MonkeyP
     keys[torch.arange(wpad)[None, :] >= torch.tensor(lengths)[:, None]] = -1
     phase1 = sparq_kernels.Phase1(keys.to(device), wpad)
     for k in (64, 1500):
-        rows = sparq_pick.sparq_pick(phase1, paged, k, width, sampled=path != "one_cta").cpu()
+        rows = sparq_pick.sparq_pick(phase1, paged, k, width, 4, sampled=path != "one_cta").cpu()
         assert rows.shape == (len(lengths), k) and rows.dtype == torch.int32
         for lane, ((table, n), got) in enumerate(zip(pool, rows.tolist(), strict=True)):
             at = {block: i for i, block in enumerate(table)}

@@ -144,7 +144,7 @@ def sparq_decode_triton(
         raise ValueError("the Triton SparQ step indexes pool rows in int32: pool too large for one layer")
     idx, q_sel = sparq_kernels.sparq_select(q, r, scale)  # = select_components, one launch
     phase1 = sparq_kernels.sparq_scores(q_sel, idx, kt_cache, lanes, width, local_window)
-    rows = sparq_pick.sparq_pick(phase1, lanes, min(k, width), width)  # [n_lanes, kk]
+    rows = sparq_pick.sparq_pick(phase1, lanes, min(k, width), width, local_window)  # [n_lanes, kk]
     out = paged_decode.gathered_decode_attention(q, k_cache, v_cache, lanes, rows, scale, num_splits)
     return SparqOutput(out, sparq_bytes(lengths, r, k, q.shape[-1], k_cache.element_size()))
 
