@@ -36,17 +36,8 @@ from services.attention.kernels.sparq_kernels import Phase1
 
 PICK_MAX_WIDTH = 32768  # longest lane the Triton selection serves; longer: torch.topk
 BAND = 4096  # band keys _sparq_finish selects among (32 per thread of its 4 warps)
-BAND_TILE = 2048  # keys per _sparq_band program, 8 warps (1024 keys, 4 warps, 2 atomics: 31 us, 192 x 16K)
+BAND_TILE = 1024  # keys per _sparq_band program
 MAX_SAMPLE = 2048
-
-
-@triton.jit
-def _top_bit(x):
-    """Index of the highest set bit of x > 0 (0 for x <= 1); scalar arithmetic, no reduction."""
-    top = tl.zeros([], tl.int32)
-    for i in range(31):
-        top = tl.where(x >= (tl.full([], 1, tl.int32) << i), i, top)
-    return top
 
 
 @triton.jit
@@ -54,7 +45,7 @@ def _sparq_bounds(
     keys_ptr,  # [n_lanes, wpad] int32
     lane_len_ptr,
     bounds_ptr,  # meta[:, 1:3] (lane stride 5) int32 out: L, U (U = -2: take every position)
-    counts_ptr,  # meta[:, 3] int32 out: zeroed; then n_above + (n_band << 16)
+    counts_ptr,  # meta[:, 3:5] int32 out: zeroed (selected above U, band)
     wpad, k, local_window,
     SS: tl.constexpr, NS: tl.constexpr,
 ):  # fmt: skip
@@ -73,22 +64,18 @@ def _sparq_bounds(
     delta = 5.0 * tl.sqrt(rho) + 2.0
     r_hi = tl.maximum(rho - delta, 0.0).to(tl.int32)  # 0: U = the largest finite key, only +inf above
     r_lo = (rho + delta).to(tl.int32) + 1  # > n_s: L = 0, the band reaches the bottom
-    # The r-th largest sample key (the largest value with >= r samples at or above it), bit by bit
-    # below the bits common to the smallest and largest sample keys.
-    smallest = tl.min(tl.where(ok, sample, 0x7FFFFFFF), 0)
-    top = _top_bit(smallest ^ tl.max(sample, 0))
-    upper = (smallest >> (top + 1)) << (top + 1)
-    lower = upper
-    for i in range(top + 1):
-        bit = tl.full([], 1, tl.int32) << (top - i)
+    upper = tl.zeros([], tl.int32)
+    lower = tl.zeros([], tl.int32)
+    for i in range(31):  # the r-th largest sample key: largest value with >= r samples at or above
+        bit = tl.full([], 1, tl.int32) << (30 - i)
         hi_cand, lo_cand = upper | bit, lower | bit
         upper = tl.where(_count_at_least(sample, hi_cand) >= r_hi, hi_cand, upper)
         lower = tl.where(_count_at_least(sample, lo_cand) >= r_lo, lo_cand, lower)
-    upper = tl.where(r_hi == 0, 0x7F7FFFFF, upper)  # the bits of the largest finite fp32
-    lower = tl.where(r_lo > n_s, 0, lower)
+    upper = tl.minimum(upper, 0x7F7FFFFF)  # the bits of the largest finite fp32
     tl.store(bounds_ptr + lane * 5, lower)
     tl.store(bounds_ptr + lane * 5 + 1, tl.where(need >= length, -2, upper))
     tl.store(counts_ptr + lane * 5, 0)
+    tl.store(counts_ptr + lane * 5 + 1, 0)
 
 
 @triton.jit
@@ -112,13 +99,11 @@ def _sparq_band(
         key = tl.load(keys_ptr + lane.to(tl.int64) * wpad + offs, mask=ok, other=-1)
         above = (ok & (key > upper)).to(tl.int32)
         band = (ok & (key >= lower) & (key <= upper)).to(tl.int32)
-        # One atomic reserves both slot ranges: counts <= 32768 per lane, 16 bits each.
-        packed = tl.atomic_add(counts_ptr + lane * 5, tl.sum(above, 0) + (tl.sum(band, 0) << 16))
-        slot = (packed & 0xFFFF) + tl.cumsum(above, 0) - 1
+        slot = tl.atomic_add(counts_ptr + lane * 5, tl.sum(above, 0)) + tl.cumsum(above, 0) - 1
         take = (above > 0) & (slot < k)  # slot >= k: a bad sample, _sparq_pick redoes the lane
         blk = tl.load(blocks_ptr + start + offs // BS, mask=take, other=0)
         tl.store(rows_ptr + lane * k + slot, blk * BS + offs % BS, mask=take)
-        slot = ((packed >> 16) & 0xFFFF) + tl.cumsum(band, 0) - 1
+        slot = tl.atomic_add(counts_ptr + lane * 5 + 1, tl.sum(band, 0)) + tl.cumsum(band, 0) - 1
         keep = (band > 0) & (slot < BAND)
         tl.store(band_key_ptr + lane * BAND + slot, key, mask=keep)
         tl.store(band_pos_ptr + lane * BAND + slot, offs, mask=keep)
@@ -137,9 +122,8 @@ def _sparq_finish(
     length = tl.load(lane_len_ptr + lane)
     start = tl.load(lane_start_ptr + lane)
     need = tl.minimum(k, length)
-    packed = tl.load(counts_ptr + lane * 5)
-    n_above = packed & 0xFFFF
-    n_band = (packed >> 16) & 0xFFFF
+    n_above = tl.load(counts_ptr + lane * 5)
+    n_band = tl.load(counts_ptr + lane * 5 + 1)
     good = (n_above <= need) & (need <= n_above + n_band) & (n_band <= BAND)
     tl.store(done_ptr + lane * 5, good.to(tl.int32))
     if good:
@@ -152,7 +136,9 @@ def _sparq_finish(
         # need_in_band = 0: thr ends above every band key, nothing is taken.
         lower = tl.min(tl.where(ok, key, 0x7FFFFFFF), 0)
         diff = lower ^ tl.max(key, 0)
-        top = _top_bit(diff)
+        top = tl.zeros([], tl.int32)
+        for i in range(31):
+            top = tl.where(diff >= (tl.full([], 1, tl.int32) << i), i, top)
         thr = (lower >> (top + 1)) << (top + 1)
         for i in range(top + 1):
             cand = thr | (tl.full([], 1, tl.int32) << (top - i))
@@ -311,7 +297,7 @@ def sparq_pick(
     bs, block = lanes.block_size, triton.next_power_of_2(width)
     rows = torch.empty((n_lanes, k), dtype=torch.int32, device=device)
     band = torch.empty((2, n_lanes, BAND), dtype=torch.int32, device=device)  # keys, positions
-    meta = torch.empty((n_lanes, 5), dtype=torch.int32, device=device)  # done, L, U, counts, spare
+    meta = torch.empty((n_lanes, 5), dtype=torch.int32, device=device)  # done, L, U, n_above, n_band
     done, bounds, counts = meta[:, 0], meta[:, 1:3], meta[:, 3:5]  # kernels index lane * 5 + ...
     if sampled:
         stride = sample_stride(width)
@@ -322,7 +308,7 @@ def sparq_pick(
         if launches > 1:
             _sparq_band[(n_lanes, triton.cdiv(width, BAND_TILE))](
                 keys, lanes.blocks, lanes.lane_start, lanes.lane_len, bounds, counts, band[0], band[1],
-                rows, phase1.wpad, k, BS=bs, BAND=BAND, BLOCK=BAND_TILE, num_warps=8,
+                rows, phase1.wpad, k, BS=bs, BAND=BAND, BLOCK=BAND_TILE, num_warps=4,
             )  # fmt: skip
         if launches > 2:
             _sparq_finish[(n_lanes,)](
