@@ -34,8 +34,8 @@ LOGITS_WARPS = 4
 
 
 def logits_block_n(block_size: int) -> int:
-    """Positions per _sparq_logits program. H200, previous kernel version: 256 fastest at bs 16 (75 vs
-    93 us at 512), 512 at bs 128 (44 vs 60 us)."""
+    """Positions per _sparq_logits program (H200, bench --stages: bs 16, 256 and 512 equal at 66 us;
+    bs 128, 512 at 42 us against 67 us at 256)."""
     return 256 if block_size < 64 else 512
 
 
