@@ -37,7 +37,7 @@ from rich.table import Table
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from services.attention.kernels import PagedLanes, decode_bytes
-from services.attention.reference import DecodeLayout, paged_decode_attention
+from services.attention.reference import DecodeLayout, DecodeWorkspace, paged_decode_attention
 
 if TYPE_CHECKING:
     from services.attention.kernels.paged_decode import DecodeConfig
@@ -148,7 +148,7 @@ class Case:
         layout = DecodeLayout.build(
             [(t, self.context) for t in self.table.tolist()], self.block_size, group, "cuda"
         )
-        workspace = torch.empty_like(k_cache[: layout.blocks.numel()])
+        workspace = DecodeWorkspace.for_layout(layout, k_cache)
         r, k, window = self.sparq_budget()
 
         def sdpa() -> torch.Tensor:

@@ -11,7 +11,7 @@ import torch
 
 from services.attention.kernels import decode_attention
 from services.attention.kv_pool import KVPool
-from services.attention.reference import DecodeLayout, causal_prefill_attention
+from services.attention.reference import DecodeLayout, DecodeWorkspace, causal_prefill_attention
 from services.core.attention import AttentionPart, AttentionStep, ReserveResult, SeqChunk
 
 
@@ -84,11 +84,10 @@ class LocalStep(AttentionStep):
         )
         lanes = [(lane, self.chunks[i].end) for i in self.decode_rows for lane in tables[i]]
         self.layout = DecodeLayout.build(lanes, bs, part.group, config.device)
-        # Gather buffer reused by every layer (fresh memory per layer would page-fault); only the
-        # torch reference gathers, the GPU kernels read the pool in place.
-        shape = (self.layout.blocks.numel(), bs, config.head_dim)
+        # Gather buffers reused by every layer; only the torch reference gathers, the GPU kernels
+        # read the pool in place.
         on_gpu = torch.device(config.device).type == "cuda"
-        self.k_workspace = None if on_gpu else torch.empty(shape, dtype=config.dtype, device=config.device)
+        self.workspace = None if on_gpu else DecodeWorkspace.for_layout(self.layout, part.pool.k[0])
         self.prefill_tables = {
             i: torch.tensor(tables[i], dtype=torch.long, device=config.device)  # [heads, n_blocks]
             for i, c in enumerate(self.chunks)
@@ -103,7 +102,7 @@ class LocalStep(AttentionStep):
         """q_lanes: [n_lanes, G, D] -> [n_lanes, G, D]."""
         pool = self.part.pool
         return decode_attention(  # Triton on CUDA, the torch reference elsewhere
-            q_lanes, pool.k[layer], pool.v[layer], self.layout, self.part.scale, self.k_workspace
+            q_lanes, pool.k[layer], pool.v[layer], self.layout, self.part.scale, self.workspace
         )
 
     def attend(self, layer: int, q: torch.Tensor, k_new: torch.Tensor, v_new: torch.Tensor) -> torch.Tensor:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 from pydantic import Field
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
@@ -20,3 +22,11 @@ class GatewaySettings(BaseSettings):
     shutdown_grace_seconds: float = Field(default=30.0, ge=0)  # in-flight requests may finish within it
     log_level: str = "info"
     cost_usd_per_hour: float = Field(default=0.0, ge=0, le=1e6)  # the gateway's own price (cost accounting)
+    # Tenants and API keys (docs/tenants.md). Redis for them: the cluster's; with --colocated this one,
+    # if set (else the gateway is single-tenant: everything is tenant `default`).
+    tenants_redis_url: str | None = None
+    # `TENANT:KEY` per line, imported into Redis at start; the gateway then always requires a key.
+    api_keys_file: Path | None = None
+    # How long "do keys exist", a key's tenant and a tenant's limits are cached: a revoked key or a
+    # changed limit takes effect within this many seconds.
+    auth_cache_seconds: float = Field(default=1.0, ge=0, le=10)

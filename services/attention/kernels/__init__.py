@@ -39,7 +39,7 @@ from functools import cache
 
 import torch
 
-from services.attention.reference import DecodeLayout, paged_decode_attention
+from services.attention.reference import DecodeLayout, DecodeWorkspace, paged_decode_attention
 
 
 class Backend(Enum):
@@ -163,13 +163,13 @@ def decode_attention(
     v_cache: torch.Tensor,  # [num_blocks, bs, D]
     layout: DecodeLayout,
     scale: float,
-    k_workspace: torch.Tensor | None = None,  # reference path only: reusable [NB, bs, D] gather buffer
+    workspace: DecodeWorkspace | None = None,  # reference path only: reusable gather buffers
     *,
     backend: Backend = Backend.AUTO,
 ) -> torch.Tensor:  # [n_lanes, G, D], q's dtype
     """Same contract as reference.paged_decode_attention; the Triton kernel on CUDA."""
     if not use_triton(q.device, backend):
-        return paged_decode_attention(q, k_cache, v_cache, layout, scale, k_workspace)
+        return paged_decode_attention(q, k_cache, v_cache, layout, scale, workspace)
     from services.attention.kernels import paged_decode
 
     lanes = _step_lanes.get(layout, q.shape[0])
