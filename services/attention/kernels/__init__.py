@@ -11,7 +11,8 @@ Lifecycle of one decode step on the pod (one forward, every layer):
         │     kernel 2, grid [n_lanes, G]: merge the partitions (skipped when n_splits == 1)
         └─ otherwise ─▶ reference.paged_decode_attention (torch, CPU or GPU)
 
-SparQ (sparq.py) reuses kernel 1 in "gather" mode over the positions its first phase selected.
+SparQ (sparq.py): phase 1 in sparq_kernels.py (one pass over kt_cache, then the scores), the selection in
+sparq_pick.py (pool rows of the top-k positions), phase 2 = kernel 1 in "gather" mode over those rows.
 
 Memory layout the kernels read (kv_pool.py), per layer, one block = `bs` positions of ONE KV head:
 
