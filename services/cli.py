@@ -86,17 +86,37 @@ def _add_generate(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> N
         action="store_true",
         help="print one JSON object as the last line: prompt_token_ids, token_ids, text, finish_reason",
     )
+    _add_policy_args(p)
     _add_model_args(p)
     p.set_defaults(func=cmd_generate)
 
 
+def _add_policy_args(p: argparse.ArgumentParser) -> None:
+    from services.core.policy import DEFAULT_BUDGET, PolicyName
+
+    p.add_argument(
+        "--attention-policy",
+        default="dense",
+        choices=[name.value for name in PolicyName],
+        help="decode attention policy (docs/attention-policies.md; default dense)",
+    )
+    p.add_argument(
+        "--attention-budget",
+        type=float,
+        default=DEFAULT_BUDGET,
+        help=f"fraction of dense K/V bytes a decode step reads (> 0; >= 1 is dense; default {DEFAULT_BUDGET})",
+    )
+
+
 def cmd_generate(args: argparse.Namespace) -> int:
     # Imported here so `disagg --help` stays instant.
+    from services.core.policy import PolicySpec
     from services.core.model.load import load_model, parse_dtype
     from services.decode.colocated import build_engine
     from services.decode.sampling import SamplingParams
 
     params = SamplingParams(
+        attention_policy=PolicySpec.parse(args.attention_policy, args.attention_budget),
         max_tokens=args.max_tokens,
         temperature=args.temperature,
         top_p=args.top_p,
@@ -203,6 +223,7 @@ def _add_up(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
         "straight into the attention pods' KV pools (UCX: RDMA where the host has it, shared memory here)",
     )
     p.add_argument("--colocated", action="store_true", help="one engine process with local attention")
+    _add_policy_args(p)
     _add_model_args(p)
     p.set_defaults(func=cmd_up)
 
@@ -213,6 +234,7 @@ def cmd_up(args: argparse.Namespace) -> int:
 
         argv = ["--colocated", "--model", args.model, "--dtype", args.dtype, "--device", args.device]
         argv += ["--kv-budget-gb", str(args.kv_budget_gb), "--host", args.host, "--port", str(args.port)]
+        argv += ["--attention-policy", args.attention_policy, "--attention-budget", str(args.attention_budget)]
         return gateway_main(argv)
     import logging
 
@@ -235,6 +257,8 @@ def cmd_up(args: argparse.Namespace) -> int:
         max_num_seqs=args.max_num_seqs,
         micro_batches=args.micro_batches,
         transport=args.transport,
+        attention_policy=args.attention_policy,
+        attention_budget=args.attention_budget,
     )
     return run(plan)
 

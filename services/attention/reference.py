@@ -71,7 +71,19 @@ def paged_decode_attention(
     scale: float,
     k_workspace: torch.Tensor | None = None,  # reusable [NB, bs, D] buffer for the gathered keys
 ) -> torch.Tensor:  # [n_lanes, G, D]
-    n_lanes, group, head_dim = q.shape
+    probs = decode_probabilities(q, k_cache, layout, scale, k_workspace)
+    return combine_values(probs, v_cache, layout, q.shape[0], q.dtype)
+
+
+def decode_probabilities(
+    q: torch.Tensor,  # [n_lanes, G, D]
+    k_cache: torch.Tensor,  # [num_blocks, bs, D]
+    layout: DecodeLayout,
+    scale: float,
+    k_workspace: torch.Tensor | None = None,
+) -> torch.Tensor:  # [NB, G, bs] fp32: each lane's softmax over its blocks' positions (0 where masked)
+    """The first half of `paged_decode_attention` (heavy_hitter also accumulates these)."""
+    n_lanes, group, _ = q.shape
     blocks, block_lane = layout.blocks, layout.block_lane
     # Gathering into a warm buffer avoids page-faulting fresh memory every layer.
     k = (
@@ -88,8 +100,20 @@ def paged_decode_attention(
     denom = torch.zeros((n_lanes, group), dtype=scores.dtype, device=q.device)
     denom.index_add_(0, block_lane, probs.sum(dim=-1))
     probs /= denom.index_select(0, block_lane).unsqueeze(-1)
-    # o[lane, g] = sum_t p[lane, g, t] * V[slot_t]: embedding_bag reads V rows in place (no gather),
-    # one bag per (g, lane) over the lane's slots; masked positions carry weight 0.
+    return probs
+
+
+def combine_values(
+    probs: torch.Tensor,  # [NB, G, bs] from decode_probabilities
+    v_cache: torch.Tensor,  # [num_blocks, bs, D]
+    layout: DecodeLayout,
+    n_lanes: int,
+    dtype: torch.dtype,
+) -> torch.Tensor:  # [n_lanes, G, D]
+    """The second half of `paged_decode_attention`: o[lane, g] = Σ_t p[lane, g, t] · V[slot_t]."""
+    group, head_dim = probs.shape[1], v_cache.shape[-1]
+    # embedding_bag reads V rows in place (no gather), one bag per (g, lane) over the lane's slots;
+    # masked positions carry weight 0.
     weights = probs.transpose(0, 1).reshape(-1).to(v_cache.dtype)  # [G * NB * bs]
     out = F.embedding_bag(
         layout.bag_slots,
@@ -98,7 +122,7 @@ def paged_decode_attention(
         mode="sum",
         per_sample_weights=weights,
     )  # [G * n_lanes, D]
-    return out.view(group, n_lanes, head_dim).transpose(0, 1).to(q.dtype)
+    return out.view(group, n_lanes, head_dim).transpose(0, 1).to(dtype)
 
 
 def causal_prefill_attention(

@@ -35,7 +35,6 @@ from pydantic_settings import SettingsConfigDict
 from services.attention.blocks import UnknownSequenceError
 from services.attention.engine import (
     AttentionEngine,
-    AttentionPolicy,
     InvalidFrameError,
     NotReservedError,
     PodClosingError,
@@ -45,13 +44,14 @@ from services.attention.engine import (
     TooManyStepsError,
 )
 from services.attention.kv_pool import KVPool, KVPoolConfig
+from services.attention.local import EvictedPrefillError
 from services.attention.nixl_import import (
     ImportIncompleteError,
     NixlDisabledError,
     NixlImporter,
     TransferNotPlannedError,
 )
-from services.core.attention import OutOfBlocks, SeqChunk
+from services.core.attention import DEFAULT_BUDGET, OutOfBlocks, PolicyName, PolicySpec, SeqChunk
 from services.core.errors import DisaggError
 from services.core.model.config import ModelConfig
 from services.core.model.load import parse_dtype
@@ -98,6 +98,14 @@ class AttentionSettings(PodSettings):
     transport: Literal["grpc", "nixl"] = Field(
         "grpc", description="bulk K/V import: grpc (ImportKV) or nixl (also PlanImport; needs Redis)"
     )
+    default_policy: PolicyName = Field(
+        PolicyName.DENSE, description="decode attention policy of sequences opened without one"
+    )
+    default_budget: float = Field(
+        DEFAULT_BUDGET,
+        gt=0,
+        description="fraction of dense K/V bytes a decode step reads, for a policy opened without a budget",
+    )
 
 
 # Most specific first: the first matching class gives the status.
@@ -107,6 +115,7 @@ _STATUS: StatusTable = (
     (UnknownSequenceError, grpc.StatusCode.NOT_FOUND),
     (SequenceExistsError, grpc.StatusCode.ALREADY_EXISTS),
     (NotReservedError, grpc.StatusCode.FAILED_PRECONDITION),
+    (EvictedPrefillError, grpc.StatusCode.FAILED_PRECONDITION),
     (TooManyStepsError, grpc.StatusCode.RESOURCE_EXHAUSTED),
     (NixlDisabledError, grpc.StatusCode.FAILED_PRECONDITION),
     (TransferNotPlannedError, grpc.StatusCode.NOT_FOUND),
@@ -129,7 +138,8 @@ class AttentionServicer(pb_grpc.AttentionServicer):
 
     def Open(self, request: pb.OpenRequest, context: grpc.ServicerContext) -> pb.OpenResponse:
         with _status(context):
-            policy = AttentionPolicy.parse(request.policy)
+            budget = request.budget if request.HasField("budget") else None
+            policy = PolicySpec.from_wire(request.policy, budget, request.scoring)
             if request.owner and not ID_PATTERN.fullmatch(request.owner):
                 raise InvalidFrameError(
                     f"owner {request.owner[:140]!r} is not a pod id ({ID_PATTERN.pattern})"
@@ -255,7 +265,9 @@ def build_engine(settings: AttentionSettings) -> AttentionEngine:
         dtype=geometry.dtype,
         device=settings.device,
     )
-    return AttentionEngine(geometry, KVPool.from_budget(pool_config, settings.kv_budget_bytes))
+    default = PolicySpec(settings.default_policy, settings.default_budget)
+    pool = KVPool.from_budget(pool_config, settings.kv_budget_bytes)
+    return AttentionEngine(geometry, pool, default_policy=default)
 
 
 @dataclass(slots=True)

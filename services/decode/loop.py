@@ -263,7 +263,8 @@ class EngineLoop:
     def _add(self, item: _Add) -> None:
         seq_id = item.stream.seq_id
         try:
-            if item.prefill is not None and self.engine.open_for_prefill(seq_id, len(item.prompt_ids)):
+            policy = item.params.attention_policy
+            if item.prefill is not None and self.engine.open_for_prefill(seq_id, len(item.prompt_ids), policy):
                 self._start_prefill(item, item.prefill)
             else:
                 self.engine.add_request(item.prompt_ids, item.params, seq_id=seq_id)

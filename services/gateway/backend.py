@@ -20,6 +20,7 @@ from abc import ABC, abstractmethod
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 
+from services.core.attention import DEFAULT_POLICY, PolicySpec
 from services.core.errors import BackendUnavailableError
 from services.core.model.load import LoadedModel
 from services.core.model.tokenizer import Tokenizer
@@ -81,8 +82,11 @@ class ColocatedBackend(Backend):
         model_name: str | None = None,
         kv_budget_bytes: int = DEFAULT_KV_BUDGET_BYTES,
         scheduler: SchedulerConfig | None = None,
+        default_policy: PolicySpec = DEFAULT_POLICY,
     ) -> None:
-        engine = build_engine(model, kv_budget_bytes=kv_budget_bytes, scheduler=scheduler)
+        engine = build_engine(
+            model, kv_budget_bytes=kv_budget_bytes, scheduler=scheduler, default_policy=default_policy
+        )
         self.model_name = model_name or model.name
         self.max_model_len = engine.max_len
         self.tokenizer = model.tokenizer

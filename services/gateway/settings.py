@@ -5,6 +5,8 @@ from __future__ import annotations
 from pydantic import Field
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
+from services.core.policy import DEFAULT_BUDGET, PolicyName
+
 
 class GatewaySettings(BaseSettings):
     model_config = SettingsConfigDict(env_prefix="DISAGG_GATEWAY_", extra="forbid")
@@ -20,3 +22,7 @@ class GatewaySettings(BaseSettings):
     shutdown_grace_seconds: float = Field(default=30.0, ge=0)  # in-flight requests may finish within it
     log_level: str = "info"
     cost_usd_per_hour: float = Field(default=0.0, ge=0, le=1e6)  # the gateway's own price (cost accounting)
+    # --colocated only (in the cluster the attention pods hold these defaults): the decode attention
+    # policy of requests that name none, and the budget of a policy named without one.
+    default_attention_policy: PolicyName = PolicyName.DENSE
+    default_attention_budget: float = Field(default=DEFAULT_BUDGET, gt=0)
