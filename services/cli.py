@@ -38,6 +38,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_serve(sub)
     _add_up(sub)
     add_bench_parser(sub)
+    _add_eval_attention(sub)
     return parser
 
 
@@ -104,14 +105,14 @@ def _add_policy_args(p: argparse.ArgumentParser) -> None:
         "--attention-budget",
         type=float,
         default=DEFAULT_BUDGET,
-        help=f"fraction of dense K/V bytes a decode step reads (> 0; >= 1 is dense; default {DEFAULT_BUDGET})",
+        help=f"fraction of dense K/V bytes a decode step reads (> 0; >= 1: dense; default {DEFAULT_BUDGET})",
     )
 
 
 def cmd_generate(args: argparse.Namespace) -> int:
     # Imported here so `disagg --help` stays instant.
-    from services.core.policy import PolicySpec
     from services.core.model.load import load_model, parse_dtype
+    from services.core.policy import PolicySpec
     from services.decode.colocated import build_engine
     from services.decode.sampling import SamplingParams
 
@@ -234,7 +235,8 @@ def cmd_up(args: argparse.Namespace) -> int:
 
         argv = ["--colocated", "--model", args.model, "--dtype", args.dtype, "--device", args.device]
         argv += ["--kv-budget-gb", str(args.kv_budget_gb), "--host", args.host, "--port", str(args.port)]
-        argv += ["--attention-policy", args.attention_policy, "--attention-budget", str(args.attention_budget)]
+        argv += ["--attention-policy", args.attention_policy]
+        argv += ["--attention-budget", str(args.attention_budget)]
         return gateway_main(argv)
     import logging
 
@@ -261,6 +263,69 @@ def cmd_up(args: argparse.Namespace) -> int:
         attention_budget=args.attention_budget,
     )
     return run(plan)
+
+
+def _add_eval_attention(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    from services.core.policy import PolicyName
+
+    p = sub.add_parser(
+        "eval-attention",
+        help="measure attention policies against dense on the bundled model",
+        description="Perplexity (teacher forcing), greedy top-1 agreement and attention-mass recall on "
+        "a shipped text, passkey retrieval at several lengths, K/V bytes read and attention time per "
+        "step, each against dense in the same run (docs/attention-policies.md).",
+    )
+    names = [n.value for n in PolicyName]
+    p.add_argument("--policy", default="all", choices=[*names, "all"], help="a policy, or all (default)")
+    p.add_argument("--budget", type=float, default=0.25, help="fraction of dense bytes (one policy)")
+    p.add_argument("--scoring", default="vatp", choices=["h2o", "vatp"], help="heavy_hitter's score")
+    p.add_argument("--json", action="store_true", help="print the results as one JSON object, last line")
+    p.add_argument("--plot", help="write quality vs bytes read to this PNG")
+    p.add_argument("--windows", type=int, default=4, help="text windows decoded as one batch (default 4)")
+    p.add_argument("--context", type=int, default=1024, help="exactly prefilled tokens per window")
+    p.add_argument("--scored", type=int, default=256, help="teacher-forced tokens per window")
+    p.add_argument("--agreement-steps", type=int, default=32, help="greedy steps compared per window")
+    p.add_argument(
+        "--passkey-lengths", default="1024,2048,4096", help="comma-separated prompt lengths in tokens"
+    )
+    p.add_argument("--passkey-trials", type=int, default=5, help="passkey prompts per length")
+    p.add_argument("--model", default=DEFAULT_MODEL, help=f"model (default {DEFAULT_MODEL})")
+    p.set_defaults(func=cmd_eval_attention)
+
+
+def cmd_eval_attention(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from rich.console import Console
+
+    from services.attention import evaluate
+    from services.core.model.load import load_model
+    from services.core.policy import Scoring
+
+    try:
+        lengths = tuple(int(n) for n in args.passkey_lengths.split(","))
+    except ValueError:
+        raise DisaggError(
+            f"--passkey-lengths takes integers like 1024,2048, got {args.passkey_lengths!r}"
+        ) from None
+    if min((*lengths, args.windows, args.context, args.scored, args.passkey_trials)) < 1:
+        raise DisaggError("lengths, windows, context, scored tokens and trials must all be at least 1")
+    config = evaluate.EvalConfig(
+        windows=args.windows,
+        context=args.context,
+        scored=args.scored,
+        agreement_steps=args.agreement_steps,
+        passkey_lengths=lengths,
+        passkey_trials=args.passkey_trials,
+    )
+    specs = evaluate.sweep(args.policy, args.budget, Scoring(args.scoring))
+    console = Console(stderr=args.json)
+    model = load_model(args.model, show_progress=not args.json)
+    results = evaluate.run(model, specs, config, console)
+    evaluate.print_results(results, args.json, console)
+    if args.plot:
+        evaluate.plot(results, Path(args.plot))
+    return 0
 
 
 if __name__ == "__main__":

@@ -32,9 +32,9 @@ import urllib.request
 from dataclasses import dataclass, field
 from typing import IO
 
-from services.core.policy import DEFAULT_BUDGET
 from services.core.errors import DisaggError
 from services.core.model.sources import DEFAULT_MODEL, resolve_model
+from services.core.policy import DEFAULT_BUDGET
 from services.core.redis_server import RedisServer
 from services.core.registry import PodRegistry, RedisSettings, Role, connect
 from services.core.router import PlacementMode

@@ -196,7 +196,7 @@ class AttentionEngine:
             return self._sequence(seq_id).policy
 
     def check_importable(self, seq_id: int) -> None:
-        """K/V may be written from outside (ImportKV, NIXL) only before any eviction (call holding the lock)."""
+        """K/V may be written from outside (ImportKV, NIXL) only before any eviction (hold the lock)."""
         dropped = self.pool.allocator.dropped(seq_id)
         if dropped:
             raise InvalidFrameError(

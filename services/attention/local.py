@@ -5,7 +5,7 @@ policy behaves the same in `disagg generate`, `disagg up --colocated` and the cl
 
 Each sequence is opened with a `PolicySpec` (None: the part's default). Prefill chunks are exact
 causal attention; decode rows go to their policy (services/attention/policies/): a step groups its
-decode lanes by policy, and each group is one vectorized `PolicyStep`. Bytes each policy reads are
+decode lanes by policy and budget, and each group is one vectorized `PolicyStep`. Bytes each policy reads are
 summed per policy name (`bytes_read_total`).
 """
 
@@ -62,7 +62,7 @@ class LocalAttention(AttentionPart):
         self.lock = lock or threading.Lock()
         self._specs: dict[int, PolicySpec] = {}
         self._policies: dict[PolicyName, AttentionPolicy] = {}
-        self._bytes: dict[str, int] = {}
+        self._bytes: dict[PolicySpec, int] = {}  # by the spec a step's group ran
         self._bytes_lock = threading.Lock()
 
     def open(self, seq_id: int, policy: PolicySpec | None = None, num_lanes: int | None = None) -> None:
@@ -111,19 +111,26 @@ class LocalAttention(AttentionPart):
 
     def bytes_read_total(self) -> dict[str, int]:
         """K/V bytes decode attention has read from the pool since start, per policy name."""
+        totals: dict[str, int] = {}
+        for spec, count in self.bytes_read_by_spec().items():
+            totals[spec.name.value] = totals.get(spec.name.value, 0) + count
+        return totals
+
+    def bytes_read_by_spec(self) -> dict[PolicySpec, int]:
+        """The same, per policy and budget (the evaluation runs several budgets in one batch)."""
         with self._bytes_lock:
             return dict(self._bytes)
 
-    def count_bytes(self, name: PolicyName, count: int) -> None:
+    def count_bytes(self, spec: PolicySpec, count: int) -> None:
         with self._bytes_lock:
-            self._bytes[name.value] = self._bytes.get(name.value, 0) + count
+            self._bytes[spec] = self._bytes.get(spec, 0) + count
 
 
 class _DecodeGroup:
-    """The decode lanes of one policy in a step."""
+    """The decode lanes of one policy and budget in a step."""
 
-    def __init__(self, name: PolicyName, index: list[int], step: PolicyStep, device: str) -> None:
-        self.name = name
+    def __init__(self, spec: PolicySpec, index: list[int], step: PolicyStep, device: str) -> None:
+        self.spec = spec
         self.index = torch.tensor(index, dtype=torch.long, device=device)  # [m] among the step's lanes
         self.step = step
 
@@ -171,18 +178,18 @@ class LocalStep(AttentionStep):
         self.last_layer = part.pool.config.num_layers - 1
 
     def _decode_groups(self, tables: list[list[list[int]]], dropped: list[int]) -> list[_DecodeGroup]:
-        """Decode lanes grouped by policy, each group begun as one PolicyStep."""
-        by_policy: dict[PolicyName, tuple[list[int], list[DecodeLane]]] = {}
+        """Decode lanes grouped by policy and budget, each group begun as one PolicyStep."""
+        by_policy: dict[PolicySpec, tuple[list[int], list[DecodeLane]]] = {}
         for i in self.decode_rows:
             chunk, spec = self.chunks[i], self.part.spec(self.chunks[i].seq_id)
-            index, lanes = by_policy.setdefault(spec.name, ([], []))
+            index, lanes = by_policy.setdefault(spec, ([], []))
             for head, table in enumerate(tables[i]):
                 index.append(self.lane_offsets[i] + head)
                 lanes.append(DecodeLane(chunk.seq_id, table, chunk.end - dropped[i], chunk.end, spec))
         device = self.part.pool.config.device
         return [
-            _DecodeGroup(name, index, self.part.policy(name).begin(lanes), device)
-            for name, (index, lanes) in by_policy.items()
+            _DecodeGroup(spec, index, self.part.policy(spec.name).begin(lanes), device)
+            for spec, (index, lanes) in by_policy.items()
         ]
 
     @property
@@ -223,11 +230,11 @@ class LocalStep(AttentionStep):
             for group in self.groups:
                 before = group.step.bytes_read
                 group.step.finish()  # heavy_hitter evicts here; its reads count too
-                part.count_bytes(group.name, group.step.bytes_read - before)
+                part.count_bytes(group.spec, group.step.bytes_read - before)
         return out
 
     def _decode(self, group: _DecodeGroup, layer: int, q: torch.Tensor) -> torch.Tensor:
         before = group.step.bytes_read
         o = group.step.decode(layer, q)
-        self.part.count_bytes(group.name, group.step.bytes_read - before)
+        self.part.count_bytes(group.spec, group.step.bytes_read - before)
         return o

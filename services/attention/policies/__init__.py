@@ -70,7 +70,7 @@ class PolicyStep(ABC):
     def attended(self, layer: int, q: torch.Tensor) -> torch.Tensor:
         """[n, max positions] bool: the positions `decode(layer, q)` reads, per lane (evaluation)."""
 
-    def finish(self) -> None:
+    def finish(self) -> None:  # noqa: B027 (an optional hook: most policies keep no state to update)
         """Called once after the last layer (not after a failed step)."""
 
 
@@ -110,7 +110,7 @@ class AttentionPolicy(ABC):
             device=self.pool.config.device,
         )
 
-    def forget(self, seq_id: int) -> None:
+    def forget(self, seq_id: int) -> None:  # noqa: B027 (an optional hook, like `finish`)
         """Drop per-sequence state (the sequence was freed)."""
 
 

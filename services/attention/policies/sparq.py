@@ -108,7 +108,7 @@ class SparqStep(PolicyStep):
             )
             for params, index in by_params.items()
         ]
-        self.refresh_blocks, filled = policy.mirror.refresh(lanes)
+        self.refresh_blocks, _filled = policy.mirror.refresh(lanes)
         itemsize = torch.empty((), dtype=pool.config.dtype).element_size()
         self.refresh_bytes = self.refresh_blocks.numel() * pool.block_size * pool.config.head_dim * itemsize
         gpu = use_triton(torch.device(device), Backend.AUTO)
@@ -134,7 +134,9 @@ class SparqStep(PolicyStep):
         out = torch.empty_like(q)
         for g in self.groups:
             p = g.params
-            result = self.step(q.index_select(0, g.index), k, v, kt, g.lanes, p.r, p.k, p.window, policy.scale)
+            result = self.step(
+                q.index_select(0, g.index), k, v, kt, g.lanes, p.r, p.k, p.window, policy.scale
+            )
             out.index_copy_(0, g.index, result.out)
             self.bytes_read += result.bytes_read
         return out
@@ -146,7 +148,9 @@ class SparqStep(PolicyStep):
         for g in self.groups:
             p = g.params
             qg = q.index_select(0, g.index)
-            sel, _ = sparq_positions(qg, self.policy.kt[layer], g.lanes, p.r, p.k, p.window, self.policy.scale)
+            sel, _ = sparq_positions(
+                qg, self.policy.kt[layer], g.lanes, p.r, p.k, p.window, self.policy.scale
+            )
             inside = (sel < g.lanes.lane_len.long()[:, None]).int()
             rows = torch.zeros((qg.shape[0], width), dtype=torch.int32, device=q.device)
             rows.scatter_add_(1, sel.clamp(max=width - 1), inside)
