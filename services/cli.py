@@ -289,6 +289,12 @@ def _add_eval_attention(sub: argparse._SubParsersAction[argparse.ArgumentParser]
         "--passkey-lengths", default="1024,2048,4096", help="comma-separated prompt lengths in tokens"
     )
     p.add_argument("--passkey-trials", type=int, default=5, help="passkey prompts per length")
+    p.add_argument(
+        "--timing-threads",
+        type=int,
+        default=1,
+        help="torch threads while timing attention (default 1, as attention pods run in `disagg up`)",
+    )
     p.add_argument("--model", default=DEFAULT_MODEL, help=f"model (default {DEFAULT_MODEL})")
     p.set_defaults(func=cmd_eval_attention)
 
@@ -308,7 +314,7 @@ def cmd_eval_attention(args: argparse.Namespace) -> int:
         raise DisaggError(
             f"--passkey-lengths takes integers like 1024,2048, got {args.passkey_lengths!r}"
         ) from None
-    if min((*lengths, args.windows, args.context, args.scored, args.passkey_trials)) < 1:
+    if min((*lengths, args.windows, args.context, args.scored, args.passkey_trials, args.timing_threads)) < 1:
         raise DisaggError("lengths, windows, context, scored tokens and trials must all be at least 1")
     config = evaluate.EvalConfig(
         windows=args.windows,
@@ -317,6 +323,7 @@ def cmd_eval_attention(args: argparse.Namespace) -> int:
         agreement_steps=args.agreement_steps,
         passkey_lengths=lengths,
         passkey_trials=args.passkey_trials,
+        timing_threads=args.timing_threads,
     )
     specs = evaluate.sweep(args.policy, args.budget, Scoring(args.scoring))
     console = Console(stderr=args.json)

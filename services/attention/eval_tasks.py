@@ -261,10 +261,22 @@ class StepTimes:
     dense_ms: float  # the same for dense, measured alternately with the policy
 
 
-def time_attention(prefilled: Prefilled, spec: PolicySpec, rounds: int, seed: int = 0) -> StepTimes:
+def time_attention(
+    prefilled: Prefilled, spec: PolicySpec, rounds: int, threads: int, seed: int = 0
+) -> StepTimes:
     """Decode steps of the attention part alone over the prefilled prompts (random q, k, v: the time
-    does not depend on them), dense and the policy alternately so that both see the same load.
-    The first step of each (building per-block data, heavy_hitter's first eviction) is a warm-up."""
+    does not depend on them) on `threads` torch threads, dense and the policy alternately so that
+    both see the same load. The first step of each (building per-block data, heavy_hitter's first
+    eviction) is a warm-up."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        return _time_attention(prefilled, spec, rounds, seed)
+    finally:
+        torch.set_num_threads(before)
+
+
+def _time_attention(prefilled: Prefilled, spec: PolicySpec, rounds: int, seed: int) -> StepTimes:
     cfg = prefilled.model.config
     gen = torch.Generator().manual_seed(seed)
     b = len(prefilled.prompts)

@@ -43,6 +43,7 @@ class EvalConfig:
     passkey_trials: int = 5  # prompts per length (the key at evenly spaced depths)
     answer_tokens: int = 8  # greedy tokens of each passkey answer
     timing_rounds: int = 8  # timed decode steps of dense and of each policy, alternately
+    timing_threads: int = 1  # torch threads while timing: attention pods run one (`disagg up`)
     max_batch_tokens: int = 16384  # prompt tokens of one batched run (bounds the eval's memory)
     seed: int = 0  # picks the passkeys
 
@@ -119,7 +120,7 @@ def evaluate(
                 advance(f"passkey {length}: {spec.describe()}")
         if length == max(config.passkey_lengths):
             for spec in specs:
-                times = tasks.time_attention(prefilled, spec, config.timing_rounds)
+                times = tasks.time_attention(prefilled, spec, config.timing_rounds, config.timing_threads)
                 r = results[spec]
                 r.attention_ms_per_step, r.dense_attention_ms_per_step = times.policy_ms, times.dense_ms
                 r.step_time_ratio = times.policy_ms / times.dense_ms
