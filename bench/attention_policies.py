@@ -22,7 +22,7 @@ from rich.console import Console
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from bench._results import write_section
 from services.attention import evaluate
-from services.core.attention import Scoring
+from services.core.attention import PolicyName, Scoring
 from services.core.model.load import load_model
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -96,6 +96,22 @@ def markdown(results: list[evaluate.PolicyResult], command: str, seconds: float,
     return "\n".join(lines)
 
 
+def short_markdown(results: list[evaluate.PolicyResult], config: evaluate.EvalConfig) -> str:
+    lines = [
+        f"At 1K contexts ({config.windows} windows of {config.context} prefilled + {config.scored} scored "
+        f"tokens, {config.agreement_steps} greedy steps each; same run):",
+        "",
+        "| policy | budget | top-1 agree | ppl / dense | mass recall | bytes / dense |",
+        "|---|---|---|---|---|---|",
+    ]
+    for r in results:
+        lines.append(
+            f"| {r.policy} | {r.budget:g} | {r.top1_agreement:.3f} | {r.perplexity / r.dense_perplexity:.3f} "
+            f"| {r.attention_mass_recall:.3f} | {r.bytes_ratio:.3f} |"
+        )
+    return "\n".join(lines)
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--plot", type=Path, default=ROOT / "docs" / "attention-policies.png")
@@ -111,8 +127,12 @@ def main(argv: list[str] | None = None) -> int:
     seconds = time.perf_counter() - started
     evaluate.print_results(results, False, console)
     evaluate.plot(results, args.plot)
+    # The same quality tasks at 1K contexts (4 windows), where a budget buys half as many tokens.
+    short = evaluate.EvalConfig(windows=4, context=1024, scored=192, agreement_steps=32, passkey_lengths=())
+    short_specs = [s for s in specs if s.name in (PolicyName.SPARQ, PolicyName.QUEST)]
+    short_results = evaluate.run(model, short_specs, short, console)
     command = " ".join(["python bench/attention_policies.py", *(sys.argv[1:] if argv is None else argv)])
-    body = markdown(results, command, seconds, args.plot)
+    body = markdown(results, command, seconds, args.plot) + "\n\n" + short_markdown(short_results, short)
     console.print(body)
     if not args.no_write:
         write_section("attention-policies", body)

@@ -281,10 +281,10 @@ def _add_eval_attention(sub: argparse._SubParsersAction[argparse.ArgumentParser]
     p.add_argument("--scoring", default="vatp", choices=["h2o", "vatp"], help="heavy_hitter's score")
     p.add_argument("--json", action="store_true", help="print the results as one JSON object, last line")
     p.add_argument("--plot", help="write quality vs bytes read to this PNG")
-    p.add_argument("--windows", type=int, default=4, help="text windows decoded as one batch (default 4)")
-    p.add_argument("--context", type=int, default=1024, help="exactly prefilled tokens per window")
-    p.add_argument("--scored", type=int, default=256, help="teacher-forced tokens per window")
-    p.add_argument("--agreement-steps", type=int, default=32, help="greedy steps compared per window")
+    p.add_argument("--windows", type=int, default=2, help="text windows decoded as one batch (default 2)")
+    p.add_argument("--context", type=int, default=2048, help="exactly prefilled tokens per window (2048)")
+    p.add_argument("--scored", type=int, default=384, help="teacher-forced tokens per window (384)")
+    p.add_argument("--agreement-steps", type=int, default=64, help="greedy steps compared per window (64)")
     p.add_argument(
         "--passkey-lengths", default="1024,2048,4096", help="comma-separated prompt lengths in tokens"
     )

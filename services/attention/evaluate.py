@@ -35,10 +35,10 @@ SPARSE = [name for name in PolicyName if name is not PolicyName.DENSE]
 
 @dataclass(slots=True, frozen=True)
 class EvalConfig:
-    windows: int = 4  # text windows, decoded together as one batch
-    context: int = 1024  # tokens of each window prefilled exactly before the scored ones
-    scored: int = 256  # teacher-forced tokens per window (perplexity)
-    agreement_steps: int = 32  # greedy steps compared with dense per window
+    windows: int = 2  # text windows, decoded together as one batch
+    context: int = 2048  # tokens of each window prefilled exactly before the scored ones
+    scored: int = 384  # teacher-forced tokens per window (perplexity)
+    agreement_steps: int = 64  # greedy steps compared with dense per window
     passkey_lengths: tuple[int, ...] = (1024, 2048, 4096)
     passkey_trials: int = 5  # prompts per length (the key at evenly spaced depths)
     answer_tokens: int = 8  # greedy tokens of each passkey answer
