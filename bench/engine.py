@@ -7,6 +7,10 @@ a long text, exactly --prompt-tokens each) and generate exactly --new-tokens per
 Two throughputs per side: *decode* = tokens generated after every request has its first token /
 time from that moment to the end (the decode phase alone), and *e2e* = all generated tokens / wall
 time of the whole batch (prefill included). The table and the command go into bench/RESULTS.md.
+
+Noise: on a shared machine one slow run skews a ratio. Each batch size runs `--repeats` times,
+alternating the two sides (ours, theirs, ours, theirs, ...), so both see the same background load;
+the table gives each side's median throughput and the median of the per-repeat ratios.
 """
 
 from __future__ import annotations
@@ -14,6 +18,7 @@ from __future__ import annotations
 import argparse
 import importlib.util
 import platform
+import statistics
 import sys
 import time
 from dataclasses import dataclass
@@ -44,12 +49,20 @@ class Timing:
 @dataclass(slots=True, frozen=True)
 class Row:
     batch: int
-    ours: Timing
-    hf: Timing
+    ours: list[Timing]  # one per repeat
+    hf: list[Timing]
 
     @property
     def same_tokens(self) -> bool:
-        return self.ours.tokens == self.hf.tokens
+        return all(o.tokens == h.tokens for o, h in zip(self.ours, self.hf, strict=True))
+
+    def median(self, side: str, metric: str) -> float:
+        return statistics.median(getattr(t, metric) for t in getattr(self, side))
+
+    def ratio(self, metric: str) -> float:
+        """Median over repeats of ours / theirs, each pair measured back to back."""
+        pairs = zip(self.ours, self.hf, strict=True)
+        return statistics.median(getattr(o, metric) / getattr(h, metric) for o, h in pairs)
 
 
 def make_prompts(model: LoadedModel, count: int, length: int) -> list[list[int]]:
@@ -122,6 +135,9 @@ def main() -> None:
     parser.add_argument(
         "--threads", type=int, default=torch.get_num_threads(), help="torch threads, both sides"
     )
+    parser.add_argument(
+        "--repeats", type=int, default=3, help="runs per side and batch size, alternating (median)"
+    )
     parser.add_argument("--no-write", action="store_true", help="do not update bench/RESULTS.md")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
@@ -137,14 +153,16 @@ def main() -> None:
     batches = [int(b) for b in args.batches.split(",")]
     rows = []
     with Progress(console=console) as progress:
-        task = progress.add_task("benchmarking", total=2 * len(batches))
+        task = progress.add_task("benchmarking", total=2 * len(batches) * args.repeats)
         for batch in batches:
             prompts = make_prompts(model, batch, args.prompt_tokens)
-            ours = run_ours(model, prompts, args.new_tokens)
-            progress.advance(task)
-            with torch.inference_mode():
-                theirs = run_hf(hf, prompts, args.new_tokens)
-            progress.advance(task)
+            ours, theirs = [], []
+            for _ in range(args.repeats):
+                ours.append(run_ours(model, prompts, args.new_tokens))
+                progress.advance(task)
+                with torch.inference_mode():
+                    theirs.append(run_hf(hf, prompts, args.new_tokens))
+                progress.advance(task)
             rows.append(Row(batch, ours, theirs))
     table = Table(title=f"throughput, {args.prompt_tokens}-token prompts, {args.new_tokens} new tokens")
     for col in TABLE_HEADER:
@@ -172,12 +190,12 @@ def table_rows(rows: list[Row]) -> list[tuple[str, ...]]:
     return [
         (
             str(r.batch),
-            f"{r.ours.decode_tps:.1f}",
-            f"{r.hf.decode_tps:.1f}",
-            f"{r.ours.decode_tps / r.hf.decode_tps:.2f}x",
-            f"{r.ours.e2e_tps:.1f}",
-            f"{r.hf.e2e_tps:.1f}",
-            f"{r.ours.e2e_tps / r.hf.e2e_tps:.2f}x",
+            f"{r.median('ours', 'decode_tps'):.1f}",
+            f"{r.median('hf', 'decode_tps'):.1f}",
+            f"{r.ratio('decode_tps'):.2f}x",
+            f"{r.median('ours', 'e2e_tps'):.1f}",
+            f"{r.median('hf', 'e2e_tps'):.1f}",
+            f"{r.ratio('e2e_tps'):.2f}x",
             "yes" if r.same_tokens else "no",
         )
         for r in rows
@@ -189,12 +207,15 @@ def render_markdown(rows: list[Row], args: argparse.Namespace) -> str:
         "## Engine vs transformers (bench/engine.py)",
         "",
         f"Command: `.venv/bin/python bench/engine.py --batches {args.batches} --prompt-tokens "
-        f"{args.prompt_tokens} --new-tokens {args.new_tokens} --threads {args.threads}`",
+        f"{args.prompt_tokens} --new-tokens {args.new_tokens} --threads {args.threads} "
+        f"--repeats {args.repeats}`",
         "",
         f"Machine: {platform.processor() or platform.machine()}, {torch.get_num_threads()} torch threads, "
         f"torch {torch.__version__}, fp32, SmolLM2-135M, greedy, EOS ignored. "
         "decode = tokens after each request's first / time from the last first token to the end; "
-        "e2e = all generated tokens / wall time, prefill included.",
+        "e2e = all generated tokens / wall time, prefill included. "
+        f"Each cell: the median of {args.repeats} alternating runs per side; ratios: the median of the "
+        "per-run ratios.",
         "",
         "| " + " | ".join(TABLE_HEADER) + " |",
         "|" + "---:|" * len(TABLE_HEADER),

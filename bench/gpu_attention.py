@@ -1,6 +1,6 @@
 """Paged decode attention on one GPU: torch baselines vs the Triton kernels, against the copy ceiling.
 
-    python3 bench/gpu_attention.py [--json rows.json] [--quick] [--tune]
+    python3 bench/gpu_attention.py [--json rows.json] [--quick] [--tune] [--stages]
 
 One call: (1) measures the device copy bandwidth (a large device-to-device copy, bytes read + written);
 (2) for each model shape, pool block size, batch and context, times
@@ -26,6 +26,7 @@ import json
 import sys
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
+from functools import partial
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -36,7 +37,7 @@ from rich.table import Table
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from services.attention.kernels import PagedLanes, decode_bytes
-from services.attention.reference import DecodeLayout, paged_decode_attention
+from services.attention.reference import DecodeLayout, DecodeWorkspace, paged_decode_attention
 
 if TYPE_CHECKING:
     from services.attention.kernels.paged_decode import DecodeConfig
@@ -147,7 +148,7 @@ class Case:
         layout = DecodeLayout.build(
             [(t, self.context) for t in self.table.tolist()], self.block_size, group, "cuda"
         )
-        workspace = torch.empty_like(k_cache[: layout.blocks.numel()])
+        workspace = DecodeWorkspace.for_layout(layout, k_cache)
         r, k, window = self.sparq_budget()
 
         def sdpa() -> torch.Tensor:
@@ -190,9 +191,9 @@ def run_case(case: Case, copy_bps: float) -> list[Row]:
             print(f"{name}: CUDA graph capture failed ({error}); timing it eagerly", flush=True)
             ms = bench_ms(fn, graph=False)
         eager = bench_ms(fn, graph=False) * 1e3 if name in ("triton", "sparq") else None
-        nbytes = sparse if name == "sparq" else case.dense_bytes()
+        nbytes = sparse if name.startswith("sparq") else case.dense_bytes()
         gbps = nbytes / (ms * 1e-3) / 1e9
-        err = rel_err(out, sparq_reference if name == "sparq" else reference)
+        err = rel_err(out, sparq_reference if name.startswith("sparq") else reference)
         row = Row(case.shape, hkv, group, head_dim, case.block_size, case.batch, case.context, name, ms * 1e3,
                   eager, nbytes, gbps, 100 * gbps * 1e9 / copy_bps, err)  # fmt: skip
         rows.append(row)
@@ -200,38 +201,16 @@ def run_case(case: Case, copy_bps: float) -> list[Row]:
 
 
 def _time_dense_config(case: Case, config: DecodeConfig) -> float:
-
     from services.attention.kernels import paged_decode
 
-    def fn() -> torch.Tensor:
-        return paged_decode.paged_decode_attention(
-            case.q,
-            case.k_cache,
-            case.v_cache,
-            case.lanes,
-            case.scale,
-            config=config,
-        )
-
-    return bench_ms(fn)
-
-
-def _time_scores(case: Case, block_n: int, warps: int) -> float:
-    from services.attention.kernels import paged_decode
-
-    r, _, window = case.sparq_budget()
-    idx, q_sel = paged_decode.sparq_select(case.q, r, case.scale)
-
-    def fn() -> tuple[torch.Tensor, torch.Tensor | None]:
-        return paged_decode.sparq_lane_scores(
-            q_sel, idx, case.kt_cache, case.lanes, case.context, window, block_n=block_n, num_warps=warps
-        )
-
-    return bench_ms(fn)
+    q, k_cache, v_cache, lanes, scale = case.q, case.k_cache, case.v_cache, case.lanes, case.scale
+    return bench_ms(
+        lambda: paged_decode.paged_decode_attention(q, k_cache, v_cache, lanes, scale, config=config)
+    )
 
 
 def tune(dtype: torch.dtype) -> None:
-    """Sweep the dense kernel's launch settings and SparQ phase 1's tile on a few shapes."""
+    """Sweep the dense kernel's launch settings on a few shapes."""
     from services.attention.kernels.paged_decode import DecodeConfig
 
     console = Console()
@@ -244,79 +223,89 @@ def tune(dtype: torch.dtype) -> None:
         case = Case.make(shape, block_size, batch, context, dtype)
         results = []
         for block_n in (32, 64, 128):
-            for warps in (4,):  # 8 never won on the H100
-                for stages in (3, 4):
-                    for per_sm in (2, 4, 8):
-                        config = DecodeConfig(block_n, warps, stages, per_sm, 256)
-                        results.append((case.dense_bytes() / _time_dense_config(case, config) / 1e6, config))
+            for stages in (3, 4):  # 8 warps never won on the H100
+                for per_sm in (2, 4, 8):
+                    config = DecodeConfig(block_n, 4, stages, per_sm, 256)
+                    results.append((case.dense_bytes() / _time_dense_config(case, config) / 1e6, config))
         results.sort(key=lambda x: -x[0])
         console.print(f"[bold]{shape} bs={block_size} batch={batch} ctx={context}[/]: best dense configs")
         for gbps, config in results[:5]:
             console.print(f"  {gbps:8.0f} GB/s  {config}")
-        for block_n in (128, 256, 512):
-            for warps in (2, 4, 8):
-                us = _time_scores(case, block_n, warps) * 1e3
-                console.print(f"  sparq phase 1 block_n={block_n} warps={warps}: {us:7.1f} us")
         del case
         torch.cuda.empty_cache()
 
 
-def _time_sparq_stages(case: Case) -> dict[str, float]:
-    """ms of SparQ's phase 1 and of the top-k selection, radix select vs torch.topk."""
-    from services.attention.kernels import paged_decode
-
-    r, k, window = case.sparq_budget()
-    idx, q_sel = paged_decode.sparq_select(case.q, r, case.scale)
-    kt_cache, lanes, context = case.kt_cache, case.lanes, case.context
-    score, hist = paged_decode.sparq_lane_scores(q_sel, idx, kt_cache, lanes, context, window)
-    return {
-        "phase 1 (stats + lse + scores)": bench_ms(
-            lambda: paged_decode.sparq_lane_scores(q_sel, idx, kt_cache, lanes, context, window)
-        ),
-        "radix top-k (passes 1-3 + gather + hist copy)": bench_ms(
-            lambda: paged_decode.top_k_positions(
-                score, lanes.lane_len, k, None if hist is None else hist.clone()
-            )
-        ),
-        "radix top-k (all 4 passes)": bench_ms(
-            lambda: paged_decode.top_k_positions(score, lanes.lane_len, k)
-        ),
-        "torch.topk": bench_ms(lambda: score.topk(k, dim=1, sorted=False)),
-    }
+STAGE_CASES = [
+    ("smollm2", 16, 64, 16384),
+    ("llama8b", 16, 16, 16384),
+    ("smollm2", 128, 64, 16384),
+    ("llama8b", 128, 16, 16384),
+    ("smollm2", 16, 16, 32768),
+]
 
 
-def profile(dtype: torch.dtype) -> None:
-    """GPU time per kernel of the Triton paths, and where the eager SparQ step spends host time."""
-    import cProfile
-    import pstats
+def _try_ms(name: str, fn: Callable[[], object], nbytes: int = 0) -> float:
+    try:
+        ms = bench_ms(fn)
+    except Exception as error:  # a variant that fails to compile is reported, not fatal
+        print(f"  {name:34s} FAILED: {type(error).__name__}: {str(error)[:300]}", flush=True)
+        return float("nan")
+    rate = f"{nbytes / (ms * 1e-3) / 1e9:7.0f} GB/s" if nbytes else ""
+    print(f"  {name:34s} {ms * 1e3:8.1f} us {rate}", flush=True)
+    return ms
 
-    from torch.profiler import ProfilerActivity
-    from torch.profiler import profile as torch_profile
 
-    for shape, batch in (("smollm2", 64), ("llama8b", 64), ("smollm2", 4)):
-        case = Case.make(shape, 16, batch, 16384, dtype)
-        methods = case.methods()
-        times = _time_sparq_stages(case)
-        for name, ms in times.items():
-            print(f"== {shape} batch={batch} 16K bs=16 {name}: {ms * 1e3:.1f} us", flush=True)
-        for name in ("triton", "sparq"):
-            fn = methods[name]
-            fn()
-            torch.cuda.synchronize()
-            with torch_profile(activities=[ProfilerActivity.CUDA]) as prof:
-                for _ in range(10):
-                    fn()
-                torch.cuda.synchronize()
-            print(f"== {shape} batch={batch} ctx=16K bs=16 {name}: GPU time of 10 calls", flush=True)
-            print(
-                prof.key_averages().table(sort_by="device_time_total", row_limit=12, max_name_column_width=60)
-            )
-        stats = cProfile.Profile()
-        stats.runctx("for _ in range(50): fn()", globals(), {"fn": methods["sparq"]})
-        torch.cuda.synchronize()
-        print(f"== host time of 50 eager sparq calls ({shape} batch={batch})")
-        pstats.Stats(stats).sort_stats("tottime").print_stats(12)
-        del case, methods
+def _stage_case(case: Case) -> None:
+    from services.attention.kernels import paged_decode, sparq_pick
+    from services.attention.kernels import sparq_kernels as sk
+
+    q, k_cache, v_cache, kt_cache, lanes, scale = (
+        case.q, case.k_cache, case.v_cache, case.kt_cache, case.lanes, case.scale
+    )  # fmt: skip
+    context, (r, k, window) = case.context, case.sparq_budget()
+    n_lanes, group, head_dim = q.shape
+    item = k_cache.element_size()
+    kt_bytes, logit_bytes = n_lanes * context * r * item, n_lanes * context * group * 4  # fp32 e
+    key_bytes = n_lanes * context * 4
+    gather_bytes = n_lanes * k * 2 * head_dim * item
+    idx, q_sel = sk.sparq_select(q, r, scale)
+    e, stats = sk.sparq_logits(q_sel, idx, kt_cache, lanes, context)
+    phase1 = sk.sparq_keys(e, stats, lanes, window)
+    rows = sparq_pick.sparq_pick(phase1, lanes, k, context, window)
+    methods = case.methods()
+    print(f"== {case.shape} bs={case.block_size} B={case.batch} ctx={context} lanes={n_lanes} r={r} k={k}")
+    _try_ms("dense (triton)", methods["triton"], case.dense_bytes())
+    _try_ms("sparq step", methods["sparq"], kt_bytes + gather_bytes)
+    _try_ms("select components", lambda: sk.sparq_select(q, r, scale))
+    for block_n, warps in ((256, 4), (512, 4), (256, 2)):
+        _try_ms(
+            f"logits bn={block_n} w={warps} (kt + e)",
+            partial(sk.sparq_logits, q_sel, idx, kt_cache, lanes, context, block_n, warps),
+            kt_bytes + logit_bytes,
+        )
+    _try_ms("keys (e + keys)", lambda: sk.sparq_keys(e, stats, lanes, window), logit_bytes + key_bytes)
+    for launches in (1, 2, 3, 4):
+        _try_ms(
+            f"pick, sampled, first {launches} launches",
+            partial(sparq_pick.sparq_pick, phase1, lanes, k, context, window, None, True, launches),
+            key_bytes,
+        )
+    _try_ms(
+        "pick, one CTA/lane only",
+        partial(sparq_pick.sparq_pick, phase1, lanes, k, context, window, None, False),
+        key_bytes,
+    )
+    _try_ms(
+        "phase 2 (gather rows + merge)",
+        lambda: paged_decode.gathered_decode_attention(q, k_cache, v_cache, lanes, rows, scale),
+        gather_bytes,
+    )
+
+
+def stages(dtype: torch.dtype) -> None:
+    """Time each launch of the SparQ step and its variants (phase-1 tiles, pick warps)."""
+    for shape, block_size, batch, context in STAGE_CASES:
+        _stage_case(Case.make(shape, block_size, batch, context, dtype))
         torch.cuda.empty_cache()
 
 
@@ -354,15 +343,15 @@ def main() -> None:
     parser.add_argument("--quick", action="store_true", help="batches 1,64 and contexts 4K,16K only")
     parser.add_argument("--tune", action="store_true", help="sweep kernel launch settings, then exit")
     parser.add_argument(
-        "--profile", action="store_true", help="per-kernel GPU time and host profile, then exit"
+        "--stages", action="store_true", help="time each SparQ launch and variants, then exit"
     )
     parser.add_argument("--json", type=Path, help="write the rows (and the copy bandwidth) to this file")
     args = parser.parse_args()
     if not torch.cuda.is_available():
         raise SystemExit("bench/gpu_attention.py needs a CUDA GPU (the kernels are timed on the device)")
     dtype = getattr(torch, args.dtype)
-    if args.tune or args.profile:
-        tune(dtype) if args.tune else profile(dtype)
+    if args.tune or args.stages:
+        tune(dtype) if args.tune else stages(dtype)
         return
     batches = [1, 64] if args.quick else [int(x) for x in args.batches.split(",")]
     contexts = [4096, 16384] if args.quick else [int(x) for x in args.contexts.split(",")]

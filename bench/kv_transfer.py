@@ -27,15 +27,11 @@ import argparse
 import functools
 import json
 import os
-import select
 import statistics
-import subprocess
 import sys
-import tempfile
 import time
 import uuid
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -44,6 +40,7 @@ from rich.console import Console
 from rich.table import Table
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+from bench._pods import attention_pod
 from services.attention.nixl_import import notification
 from services.core.placement import Placement
 from services.core.redis_server import RedisServer
@@ -56,60 +53,8 @@ from services.prefill.kv_export import (
 )
 from services.proto import attention_pb2 as pb
 
-ROOT = Path(__file__).resolve().parent.parent
-SMOLLM2_135M = {  # config.json of SmolLM2-135M; an attention pod reads only the geometry
-    "architectures": ["LlamaForCausalLM"],
-    "vocab_size": 49152,
-    "hidden_size": 576,
-    "intermediate_size": 1536,
-    "num_hidden_layers": 30,
-    "num_attention_heads": 9,
-    "num_key_value_heads": 3,
-    "max_position_embeddings": 8192,
-    "tie_word_embeddings": True,
-}
 LAYERS, HEADS, DIM = 30, 3, 64
 MAX_MESSAGE_BYTES = 64 << 20
-
-
-@contextmanager
-def attention_pod(redis_url: str, budget_bytes: int) -> Iterator[str]:
-    """A real attention pod (transport nixl) with the SmolLM2-135M geometry; yields its address."""
-    with tempfile.TemporaryDirectory(prefix="disagg-kv-bench-") as tmp:
-        folder = Path(tmp)
-        (folder / "config.json").write_text(json.dumps(SMOLLM2_135M))
-        (folder / "tokenizer.json").write_text("{}")
-        (folder / "model.safetensors").write_bytes(b"")
-        env = {
-            **os.environ,
-            "DISAGG_REDIS_URL": redis_url,
-            "DISAGG_ATTENTION_MODEL": str(folder),
-            "DISAGG_ATTENTION_PORT": "0",
-            "DISAGG_ATTENTION_TRANSPORT": "nixl",
-            "DISAGG_ATTENTION_KV_BUDGET_BYTES": str(budget_bytes),
-        }
-        log = (folder / "attention.log").open("w")
-        process = subprocess.Popen(
-            [sys.executable, "-m", "services.attention.server"],
-            cwd=ROOT,
-            env=env,
-            stdout=subprocess.PIPE,
-            stderr=log,
-            text=True,
-        )
-        try:
-            assert process.stdout is not None
-            ready, _, _ = select.select([process.stdout], [], [], 120)
-            line = process.stdout.readline() if ready else ""
-            if "listening on" not in line:
-                raise SystemExit(
-                    f"attention pod did not start: {line!r}\n{(folder / 'attention.log').read_text()}"
-                )
-            yield line.rsplit(" ", 1)[1].strip()
-        finally:
-            process.kill()
-            process.wait(10)
-            log.close()
 
 
 def _memcpy(kv: torch.Tensor) -> Callable[[], float]:
@@ -148,7 +93,13 @@ def _measure(tokens: int, repeats: int, progress: Callable[[str], None]) -> list
     kv = torch.randn(LAYERS, 2, tokens, HEADS, DIM, generator=generator)  # [L, K|V, T, Hkv, D]
 
     budget = 3 * nbytes  # room for the sequence with blocks to spare
-    with RedisServer() as redis_server, attention_pod(redis_server.url, budget) as address:
+    with (
+        RedisServer() as redis_server,
+        attention_pod({"transport": "nixl", "kv_budget_bytes": str(budget)}, redis_server.url) as (
+            address,
+            _,
+        ),
+    ):
         channels = AttentionChannels(MAX_MESSAGE_BYTES)
         stub = channels.stub(address)
         placement = Placement.request_partitioned(address, HEADS)

@@ -11,6 +11,7 @@ from services.core.errors import DisaggError
 from services.core.model.sources import DEFAULT_MODEL
 from services.core.runtime import keep_freed_memory
 from services.loadgen import add_bench_parser
+from services.tenants_cli import add_keys_parser, add_tenants_parser
 
 EXIT_USAGE = 2
 
@@ -39,6 +40,8 @@ def build_parser() -> argparse.ArgumentParser:
     _add_up(sub)
     add_bench_parser(sub)
     _add_eval_attention(sub)
+    add_keys_parser(sub)
+    add_tenants_parser(sub)
     return parser
 
 
@@ -207,7 +210,11 @@ def _add_up(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
         help="KV of a request on one attention pod (request; default: each micro-batch then talks to "
         "fewer pods) or its KV heads split across pods (head, Lamina's choice)",
     )
-    p.add_argument("--redis-url", help="use this Redis instead of starting a private valkey-server")
+    p.add_argument(
+        "--redis-url",
+        help="use this Redis instead of starting a private valkey-server; with --colocated: the Redis "
+        "holding tenants and API keys (without it, colocated mode is single-tenant)",
+    )
     p.add_argument("--max-num-seqs", type=int, default=64, help="running batch per decode pod (default 64)")
     p.add_argument(
         "--micro-batches",
@@ -223,6 +230,14 @@ def _add_up(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
         help="how prompts' K/V go from prefill to attention pods: gRPC ImportKV (default) or NIXL WRITEs "
         "straight into the attention pods' KV pools (UCX: RDMA where the host has it, shared memory here)",
     )
+    p.add_argument(
+        "--step-transport",
+        choices=["tcp", "grpc"],
+        default="tcp",
+        help="what carries each layer's q/k/v and attention output between decode and attention pods: "
+        "the attention pods' Step socket (tcp, default: length-prefixed frames, no gRPC thread handoffs) "
+        "or the gRPC Step stream (grpc)",
+    )
     p.add_argument("--colocated", action="store_true", help="one engine process with local attention")
     _add_policy_args(p)
     _add_model_args(p)
@@ -237,6 +252,8 @@ def cmd_up(args: argparse.Namespace) -> int:
         argv += ["--kv-budget-gb", str(args.kv_budget_gb), "--host", args.host, "--port", str(args.port)]
         argv += ["--attention-policy", args.attention_policy]
         argv += ["--attention-budget", str(args.attention_budget)]
+        if args.redis_url:  # colocated: a Redis for tenants and API keys only
+            argv += ["--redis-url", args.redis_url]
         return gateway_main(argv)
     import logging
 
@@ -261,6 +278,7 @@ def cmd_up(args: argparse.Namespace) -> int:
         transport=args.transport,
         attention_policy=args.attention_policy,
         attention_budget=args.attention_budget,
+        step_transport=args.step_transport,
     )
     return run(plan)
 

@@ -61,6 +61,7 @@ class ClusterPlan:
     transport: str = "grpc"  # bulk KV from prefill to attention pods: grpc (ImportKV) or nixl
     attention_policy: str = "dense"  # the attention pods' default policy (requests may name their own)
     attention_budget: float = DEFAULT_BUDGET  # their default budget
+    step_transport: str = "tcp"  # per-layer Step frames, decode to attention pods: tcp or grpc
     extra_env: dict[str, str] = field(default_factory=dict)  # for every child (tests, tuning)
     ready_timeout_s: float = 300.0
     stop_timeout_s: float = 8.0
@@ -73,6 +74,8 @@ class ClusterPlan:
             raise DisaggError("--prefill must be 0 (decode pods prefill themselves) or more")
         if self.transport not in ("grpc", "nixl"):
             raise DisaggError(f"--transport must be grpc or nixl, got {self.transport!r}")
+        if self.step_transport not in ("tcp", "grpc"):
+            raise DisaggError(f"--step-transport must be tcp or grpc, got {self.step_transport!r}")
         if self.attention_kv_gb <= 0:
             raise DisaggError("--attention-kv-gb must be > 0")
 
@@ -154,7 +157,8 @@ class LocalCluster:
             self._spawn(f"prefill-{i}", "prefill", [*pod_flags, "--transport", plan.transport])
         for i in range(plan.decode):
             batching = ["--max-num-seqs", str(plan.max_num_seqs), "--micro-batches", str(plan.micro_batches)]
-            self._spawn(f"decode-{i}", "decode", [*pod_flags, *batching])
+            step = ["--step-transport", plan.step_transport]
+            self._spawn(f"decode-{i}", "decode", [*pod_flags, *batching, *step])
         gateway_flags = [*common, "--placement", plan.placement.value, "--host", plan.host]
         gateway = self._spawn("gateway", "gateway", [*gateway_flags, "--port", str(plan.port)])
         self.url = self._wait_ready(gateway)

@@ -22,7 +22,7 @@ arithmetic runs outside it, since a client only touches the blocks of its own se
 from __future__ import annotations
 
 import threading
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import torch
@@ -149,11 +149,12 @@ class AttentionEngine:
         with self._lock:
             return {seq.owner for seq in self._sequences.values()}
 
-    def free_owned_by(self, owner: str) -> tuple[int, int]:
-        """Free every sequence of `owner` (a decode pod that went away); (sequences, blocks) freed."""
+    def free_owned_by(self, owner: str, free: Callable[[int], int] | None = None) -> tuple[int, int]:
+        """Free every sequence of `owner` (a decode pod that went away) with `free` (default
+        `self.free`; the pod passes one that waits for NIXL writes in flight); (sequences, blocks)."""
         with self._lock:
             ids = [i for i, seq in self._sequences.items() if seq.owner == owner]
-        blocks = sum(self.free(i) for i in ids)
+        blocks = sum((free or self.free)(i) for i in ids)
         return len(ids), blocks
 
     def import_kv(self, seq_id: int, layer: int, start: int, k: torch.Tensor, v: torch.Tensor) -> None:

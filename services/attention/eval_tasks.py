@@ -33,7 +33,7 @@ import torch
 from services.attention.kv_pool import KVPool, KVPoolConfig
 from services.attention.local import LocalAttention, LocalStep
 from services.attention.policies.dense import DenseStep
-from services.attention.reference import decode_probabilities
+from services.attention.reference import DecodeBucket, paged_decode_attention
 from services.core.attention import DENSE, AttentionStep, PolicySpec, SeqChunk
 from services.core.errors import DisaggError
 from services.core.model.load import LoadedModel
@@ -165,10 +165,22 @@ class RecallProbe(AttentionStep):
         (dense,) = self.shadow.groups
         if not isinstance(dense.step, DenseStep):
             raise TypeError("the shadow part must run dense")
-        layout = dense.step.layout
-        probs = decode_probabilities(lanes_q, shadow.pool.k[layer], layout, shadow.scale)  # [NB, G, bs]
         m, g = lanes_q.shape[0], part.group
-        probs = probs.view(m, -1, g, probs.shape[-1]).transpose(1, 2).reshape(m, g, -1)  # [M, G, nb·bs]
+        width = max(lane.positions for lane in dense.step.lanes)
+        probs = torch.zeros((m, g, width), dtype=torch.float32)  # dense attention over every token
+
+        def keep(bucket: DecodeBucket, p: torch.Tensor) -> None:  # p [n, G, W], W in whole blocks
+            w = min(width, p.shape[-1])
+            probs[bucket.lanes, :, :w] = p[:, :, :w]
+
+        paged_decode_attention(
+            lanes_q,
+            shadow.pool.k[layer],
+            shadow.pool.v[layer],
+            dense.step.layout,
+            shadow.scale,
+            on_probs=keep,
+        )
         for group in self.step.groups:
             attended = group.step.attended(layer, lanes_q.index_select(0, group.index))  # [m, positions]
             mass = probs.index_select(0, group.index)[:, :, : attended.shape[1]]

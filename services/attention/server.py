@@ -22,7 +22,7 @@ from __future__ import annotations
 import logging
 import sys
 import threading
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from contextlib import AbstractContextManager
 from dataclasses import dataclass
 from typing import Literal
@@ -51,6 +51,7 @@ from services.attention.nixl_import import (
     NixlImporter,
     TransferNotPlannedError,
 )
+from services.attention.step_server import StepSocketServer
 from services.core.attention import DEFAULT_BUDGET, OutOfBlocks, PolicyName, PolicySpec, SeqChunk
 from services.core.errors import DisaggError
 from services.core.model.config import ModelConfig
@@ -106,6 +107,13 @@ class AttentionSettings(PodSettings):
         gt=0,
         description="fraction of dense K/V bytes a decode step reads, for a policy opened without a budget",
     )
+    step_port: int = Field(
+        0,
+        ge=0,
+        le=65535,
+        description="TCP port of the Step socket (decode pods' --step-transport tcp); 0 picks a free one, "
+        "which Stats tells clients (set a fixed one where a NetworkPolicy lists ports)",
+    )
 
 
 # Most specific first: the first matching class gives the status.
@@ -129,12 +137,19 @@ def _status(context: grpc.ServicerContext) -> AbstractContextManager[None]:
     return grpc_errors(context, _STATUS, "attention")
 
 
+def _status_name(exc: BaseException) -> str:
+    """The status the gRPC edge would give `exc`, by name (for the Step socket's ERROR frames)."""
+    codes = (code for kind, code in _STATUS if isinstance(exc, kind) and isinstance(code, grpc.StatusCode))
+    return next(codes, grpc.StatusCode.INTERNAL).name
+
+
 class AttentionServicer(pb_grpc.AttentionServicer):
     def __init__(self, engine: AttentionEngine, settings: AttentionSettings) -> None:
         self.engine = engine
         self.settings = settings
         self.limits = TensorLimits(max_bytes=settings.max_message_bytes)
         self.nixl: NixlImporter | None = None  # set at start with transport nixl
+        self.step_port = 0  # the Step socket's bound port, set at start (Stats tells clients)
 
     def Open(self, request: pb.OpenRequest, context: grpc.ServicerContext) -> pb.OpenResponse:
         with _status(context):
@@ -176,11 +191,15 @@ class AttentionServicer(pb_grpc.AttentionServicer):
 
     def Free(self, request: pb.FreeRequest, context: grpc.ServicerContext) -> pb.FreeResponse:
         with _status(context):
-            if self.nixl is not None:  # waits while a NIXL WRITE into the sequence may be in flight
-                released = self.nixl.free(request.seq_id, self.engine.free)
-            else:
-                released = self.engine.free(request.seq_id)
+            released = self.free_sequence(request.seq_id)
         return pb.FreeResponse(released_blocks=released)
+
+    def free_sequence(self, seq_id: int) -> int:
+        """Free a sequence's blocks; with NIXL, first wait while a WRITE into them may be in flight
+        (else a late WRITE could land in blocks already given to another sequence)."""
+        if self.nixl is not None:
+            return self.nixl.free(seq_id, self.engine.free)
+        return self.engine.free(seq_id)
 
     def PlanImport(
         self, request: pb.PlanImportRequest, context: grpc.ServicerContext
@@ -223,6 +242,7 @@ class AttentionServicer(pb_grpc.AttentionServicer):
             head_dim=geometry.head_dim,
             dtype=DTYPE_TO_WIRE[geometry.dtype],
             max_message_bytes=self.settings.max_message_bytes,
+            step_port=self.step_port,
         )
 
     def Step(
@@ -231,11 +251,12 @@ class AttentionServicer(pb_grpc.AttentionServicer):
         session = self.engine.session()
         for frame in request_iterator:
             with _status(context):
-                response = self._frame(session, frame)
+                response = self.step_frame(session, frame)
             if response is not None:
                 yield response
 
-    def _frame(self, session: StepSession, frame: pb.StepRequest) -> pb.StepResponse | None:
+    def step_frame(self, session: StepSession, frame: pb.StepRequest) -> pb.StepResponse | None:
+        """One frame of a Step exchange, whichever carries it (gRPC stream or the Step socket)."""
         kind = frame.WhichOneof("frame")
         if kind == "begin":
             chunks = [SeqChunk(c.seq_id, c.start, c.length) for c in frame.begin.chunks]
@@ -279,6 +300,7 @@ class RunningPod:
     settings: AttentionSettings
     registration: PodRegistration
     reaper: OrphanReaper | None
+    step_socket: StepSocketServer
     nixl: NixlImporter | None = None
 
     @property
@@ -292,6 +314,7 @@ class RunningPod:
         self.registration.stop()  # out of routing now, not after the TTL
         self.engine.close()  # new steps fail with UNAVAILABLE at once
         self.grpc.stop(self.settings.shutdown_grace_s)  # then open calls end with UNAVAILABLE
+        self.step_socket.stop()  # its steps already fail with UNAVAILABLE (engine closed)
         if self.nixl is not None:
             self.nixl.close()
 
@@ -309,6 +332,16 @@ def start(settings: AttentionSettings) -> RunningPod:
         servicers=[(pb_grpc.add_AttentionServicer_to_server, servicer)],
         service_names=[SERVICE_NAME],
     )
+    step_socket = StepSocketServer(
+        engine,
+        servicer.step_frame,
+        _status_name,
+        settings.host,
+        settings.step_port,
+        max_message_bytes=settings.max_message_bytes,
+        max_connections=settings.threads,
+    ).start()
+    servicer.step_port = step_socket.port
     stats = engine.stats()
     registration = PodRegistration.start(
         settings.redis_url,
@@ -320,10 +353,10 @@ def start(settings: AttentionSettings) -> RunningPod:
         load=lambda: engine.stats().sequences,
     )
     registry = registration.registry
-    reaper = OrphanReaper(engine, registry).start() if registry is not None else None
+    reaper = OrphanReaper(engine, registry, servicer.free_sequence).start() if registry is not None else None
     if servicer.nixl is not None:
         servicer.nixl.publish(registry)
-    return RunningPod(server, engine, settings, registration, reaper, servicer.nixl)
+    return RunningPod(server, engine, settings, registration, reaper, step_socket, servicer.nixl)
 
 
 class OrphanReaper:
@@ -335,9 +368,12 @@ class OrphanReaper:
     row (one TTL of slack for a late heartbeat) loses its sequences. Redis errors skip a round.
     """
 
-    def __init__(self, engine: AttentionEngine, registry: PodRegistry) -> None:
+    def __init__(
+        self, engine: AttentionEngine, registry: PodRegistry, free: Callable[[int], int] | None = None
+    ) -> None:
         self.engine = engine
         self.registry = registry
+        self.free = free or engine.free  # the pod's safe free (AttentionServicer.free_sequence)
         self.interval_s = registry.settings.pod_ttl_s
         self._missing: set[str] = set()
         self._stop = threading.Event()
@@ -368,7 +404,7 @@ class OrphanReaper:
         live = {pod.pod_id for pod in self.registry.live_pods(Role.DECODE)}
         missing = owners - live
         for owner in missing & self._missing:
-            sequences, blocks = self.engine.free_owned_by(owner)
+            sequences, blocks = self.engine.free_owned_by(owner, self.free)
             log.warning(
                 "decode pod %s left the registry: freed its %d sequences (%d blocks)",
                 owner,

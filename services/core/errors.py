@@ -35,3 +35,7 @@ class BackendUnavailableError(DisaggError):
 
 class NoCapacityError(BackendUnavailableError):
     """Every slot is taken (concurrent request limit, no decode pod with room); retry later or scale out."""
+
+
+class KvFullError(NoCapacityError):
+    """Attention pods exist but lack free KV blocks now; the request fits once others finish (queue it)."""

@@ -42,7 +42,7 @@ from enum import StrEnum
 from typing import cast
 
 import redis
-from pydantic import model_validator
+from pydantic import SecretStr, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 from redis.backoff import NoBackoff
 from redis.retry import Retry
@@ -65,6 +65,9 @@ class RedisSettings(BaseSettings):
     model_config = SettingsConfigDict(env_prefix="DISAGG_REDIS_", frozen=True)
 
     url: str = "redis://127.0.0.1:6379/0"
+    # Kept out of the URL (which pods log) when given on its own, e.g. from a Kubernetes Secret;
+    # a password inside the URL wins.
+    password: SecretStr | None = None
     key_prefix: str = "disagg:"
     heartbeat_interval_s: float = 1.0
     pod_ttl_s: float = 3.0  # a silent pod leaves routing this long after its last heartbeat
@@ -92,8 +95,10 @@ class RedisSettings(BaseSettings):
 
 def connect(settings: RedisSettings) -> redis.Redis:
     """A client that fails fast: one quick retry, short timeouts; callers own backoff."""
+    password = settings.password.get_secret_value() if settings.password is not None else None
     return redis.Redis.from_url(
         settings.url,
+        password=password,
         decode_responses=True,
         socket_timeout=settings.socket_timeout_s,
         socket_connect_timeout=settings.socket_timeout_s,

@@ -19,10 +19,10 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from enum import StrEnum
 
-from services.core.errors import NoCapacityError
+from services.core.errors import KvFullError, NoCapacityError
 from services.core.placement import Placement, PlacementEntry
 from services.core.registry import AttentionCapacity, PodRegistry, PodStatus, Role
 from services.core.reservations import Granted, KvReservations
@@ -43,6 +43,7 @@ class AttentionCandidate:
     address: str
     free_blocks: int  # total − reserved, from Redis
     block_size: int  # positions per block (one block = one KV head)
+    total_blocks: int | None = None  # the pod's whole pool; None: unknown (assume it could fit)
 
 
 @dataclass(slots=True, frozen=True)
@@ -120,7 +121,8 @@ def plan_attention(
     """Choose pods and head slices for a request that will hold up to `num_tokens` positions.
 
     Head mode spreads over min(#candidates, num_kv_heads, max_pods) pods; request mode over one.
-    Raises NoCapacityError when no split fits the free blocks.
+    Raises KvFullError when no split fits the free blocks but one would fit the pods' whole pools
+    (the request can wait for others to finish), NoCapacityError when it never could.
     """
     if num_tokens < 1:
         raise ValueError(f"a request holds at least one position, got num_tokens={num_tokens}")
@@ -128,18 +130,37 @@ def plan_attention(
         raise NoCapacityError(
             "no live attention pod: start one (`disagg serve attention`) or check heartbeats"
         )
+    plan = _widest_fit(candidates, num_kv_heads, num_tokens, mode, max_pods)
+    if plan is not None:
+        return plan
+    best = max(candidates, key=lambda c: (c.free_blocks, c.pod_id))
+    where = (
+        f"{num_tokens} positions × {num_kv_heads} KV heads (most free: {best.pod_id} with "
+        f"{best.free_blocks} blocks of {best.block_size})"
+    )
+    empty = [replace(c, free_blocks=c.total_blocks) for c in candidates if c.total_blocks is not None]
+    if len(empty) == len(candidates) and _widest_fit(empty, num_kv_heads, num_tokens, mode, max_pods) is None:
+        raise NoCapacityError(
+            f"no attention pod could ever hold {where}, even empty; shorten the prompt or max_tokens, "
+            "or add attention pods with larger KV pools"
+        )
+    raise KvFullError(f"no attention pod has room now for {where}; retry later or add attention pods")
+
+
+def _widest_fit(
+    candidates: Sequence[AttentionCandidate],
+    num_kv_heads: int,
+    num_tokens: int,
+    mode: PlacementMode,
+    max_pods: int | None,
+) -> AttentionPlan | None:
     ranked = sorted(candidates, key=lambda c: (-c.free_blocks, c.pod_id))
     widest = 1 if mode is PlacementMode.REQUEST else min(len(ranked), num_kv_heads, max_pods or len(ranked))
     for num_pods in range(widest, 0, -1):
         shares = _fit(ranked[:num_pods], num_kv_heads, num_tokens)
         if shares is not None:
             return AttentionPlan(shares)
-    best = ranked[0]
-    raise NoCapacityError(
-        f"no attention pod has room for {num_tokens} positions × {num_kv_heads} KV heads "
-        f"(most free: {best.pod_id} with {best.free_blocks} blocks of {best.block_size}); "
-        "retry later, shorten max_tokens, or add attention pods"
-    )
+    return None
 
 
 def _fit(
@@ -208,7 +229,7 @@ class Router:
                 return Route(request_id, decode, prefill_pod, plan)
             # Another gateway reserved in between (or a pod died): re-read and re-plan.
             log.debug("request %s: reservation refused (%s), attempt %d", request_id, result, attempt)
-        raise NoCapacityError(
+        raise KvFullError(
             f"request {request_id}: KV blocks were taken by concurrent requests {self.attempts} times "
             "in a row; retry later or add attention pods"
         )
@@ -224,6 +245,8 @@ class Router:
             if use.total is None or not isinstance(pod.info.capacity, AttentionCapacity):
                 continue  # expired between the two reads
             out.append(
-                AttentionCandidate(pod.pod_id, pod.info.address, use.free, pod.info.capacity.block_size)
+                AttentionCandidate(
+                    pod.pod_id, pod.info.address, use.free, pod.info.capacity.block_size, use.total
+                )
             )
         return out

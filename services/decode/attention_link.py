@@ -5,22 +5,39 @@
     stream = link.stream()                       # the live Step stream (a fresh one after a failure)
     stream.send(frame); response = stream.receive(timeout_s)
 
+Two carriers of the same Step frames (`RemoteAttentionOptions.step_transport`): `SocketStepStream`
+over the pod's Step socket (tcp, the default: no thread handoffs, see
+services/core/transport/step_socket.py) and `StepStream`, the gRPC bidirectional stream (grpc, also
+used when a pod offers no socket).
+
 `RemoteAttention` (remote_attention.py) builds steps on top of these.
 """
 
 from __future__ import annotations
 
+import contextlib
 import queue
+import socket
 import threading
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
+from enum import StrEnum
 
 import grpc
 import torch
 
 from services.core.errors import DisaggError
 from services.core.model.config import ModelConfig
+from services.core.transport.step_socket import (
+    ConnectionClosed,
+    FrameError,
+    FrameKind,
+    configure,
+    parse_error,
+    recv_frame,
+    send_frame,
+)
 from services.core.wire import WIRE_TO_DTYPE, grpc_message_options
 from services.proto import attention_pb2 as pb
 from services.proto import attention_pb2_grpc as pb_grpc
@@ -41,6 +58,11 @@ class AttentionPodError(DisaggError):
         return cls(address, f"{what} failed: {code.name if code else 'error'}: {details}", code)
 
 
+class StepTransport(StrEnum):
+    TCP = "tcp"  # the pod's Step socket: length-prefixed frames on a plain TCP connection
+    GRPC = "grpc"  # the Step bidirectional gRPC stream
+
+
 @dataclass(slots=True, frozen=True)
 class RemoteAttentionOptions:
     rpc_timeout_s: float = 10.0  # deadline of every unary call
@@ -48,6 +70,7 @@ class RemoteAttentionOptions:
     layer_timeout_s: float = 30.0  # how long `attend` waits for one layer's output
     max_message_bytes: int = 64 << 20  # per message, both directions
     owner: str = ""  # this decode pod's id: attention pods free its sequences if it leaves the registry
+    step_transport: StepTransport = StepTransport.TCP  # what carries the per-layer Step frames
 
 
 class StepStream:
@@ -104,19 +127,86 @@ class StepStream:
         self._call.cancel()
 
 
+GONE = grpc.StatusCode.UNAVAILABLE  # socket failures read like the gRPC stream's transport failures
+DEADLINE = grpc.StatusCode.DEADLINE_EXCEEDED
+
+
+class SocketStepStream:
+    """The Step exchange over the pod's Step socket. Frames are written and answers read on the
+    caller's thread; the socket's timeout is the answer's deadline (no watchdog needed)."""
+
+    def __init__(self, address: str, port: int, options: RemoteAttentionOptions) -> None:
+        self.address = address
+        self.failure: AttentionPodError | None = None
+        self.deadline: float | None = None  # never set: the Watchdog leaves this stream alone
+        self._max_bytes = options.max_message_bytes
+        host = address.rsplit(":", 1)[0].strip("[]")
+        try:
+            sock = socket.create_connection((host, port), timeout=options.connect_timeout_s)
+        except OSError as exc:
+            raise AttentionPodError(
+                address, f"cannot connect to its Step socket {host}:{port}: {exc}"
+            ) from None
+        self._sock = configure(sock)
+
+    def send(self, frame: pb.StepRequest) -> None:
+        if self.failure is not None:
+            raise self.failure
+        try:
+            send_frame(self._sock, FrameKind.MESSAGE, frame.SerializeToString())
+        except OSError as exc:
+            error = AttentionPodError(self.address, f"Step socket send failed: {exc}", GONE)
+            raise self._fail(error) from None
+
+    def receive(self, timeout_s: float) -> pb.StepResponse:
+        if self.failure is not None:
+            raise self.failure
+        try:
+            self._sock.settimeout(timeout_s)
+            kind, payload = recv_frame(self._sock, self._max_bytes)
+        except TimeoutError:
+            error = AttentionPodError(self.address, f"no answer within {timeout_s:g} s", DEADLINE)
+            raise self._fail(error) from None
+        except ConnectionClosed:
+            raise self._fail(
+                AttentionPodError(self.address, "the pod closed the Step socket", GONE)
+            ) from None
+        except (FrameError, OSError) as exc:  # reset (the pod died), or a malformed frame
+            raise self._fail(AttentionPodError(self.address, f"Step socket: {exc}", GONE)) from None
+        if kind is FrameKind.ERROR:
+            status, message = parse_error(payload)
+            code = grpc.StatusCode.__members__.get(status)
+            raise self._fail(AttentionPodError(self.address, f"Step failed: {status}: {message}", code))
+        return pb.StepResponse.FromString(payload)
+
+    def expire(self) -> None:
+        self.close(AttentionPodError(self.address, "Step socket closed: answer overdue"))
+
+    def _fail(self, error: AttentionPodError) -> AttentionPodError:
+        self.close(error)
+        return error
+
+    def close(self, error: AttentionPodError | None = None) -> None:
+        if self.failure is None:
+            self.failure = error or AttentionPodError(self.address, "Step socket closed by the client")
+        with contextlib.suppress(OSError):
+            self._sock.shutdown(socket.SHUT_RDWR)  # not connected any more
+        self._sock.close()
+
+
 class Watchdog:
     """Cancels Step calls whose answer is overdue. It polls, so arming a deadline costs `attend`
     one attribute write instead of a thread handoff; the price is `period_s` of lateness."""
 
     def __init__(self, period_s: float = 0.05) -> None:
         self._period_s = period_s
-        self._streams: list[StepStream] = []
+        self._streams: list[StepStream | SocketStepStream] = []
         self._lock = threading.Lock()
         self._stopped = threading.Event()
         self._thread = threading.Thread(target=self._run, name="attention-watchdog", daemon=True)
         self._thread.start()
 
-    def watch(self, stream: StepStream) -> None:
+    def watch(self, stream: StepStream | SocketStepStream) -> None:
         with self._lock:
             self._streams = [s for s in self._streams if s.failure is None] + [stream]
 
@@ -143,7 +233,7 @@ class PodLink:
         self.watchdog = watchdog
         self.channel = grpc.insecure_channel(address, options=grpc_message_options(options.max_message_bytes))
         self.stub = pb_grpc.AttentionStub(self.channel)
-        self._stream: StepStream | None = None
+        self._stream: StepStream | SocketStepStream | None = None
         try:
             self.stats = self.stub.Stats(
                 pb.StatsRequest(), timeout=options.connect_timeout_s, wait_for_ready=True
@@ -155,12 +245,17 @@ class PodLink:
     def check_geometry(self, config: ModelConfig, dtype: torch.dtype) -> None:
         check_geometry(self.address, self.stats, config, dtype)
 
-    def stream(self) -> StepStream:
+    def stream(self) -> StepStream | SocketStepStream:
         """The live Step stream, opening a fresh one if the last one failed."""
         if self._stream is None or self._stream.failure is not None:
-            self._stream = StepStream(self.stub, self.address)
+            self._stream = self._open_stream()
             self.watchdog.watch(self._stream)
         return self._stream
+
+    def _open_stream(self) -> StepStream | SocketStepStream:
+        if self.options.step_transport is StepTransport.TCP and self.stats.step_port:
+            return SocketStepStream(self.address, self.stats.step_port, self.options)
+        return StepStream(self.stub, self.address)
 
     def close_stream(self) -> None:
         if self._stream is not None:

@@ -50,6 +50,7 @@ from services.decode.attention_link import (
     AttentionPodError,
     PodLink,
     RemoteAttentionOptions,
+    SocketStepStream,
     StepStream,
     Watchdog,
 )
@@ -272,7 +273,7 @@ class RemoteAttention(AttentionPart):
 class _Target:
     """One pod's share of a step."""
 
-    stream: StepStream
+    stream: StepStream | SocketStepStream
     lanes: torch.Tensor | None  # [M] indices into the step's N·Hkv lanes; None: all of them, in order
     num_lanes: int  # M
 

@@ -55,7 +55,7 @@ from services.core.pod import (
     wait_for_signal,
 )
 from services.core.registry import ID_PATTERN, DecodeCapacity, Role
-from services.decode.attention_link import AttentionPodError, probe_pod
+from services.decode.attention_link import AttentionPodError, StepTransport, probe_pod
 from services.decode.engine import Engine, TokenEvent
 from services.decode.loop import EngineLoop, EngineStoppedError, RequestStream
 from services.decode.remote_attention import RemoteAttention, RemoteAttentionOptions
@@ -91,6 +91,11 @@ class DecodeSettings(PodSettings):
         le=8,
         description="ping-pong micro-batches per forward: the dense part of one runs while the attention "
         "pods work on another (1 = no overlap)",
+    )
+    step_transport: StepTransport = Field(
+        StepTransport.TCP,
+        description="what carries the per-layer Step frames to attention pods: tcp (their Step socket, "
+        "no gRPC thread handoffs; bench/layer_rtt.py) or grpc (the Step stream)",
     )
     rpc_timeout_s: float = Field(10.0, gt=0, le=600, description="deadline of unary attention pod calls")
     connect_timeout_s: float = Field(
@@ -415,6 +420,7 @@ def start(settings: DecodeSettings) -> RunningPod:
         layer_timeout_s=settings.layer_timeout_s,
         max_message_bytes=settings.max_message_bytes,
         owner=settings.pod_id,
+        step_transport=settings.step_transport,
     )
     placements: dict[int, Placement] = {}
     attention = RemoteAttention(model.config, model.dense.dtype, placements.__getitem__, options)

@@ -3,7 +3,9 @@
     POST /v1/completions        POST /v1/chat/completions       (JSON, or SSE with "stream": true)
     GET  /v1/models             GET  /health                    GET /docs (OpenAPI)
 
-A request: validate and tokenize (`prompts.py`) -> admit a guarded generation (`runner.py`) ->
+A request: authenticate (the `authenticate` dependency sets `request.state.tenant`; see auth.py) ->
+validate and tokenize (`prompts.py`) -> admit it against the tenant's limits, then as a guarded generation
+(`runner.py`; closing it records the tenant's usage) ->
 render events as one JSON body or as SSE chunks (`render.py`). Every error becomes OpenAI's error
 JSON here and only here (`errors.describe`). A streaming response waits for the first token before
 sending headers, so errors up to then still get their real status; later ones become an SSE error event.
@@ -14,15 +16,17 @@ from __future__ import annotations
 import asyncio
 import functools
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
 from typing import Any, Literal, ParamSpec
 
-from fastapi import FastAPI, Request
+from fastapi import Depends, FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import Response, StreamingResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
+from services.core.errors import DisaggError
 from services.decode.engine import TokenEvent
+from services.gateway.auth import Tenancy, authenticate
 from services.gateway.backend import Backend
 from services.gateway.errors import (
     INVALID_REQUEST,
@@ -51,16 +55,18 @@ from services.gateway.settings import GatewaySettings
 P = ParamSpec("P")
 SSE_HEADERS = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}  # no proxy buffering
 ERROR_RESPONSES: dict[int | str, dict[str, Any]] = {
-    status: {"model": ErrorResponse} for status in (400, 404, 500, 503, 504)
+    status: {"model": ErrorResponse} for status in (400, 401, 402, 404, 429, 500, 503, 504)
 }
+AUTHENTICATED = [Depends(authenticate)]  # routes that need an API key once keys exist
 
 
 class Gateway:
     """The state behind the routes: the backend, the settings and the admitted requests."""
 
-    def __init__(self, backend: Backend, settings: GatewaySettings) -> None:
+    def __init__(self, backend: Backend, settings: GatewaySettings, tenancy: Tenancy | None = None) -> None:
         self.backend = backend
         self.settings = settings
+        self.tenancy = tenancy or Tenancy.single_tenant()
         self.admission = Admission(settings.max_concurrent_requests)
         self.limits = ModelLimits(
             served=settings.served_model_names or [backend.model_name],
@@ -88,14 +94,22 @@ class Gateway:
         return (200 if status == "ok" else 503), body
 
     async def respond(self, request: Request, prepared: PreparedRequest, fmt: ResponseFormat) -> Response:
-        generation = self.admission.admit(
-            self.backend,
-            prepared.prompt_ids,
-            prepared.params,
-            timeout_s=self.settings.request_timeout_seconds,
-            disconnected=functools.partial(_wait_for_disconnect, request),
-        )
+        tokens = len(prepared.prompt_ids) + prepared.params.max_tokens
+        charge = await self.tenancy.admit(request.state.tenant, tokens)
         tally = Tally(prompt_tokens=len(prepared.prompt_ids))
+        finish = functools.partial(self.tenancy.finish, charge, tally)  # once, when the request ends
+        try:
+            generation = self.admission.admit(
+                self.backend,
+                prepared.prompt_ids,
+                prepared.params,
+                timeout_s=self.settings.request_timeout_seconds,
+                disconnected=functools.partial(_wait_for_disconnect, request),
+                on_close=finish,
+            )
+        except BaseException:
+            finish()
+            raise
         if not prepared.stream:
             try:
                 async for event in generation:
@@ -112,8 +126,8 @@ class Gateway:
         return StreamingResponse(body, media_type="text/event-stream", headers=SSE_HEADERS)
 
 
-def create_app(backend: Backend, settings: GatewaySettings) -> FastAPI:
-    gateway = Gateway(backend, settings)
+def create_app(backend: Backend, settings: GatewaySettings, tenancy: Tenancy | None = None) -> FastAPI:
+    gateway = Gateway(backend, settings, tenancy)
     app = FastAPI(
         title="disagg gateway",
         summary="OpenAI-compatible completions and chat completions served by disagg",
@@ -122,22 +136,33 @@ def create_app(backend: Backend, settings: GatewaySettings) -> FastAPI:
     app.state.gateway = gateway
     app.add_exception_handler(RequestValidationError, _validation_error)
     app.add_exception_handler(StarletteHTTPException, _http_error)
+    app.add_exception_handler(DisaggError, _dependency_error)  # errors raised by `authenticate`
 
-    @app.post("/v1/completions", response_model=CompletionResponse, responses=ERROR_RESPONSES)
+    @app.post(
+        "/v1/completions",
+        response_model=CompletionResponse,
+        responses=ERROR_RESPONSES,
+        dependencies=AUTHENTICATED,
+    )
     @_openai_errors
     async def completions(body: CompletionRequest, request: Request) -> Response:
         prepared = await prepare_completion(body, backend.tokenizer, gateway.limits)
         fmt = CompletionFormat(prepared.model, prepared.include_usage)
         return await gateway.respond(request, prepared, fmt)
 
-    @app.post("/v1/chat/completions", response_model=ChatCompletionResponse, responses=ERROR_RESPONSES)
+    @app.post(
+        "/v1/chat/completions",
+        response_model=ChatCompletionResponse,
+        responses=ERROR_RESPONSES,
+        dependencies=AUTHENTICATED,
+    )
     @_openai_errors
     async def chat_completions(body: ChatCompletionRequest, request: Request) -> Response:
         prepared = await prepare_chat(body, backend.tokenizer, gateway.limits)
         fmt = ChatFormat(prepared.model, prepared.include_usage)
         return await gateway.respond(request, prepared, fmt)
 
-    @app.get("/v1/models", response_model=ModelList)
+    @app.get("/v1/models", response_model=ModelList, responses=ERROR_RESPONSES, dependencies=AUTHENTICATED)
     async def models() -> ModelList:
         cards = [
             ModelCard(id=name, created=gateway.started, max_model_len=backend.max_model_len)
@@ -217,6 +242,10 @@ async def _validation_error(request: Request, exc: Exception) -> Response:
     return _error(invalid_request(f"invalid `{field}`: {first.get('msg')}{more}", location[0]))
 
 
+async def _dependency_error(request: Request, exc: Exception) -> Response:
+    return _error(describe(exc))
+
+
 async def _http_error(request: Request, exc: Exception) -> Response:
     status = exc.status_code if isinstance(exc, StarletteHTTPException) else 500
     detail = exc.detail if isinstance(exc, StarletteHTTPException) else "internal error"
@@ -225,11 +254,11 @@ async def _http_error(request: Request, exc: Exception) -> Response:
 
 
 def _error(error: HttpError) -> Response:
-    return _json(error.body.model_dump_json(), error.status)
+    return _json(error.body.model_dump_json(), error.status, error.headers)
 
 
-def _json(body: str, status: int = 200) -> Response:
-    return Response(content=body, status_code=status, media_type="application/json")
+def _json(body: str, status: int = 200, headers: Mapping[str, str] | None = None) -> Response:
+    return Response(content=body, status_code=status, media_type="application/json", headers=headers)
 
 
 __all__ = ["Gateway", "create_app"]

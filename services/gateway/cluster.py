@@ -21,8 +21,12 @@ A consumer that stops iterating (client gone, deadline) cancels the gRPC call; t
 aborts the request and frees its KV. Redis calls are short and blocking, so they run on the default
 executor; gRPC uses grpc.aio on the gateway's event loop.
 
-Errors: no pod / no KV room → NoCapacityError (503 no_capacity); Redis unreachable, a decode pod
-unreachable or failing mid-stream → BackendUnavailableError (503) with the pod's own message,
+When every attention pod is full, a request waits in the gateway's FIFO admission queue
+(admission.py) until KV comes back, up to `admission_timeout_s`; the queue is bounded by
+`max_waiting_requests`, past which requests get 503 at once.
+
+Errors: no pod / no KV room after the wait → NoCapacityError (503 no_capacity); Redis unreachable,
+a decode pod unreachable or failing mid-stream → BackendUnavailableError (503) with the pod's own message,
 which names the failed attention or prefill pod; INVALID_ARGUMENT from a pod → InvalidRequestError.
 """
 
@@ -53,12 +57,14 @@ from services.core.wire import grpc_message_options
 from services.decode.engine import TokenEvent
 from services.decode.sampling import SamplingParams
 from services.decode.scheduler import FinishReason
+from services.gateway.admission import AdmissionQueue
 from services.gateway.backend import Backend, BackendLoad
 from services.proto import decode_pb2, decode_pb2_grpc
 
 log = logging.getLogger(__name__)
 
-TENANT = "default"  # until API keys exist (the observability issue), every request is one tenant's
+# Request records do not carry the caller's tenant yet (Backend.generate takes none; docs/tenants.md).
+TENANT = "default"
 
 
 class ClusterSettings(BaseSettings):
@@ -75,6 +81,12 @@ class ClusterSettings(BaseSettings):
     max_attention_pods: int | None = Field(None, ge=1, description="pods one request's heads spread over")
     max_message_bytes: int = Field(64 << 20, ge=1 << 20, description="gRPC message limit to decode pods")
     connect_timeout_s: float = Field(10.0, gt=0, description="how long a Generate call waits to connect")
+    admission_timeout_s: float = Field(
+        120.0, gt=0, description="how long a request may wait for KV room before 503 no_capacity"
+    )
+    max_waiting_requests: int = Field(
+        1024, ge=0, description="requests waiting for KV room at once; more get 503 at once (backpressure)"
+    )
 
 
 @dataclass(slots=True, frozen=True)
@@ -112,6 +124,7 @@ class ClusterBackend(Backend):
         self._lock = threading.Lock()  # guards _active and _pending
         self._active: set[str] = set()  # request ids holding a reservation
         self._pending: dict[str, int] = {}  # pod id -> our requests on it (load not yet in a heartbeat)
+        self._admission = AdmissionQueue(settings.max_waiting_requests)
         self._readiness = _Readiness(False, "not started")
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._maintain, name="cluster-maintenance", daemon=True)
@@ -135,12 +148,14 @@ class ClusterBackend(Backend):
 
     def load(self) -> BackendLoad:
         with self._lock:
-            return BackendLoad(running=len(self._active), waiting=0)
+            return BackendLoad(running=len(self._active), waiting=self._admission.waiting)
 
     # ---- one request ---------------------------------------------------------------------------
     async def generate(self, prompt_ids: list[int], params: SamplingParams) -> AsyncIterator[TokenEvent]:
         request_id = f"req-{uuid.uuid4().hex}"
-        route = await self._place(request_id, prompt_ids, params)
+        route = await self._admission.admit(
+            lambda: self._place(request_id, prompt_ids, params), self.settings.admission_timeout_s
+        )
         finished, first = False, True
         call = None
         try:
@@ -167,6 +182,7 @@ class ClusterBackend(Backend):
                 call.cancel()  # the client went away: the decode pod aborts and frees the KV
             state = RequestState.FINISHED if finished and not first else RequestState.FAILED
             await asyncio.shield(asyncio.to_thread(self._end, route, state))
+            self._admission.notify()  # its KV is back: the longest-waiting request may fit now
 
     def _generate_request(
         self, request_id: str, route: Route, prompt_ids: list[int], params: SamplingParams

@@ -9,7 +9,8 @@ from __future__ import annotations
 
 import logging
 import uuid
-from dataclasses import dataclass
+from collections.abc import Mapping
+from dataclasses import dataclass, field
 
 from services.core.errors import (
     BackendUnavailableError,
@@ -18,6 +19,8 @@ from services.core.errors import (
     NoCapacityError,
     PromptTooLongError,
 )
+from services.core.tenants import BudgetExceededError, RateLimitedError
+from services.gateway.auth import AuthUnavailableError, InvalidApiKeyError
 from services.gateway.protocol import ErrorInfo, ErrorResponse
 
 log = logging.getLogger(__name__)
@@ -25,6 +28,7 @@ log = logging.getLogger(__name__)
 INVALID_REQUEST = "invalid_request_error"
 SERVER_ERROR = "server_error"
 TIMEOUT_ERROR = "timeout_error"
+INSUFFICIENT_QUOTA = "insufficient_quota"
 CLIENT_CLOSED_REQUEST = 499  # nginx's status for a client that went away; nobody reads it
 
 
@@ -62,11 +66,21 @@ class RequestAbortedError(BackendUnavailableError):
 class HttpError:
     status: int
     body: ErrorResponse
+    headers: Mapping[str, str] = field(default_factory=dict)  # e.g. Retry-After on a 429
 
 
 def describe(exc: BaseException) -> HttpError:
     """The status and OpenAI error body for `exc`; logs internal errors with an id the client sees."""
     match exc:
+        case InvalidApiKeyError():
+            return _error(401, exc, INVALID_REQUEST, None, "invalid_api_key", {"WWW-Authenticate": "Bearer"})
+        case RateLimitedError():
+            retry = {} if exc.retry_after_s is None else {"Retry-After": str(exc.retry_after_s)}
+            return _error(429, exc, exc.kind.value, None, "rate_limit_exceeded", retry)
+        case BudgetExceededError():
+            return _error(402, exc, INSUFFICIENT_QUOTA, None, "insufficient_quota")
+        case AuthUnavailableError():
+            return _error(503, exc, SERVER_ERROR, None, "auth_unavailable")
         case PromptTooLongError():
             return _error(400, exc, INVALID_REQUEST, exc.param, "context_length_exceeded")
         case InvalidRequestError():
@@ -93,7 +107,13 @@ def invalid_request(message: str, param: str | None = None) -> HttpError:
     return HttpError(400, ErrorResponse(error=ErrorInfo(message=message, type=INVALID_REQUEST, param=param)))
 
 
-def _error(status: int, exc: BaseException, kind: str, param: str | None, code: str | None) -> HttpError:
-    return HttpError(
-        status, ErrorResponse(error=ErrorInfo(message=str(exc), type=kind, param=param, code=code))
-    )
+def _error(
+    status: int,
+    exc: BaseException,
+    kind: str,
+    param: str | None,
+    code: str | None,
+    headers: Mapping[str, str] | None = None,
+) -> HttpError:
+    body = ErrorResponse(error=ErrorInfo(message=str(exc), type=kind, param=param, code=code))
+    return HttpError(status, body, headers or {})

@@ -133,7 +133,9 @@ class Admission:
         *,
         timeout_s: float,
         disconnected: WaitForDisconnect | None = None,
+        on_close: Callable[[], None] | None = None,
     ) -> Generation:
+        """A guarded generation; `on_close` runs once when it is closed (the tenant's usage)."""
         if self.draining:
             raise ShuttingDownError("the server is shutting down and takes no new requests; retry elsewhere")
         if len(self._live) >= self.limit:
@@ -141,11 +143,17 @@ class Admission:
                 f"the gateway is serving its limit of {self.limit} concurrent requests "
                 "(max_concurrent_requests); retry later"
             )
+
+        def closed(generation: Generation) -> None:
+            self._live.discard(generation)
+            if on_close is not None:
+                on_close()
+
         generation = Generation(
             backend.generate(prompt_ids, params),
             timeout_s=timeout_s,
             disconnected=disconnected,
-            on_close=self._live.discard,
+            on_close=closed,
         )
         self._live.add(generation)
         return generation

@@ -2,12 +2,14 @@
 
     python -m services.gateway.server --colocated --model smollm2-135m --port 0      # one process
     python -m services.gateway.server --redis-url redis://HOST:6379/0 --port 8000      # the cluster
+    python -m services.gateway.server --colocated --redis-url redis://HOST:6379/0      # + API keys
 
-Lifecycle: load the model and start the backend -> bind the socket (port 0 picks a free one) ->
-serve, and print one line `ready: http://HOST:PORT` once requests are served -> on SIGTERM or
-Ctrl-C: stop accepting (new requests get 503, /health turns 503), let in-flight requests finish for
-`shutdown_grace_seconds`, then end the rest with a 503 "shutting down" error (an SSE error event
-for streams) -> stop the backend and exit 0. A second Ctrl-C forces the exit.
+Lifecycle: load the model and start the backend, connect tenants (API keys and limits in Redis: the
+cluster's, or --redis-url with --colocated; import DISAGG_GATEWAY_API_KEYS_FILE) -> bind the socket
+(port 0 picks a free one) -> serve, and print one line `ready: http://HOST:PORT` once requests are
+served -> on SIGTERM or Ctrl-C: stop accepting (new requests get 503, /health turns 503), let
+in-flight requests finish for `shutdown_grace_seconds`, then end the rest with a 503 "shutting down"
+error (an SSE error event for streams) -> stop the backend and exit 0. A second Ctrl-C forces the exit.
 """
 
 from __future__ import annotations
@@ -20,16 +22,25 @@ import signal
 import socket
 import sys
 from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import TYPE_CHECKING
 
 import uvicorn
 from pydantic import ValidationError
 
+from services.core.api_keys import ApiKeyStore
 from services.core.errors import DisaggError
 from services.core.model.sources import DEFAULT_MODEL
+from services.core.registry import RedisSettings, connect
 from services.core.runtime import keep_freed_memory
+from services.core.tenants import TenantStore
 from services.gateway.app import Gateway, create_app
+from services.gateway.auth import Tenancy, read_keys_file
 from services.gateway.backend import Backend
 from services.gateway.settings import GatewaySettings
+
+if TYPE_CHECKING:
+    from services.gateway.cluster import ClusterBackend
 
 log = logging.getLogger(__name__)
 
@@ -41,9 +52,14 @@ def print_ready(url: str) -> None:
     print(f"ready: {url}", flush=True)
 
 
-def serve(settings: GatewaySettings, backend: Backend, on_ready: Callable[[str], None] = print_ready) -> None:
+def serve(
+    settings: GatewaySettings,
+    backend: Backend,
+    on_ready: Callable[[str], None] = print_ready,
+    tenancy: Tenancy | None = None,
+) -> None:
     """Serve `backend` until SIGTERM/SIGINT; starts and stops the backend. Blocks."""
-    app = create_app(backend, settings)
+    app = create_app(backend, settings, tenancy)
     sock = _bind(settings.host, settings.port)
     host = "127.0.0.1" if settings.host in ("0.0.0.0", "") else settings.host
     url = f"http://{host}:{sock.getsockname()[1]}"
@@ -64,6 +80,34 @@ def serve(settings: GatewaySettings, backend: Backend, on_ready: Callable[[str],
     finally:
         backend.stop()
         sock.close()
+        if tenancy is not None:
+            tenancy.close()
+
+
+def build_tenancy(settings: GatewaySettings, cluster_redis: RedisSettings | None) -> Tenancy:
+    """Tenants in `settings.tenants_redis_url`, else the cluster's Redis; none: single tenant."""
+    bootstrap = read_keys_file(settings.api_keys_file) if settings.api_keys_file else []
+    redis_settings = (
+        RedisSettings(url=settings.tenants_redis_url) if settings.tenants_redis_url else cluster_redis
+    )
+    if redis_settings is None:
+        if settings.api_keys_file:
+            raise DisaggError(
+                "an API keys file needs a Redis to hold the keys: pass --redis-url with --colocated "
+                "(or set DISAGG_GATEWAY_TENANTS_REDIS_URL)"
+            )
+        log.info("no Redis for tenants: single tenant `default`, no API keys")
+        return Tenancy.single_tenant()
+    client = connect(redis_settings)
+    tenancy = Tenancy(
+        ApiKeyStore(client, redis_settings),
+        TenantStore(client, redis_settings),
+        cache_s=settings.auth_cache_seconds,
+        bootstrap_keys=bootstrap,
+        redis_url=redis_settings.url,
+    )
+    tenancy.bootstrap()
+    return tenancy
 
 
 class _Server(uvicorn.Server):
@@ -129,7 +173,14 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument(
         "--redis-url",
-        help="the cluster's Redis (default: DISAGG_CLUSTER_REDIS_URL or redis://127.0.0.1:6379/0)",
+        help="the cluster's Redis (default: DISAGG_CLUSTER_REDIS_URL or redis://127.0.0.1:6379/0), which "
+        "also holds tenants and API keys; with --colocated: a Redis for tenants and API keys only",
+    )
+    p.add_argument(
+        "--api-keys-file",
+        type=Path,
+        help="TENANT:KEY per line, imported into Redis at start; keys are then required "
+        "(DISAGG_GATEWAY_API_KEYS_FILE)",
     )
     p.add_argument(
         "--placement",
@@ -175,8 +226,11 @@ def settings_from_args(args: argparse.Namespace) -> GatewaySettings:
         "cost_usd_per_hour",
         "default_attention_policy",
         "default_attention_budget",
+        "api_keys_file",
     )
     overrides = {name: getattr(args, name) for name in names if getattr(args, name) is not None}
+    if args.colocated and args.redis_url:
+        overrides["tenants_redis_url"] = args.redis_url
     if args.served_model_name:
         overrides["served_model_names"] = args.served_model_name
     return GatewaySettings(**overrides)
@@ -194,7 +248,7 @@ def colocated_backend(args: argparse.Namespace, settings: GatewaySettings) -> Ba
     return ColocatedBackend(model, model_name=args.model, kv_budget_bytes=kv_bytes, default_policy=policy)
 
 
-def cluster_backend(args: argparse.Namespace) -> Backend:
+def cluster_backend(args: argparse.Namespace) -> ClusterBackend:
     """The gateway in front of the pods: only the tokenizer and config.json are read, no weights."""
     from services.core.model.config import ModelConfig
     from services.core.model.sources import resolve_model
@@ -219,7 +273,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         settings = settings_from_args(args)
         log.info("gateway settings: %s", settings.model_dump())
-        serve(settings, colocated_backend(args, settings) if args.colocated else cluster_backend(args))
+        if args.colocated:
+            backend: Backend = colocated_backend(args, settings)
+            tenancy = build_tenancy(settings, None)
+        else:
+            cluster = cluster_backend(args)
+            backend, tenancy = cluster, build_tenancy(settings, cluster.redis_settings)
+        serve(settings, backend, tenancy=tenancy)
     except (DisaggError, ValidationError) as exc:
         print(f"gateway: error: {exc}", file=sys.stderr)
         return EXIT_USAGE

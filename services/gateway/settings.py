@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 from pydantic import Field
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
@@ -26,3 +28,11 @@ class GatewaySettings(BaseSettings):
     # policy of requests that name none, and the budget of a policy named without one.
     default_attention_policy: PolicyName = PolicyName.DENSE
     default_attention_budget: float = Field(default=DEFAULT_BUDGET, gt=0)
+    # Tenants and API keys (docs/tenants.md). Redis for them: the cluster's; with --colocated this one,
+    # if set (else the gateway is single-tenant: everything is tenant `default`).
+    tenants_redis_url: str | None = None
+    # `TENANT:KEY` per line, imported into Redis at start; the gateway then always requires a key.
+    api_keys_file: Path | None = None
+    # How long "do keys exist", a key's tenant and a tenant's limits are cached: a revoked key or a
+    # changed limit takes effect within this many seconds.
+    auth_cache_seconds: float = Field(default=1.0, ge=0, le=10)

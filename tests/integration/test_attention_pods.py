@@ -12,10 +12,13 @@ Every pod is a subprocess on a free port (`--port 0`), killed by a finalizer.
 
 from __future__ import annotations
 
+import contextlib
+import dataclasses
 import json
 import os
 import select
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -34,7 +37,16 @@ from services.core.attention import AttentionStep, OutOfBlocks, PolicyName, Poli
 from services.core.model.config import ModelConfig
 from services.core.model.load import LoadedModel
 from services.core.placement import Placement, PlacementEntry
+from services.core.transport.step_socket import (
+    HEADER,
+    ConnectionClosed,
+    FrameKind,
+    configure,
+    parse_error,
+    recv_frame,
+)
 from services.core.wire import encode, encode_into
+from services.decode.attention_link import StepTransport
 from services.decode.colocated import build_engine
 from services.decode.engine import Engine
 from services.decode.remote_attention import AttentionPodError, RemoteAttention, RemoteAttentionOptions
@@ -121,7 +133,12 @@ def tiny_pods(launch: Callable[..., Pod], tiny_model: Path) -> tuple[Pod, Pod]:
 
 # ---- RemoteAttention over pods with the tiny geometry -----------------------------------------
 @pytest.mark.timeout(120)
-def test_remote_equals_local_for_every_placement(tiny_pods: tuple[Pod, Pod], tiny_model: Path) -> None:
+@pytest.mark.parametrize("transport", list(StepTransport))
+def test_remote_equals_local_for_every_placement(
+    tiny_pods: tuple[Pod, Pod], tiny_model: Path, transport: StepTransport
+) -> None:
+    """Both carriers of the Step frames (the pods' Step socket and the gRPC stream) give exactly
+    what local attention gives."""
     a, b = (p.address for p in tiny_pods)
     cfg = ModelConfig.from_folder(tiny_model)
     placements = {
@@ -129,7 +146,8 @@ def test_remote_equals_local_for_every_placement(tiny_pods: tuple[Pod, Pod], tin
         1: Placement.head_partitioned([a, b], 3),  # a: heads 0-1, b: head 2
         2: Placement((PlacementEntry(b, 0, 1), PlacementEntry(a, 1, 2))),  # a holds another slice
     }
-    remote = RemoteAttention(cfg, torch.float32, placements.__getitem__, FAST)
+    options = dataclasses.replace(FAST, step_transport=transport)
+    remote = RemoteAttention(cfg, torch.float32, placements.__getitem__, options)
     local = LocalAttention(KVPool(KVPoolConfig(cfg.num_layers, cfg.head_dim), 500), 3, 6)
     torch.manual_seed(0)
     steps = [[SeqChunk(0, 0, 5), SeqChunk(1, 0, 20), SeqChunk(2, 0, 1)]]
@@ -360,12 +378,72 @@ def test_malformed_frames_get_invalid_argument_and_the_pod_keeps_serving(tiny_po
     assert status == health_pb2.HealthCheckResponse.SERVING
 
 
+def _socket(pod: Pod) -> socket.socket:
+    port = pod.stub().Stats(pb.StatsRequest(), timeout=5).step_port
+    assert port, "the pod offers no Step socket"
+    sock = socket.create_connection((pod.address.rsplit(":", 1)[0], port), timeout=10)
+    return configure(sock)
+
+
+def _exchange(pod: Pod, frames: list[bytes]) -> list[tuple[FrameKind, bytes]]:
+    """Send raw frames on a fresh connection; every frame that came back before the pod closed it."""
+    with _socket(pod) as sock:
+        for frame in frames:
+            sock.sendall(frame)
+        got = []
+        with contextlib.suppress(ConnectionClosed):
+            while True:
+                got.append(recv_frame(sock, 1 << 26))
+    return got
+
+
+def _message(frame: pb.StepRequest) -> bytes:
+    payload = frame.SerializeToString()
+    return HEADER.pack(FrameKind.MESSAGE, len(payload)) + payload
+
+
+@pytest.mark.timeout(60)
+def test_step_socket_answers_bad_frames_with_an_error_frame_and_keeps_serving(
+    tiny_pods: tuple[Pod, Pod],
+) -> None:
+    """The Step socket carries the same checks as the gRPC stream; a bad frame ends its connection
+    with an ERROR frame naming the status and the problem, never the pod."""
+    pod = tiny_pods[0]
+    stub = pod.stub()
+    stub.Open(pb.OpenRequest(seq_id=78, kv_head_start=0, kv_head_count=1, policy="dense"), timeout=5)
+    stub.Reserve(pb.ReserveRequest(seq_id=78, num_tokens=2), timeout=5)
+    k = v = torch.zeros(2, 5)
+    good_q = encode(torch.zeros(2, 2, 5))
+    begin = pb.StepRequest(begin=pb.StepBegin(step_id=0, chunks=[pb.StepChunk(seq_id=78, length=2)]))
+    short = tensor_pb2.Tensor(dtype=good_q.dtype, shape=good_q.shape, data=good_q.data[:-4])
+    cases = [
+        ([HEADER.pack(7, 0)], "INVALID_ARGUMENT", "unknown frame kind 7"),
+        ([HEADER.pack(FrameKind.MESSAGE, 1 << 30)], "INVALID_ARGUMENT", "over the limit"),
+        ([HEADER.pack(FrameKind.MESSAGE, 3) + b"\xff\xff\xff"], "INVALID_ARGUMENT", "malformed Step frame"),
+        ([_message(begin), _message(_layer(0, short, k, v))], "INVALID_ARGUMENT", "q: data holds 76 bytes"),
+        ([_message(_layer(9, good_q, k, v))], "INVALID_ARGUMENT", "step 9"),
+    ]
+    for frames, status, needle in cases:
+        ((kind, payload),) = _exchange(pod, frames)
+        assert kind is FrameKind.ERROR
+        got_status, message = parse_error(payload)
+        assert got_status == status and needle in message, (got_status, message)
+    # Still serving, on the socket and through the real client.
+    with _socket(pod) as sock:
+        sock.sendall(_message(begin) + _message(_layer(0, good_q, k, v)))
+        kind, payload = recv_frame(sock, 1 << 26)
+    assert kind is FrameKind.MESSAGE and pb.StepResponse.FromString(payload).layer == 0
+    stub.Free(pb.FreeRequest(seq_id=78), timeout=5)
+
+
 # ---- failures -------------------------------------------------------------------------------------
 def _remote_mid_step(
-    pod: Pod, tiny_model: Path, layer_timeout_s: float = 5
+    pod: Pod, tiny_model: Path, layer_timeout_s: float = 5, transport: StepTransport = StepTransport.TCP
 ) -> tuple[RemoteAttention, AttentionStep]:
     cfg = ModelConfig.from_folder(tiny_model)
-    options = RemoteAttentionOptions(rpc_timeout_s=5, layer_timeout_s=layer_timeout_s)
+    options = RemoteAttentionOptions(
+        rpc_timeout_s=5, layer_timeout_s=layer_timeout_s, step_transport=transport
+    )
     remote = RemoteAttention(cfg, torch.float32, Placement.request_partitioned(pod.address, 3), options)
     remote.open(0)
     remote.reserve(0, 4)
@@ -383,9 +461,12 @@ def _next_layer_fails(step: AttentionStep, within_s: float) -> AttentionPodError
 
 
 @pytest.mark.timeout(60)
-def test_killed_pod_makes_attend_fail_promptly(launch: Callable[..., Pod], tiny_model: Path) -> None:
+@pytest.mark.parametrize("transport", list(StepTransport))
+def test_killed_pod_makes_attend_fail_promptly(
+    launch: Callable[..., Pod], tiny_model: Path, transport: StepTransport
+) -> None:
     pod = launch(tiny_model, kv_budget_bytes="1000000")
-    remote, step = _remote_mid_step(pod, tiny_model)
+    remote, step = _remote_mid_step(pod, tiny_model, transport=transport)
     pod.process.send_signal(signal.SIGKILL)
     pod.process.wait(10)
     error = _next_layer_fails(step, within_s=3)
@@ -394,11 +475,13 @@ def test_killed_pod_makes_attend_fail_promptly(launch: Callable[..., Pod], tiny_
 
 
 @pytest.mark.timeout(60)
+@pytest.mark.parametrize("transport", list(StepTransport))
 def test_hung_pod_makes_attend_fail_after_the_layer_timeout(
-    launch: Callable[..., Pod], tiny_model: Path
+    launch: Callable[..., Pod], tiny_model: Path, transport: StepTransport
 ) -> None:
+    """The socket's timeout (tcp) or the watchdog (grpc) turns a hung pod into an error."""
     pod = launch(tiny_model, kv_budget_bytes="1000000")
-    remote, step = _remote_mid_step(pod, tiny_model, layer_timeout_s=1)
+    remote, step = _remote_mid_step(pod, tiny_model, layer_timeout_s=1, transport=transport)
     pod.process.send_signal(signal.SIGSTOP)
     deadline = time.monotonic() + 10  # a loaded machine can take a moment to stop every thread
     while Path(f"/proc/{pod.process.pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "T":

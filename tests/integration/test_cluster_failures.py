@@ -91,6 +91,21 @@ def completes(url: str) -> bool:
     return response.status_code == 200
 
 
+def test_requests_beyond_the_kv_pools_wait_for_room_instead_of_failing(cluster: Gateway) -> None:
+    """16 requests reserving 189 blocks each need 3024 blocks; the two pods hold 2184. The gateway's
+    admission queue holds the rest until earlier requests finish and free theirs: none gets a 503."""
+    queued = {**LONG, "stream": False, "stop": [" "]}  # reserves for 1000 tokens, ends in a few
+
+    def post(_: int) -> tuple[int, str]:
+        response = httpx.post(f"{cluster.url}/v1/completions", json=queued, timeout=120)
+        return response.status_code, response.text
+
+    with ThreadPoolExecutor(16) as pool:
+        results = list(pool.map(post, range(16)))
+    assert [code for code, _ in results] == [200] * 16, [text for code, text in results if code != 200]
+    cluster.wait_idle(timeout=30)
+
+
 def test_killed_attention_pod_fails_its_requests_promptly_and_is_routed_around(cluster: Gateway) -> None:
     assert len(cluster.attention_pods()) == 2
     victim = pod_pid(cluster, "attention", 0)

@@ -357,6 +357,28 @@ def test_plan_import_checks_the_sequence_and_free_waits_for_the_plan(
 
 
 @pytest.mark.timeout(120)
+def test_orphan_reaper_waits_for_an_outstanding_nixl_plan(tiny_cluster: Cluster) -> None:
+    """A decode pod dies while a prefill pod's WRITE into its sequence may be in flight: the reaper
+    frees the orphaned sequence only once the plan is done, never under a WRITE that could land in
+    blocks already given to someone else."""
+    stub = tiny_cluster.attention[1].attention()
+    ghost = f"decode-pod-that-died-{uuid.uuid4().hex[:8]}"  # never registered: missing at once
+    open_ = pb.OpenRequest(seq_id=8, kv_head_start=0, kv_head_count=2, policy="dense", owner=ghost)
+    stub.Open(open_, timeout=5)
+    stub.Reserve(pb.ReserveRequest(seq_id=8, num_tokens=20), timeout=5)
+    plan = stub.PlanImport(pb.PlanImportRequest(seq_id=8, start=0, length=20), timeout=5)
+    used = stub.Stats(pb.StatsRequest(), timeout=5).blocks_used
+    # Two reaper rounds (one pod TTL each, 3 s) find the owner missing; the free must still wait.
+    time.sleep(8)
+    assert stub.Stats(pb.StatsRequest(), timeout=5).blocks_used == used, "freed under a NIXL plan"
+    stub.CompleteImport(pb.CompleteImportRequest(transfer_id=plan.transfer_id, abandon=True), timeout=5)
+    deadline = time.monotonic() + 10
+    while stub.Stats(pb.StatsRequest(), timeout=5).blocks_used != used - 4:
+        assert time.monotonic() < deadline, "the reaper did not free the orphan after the plan ended"
+        time.sleep(0.1)
+
+
+@pytest.mark.timeout(120)
 def test_nixl_pods_publish_metadata_and_exit_cleanly(
     launch: Callable[..., list[Pod]], tiny_folder: Path, redis_env: dict[str, str]
 ) -> None:

@@ -10,7 +10,14 @@ from hypothesis import strategies as st
 from services.attention.blocks import BlockAllocator, UnknownSequenceError
 from services.attention.kv_pool import KVPool, KVPoolConfig
 from services.attention.local import LocalAttention
-from services.attention.reference import causal_prefill_attention
+from services.attention.reference import (
+    BUCKET_MIN_WASTE,
+    BUCKET_SLACK,
+    DecodeLayout,
+    DecodeWorkspace,
+    causal_prefill_attention,
+    paged_decode_attention,
+)
 from services.core.attention import OutOfBlocks, Reserved, SeqChunk
 from services.core.errors import DisaggError
 
@@ -135,3 +142,41 @@ def test_free_releases_blocks_immediately() -> None:
     part.free(1)
     assert pool.allocator.num_free_blocks == 12
     assert part.max_tokens_per_sequence() == 8
+
+
+@settings(max_examples=60, deadline=None)
+@given(
+    lengths=st.lists(st.integers(1, 200), min_size=1, max_size=24),
+    block_size=st.sampled_from([1, 4, 16]),
+    seed=st.integers(0, 2**16),
+)
+def test_bucketed_decode_attention_equals_dense_per_lane(
+    lengths: list[int], block_size: int, seed: int
+) -> None:
+    """Lanes of any lengths, blocks scattered over the pool: every lane equals its own dense attention,
+    and buckets pad no more than the bound allows."""
+    gen = torch.Generator().manual_seed(seed)
+    group, d = 3, 8
+    needed = [-(-n // block_size) for n in lengths]
+    num_blocks = sum(needed) + 5
+    k_cache = torch.randn(num_blocks, block_size, d, generator=gen)
+    v_cache = torch.randn(num_blocks, block_size, d, generator=gen)
+    free = torch.randperm(num_blocks, generator=gen).tolist()
+    lanes = []
+    for n_blocks, length in zip(needed, lengths, strict=True):
+        lanes.append((free[:n_blocks], length))
+        free = free[n_blocks:]
+    layout = DecodeLayout.build(lanes, block_size, group, "cpu")
+    q = torch.randn(len(lengths), group, d, generator=gen)
+    out = paged_decode_attention(
+        q, k_cache, v_cache, layout, d**-0.5, DecodeWorkspace.for_layout(layout, k_cache)
+    )
+    for i, (table, length) in enumerate(lanes):
+        keys = k_cache[table].reshape(-1, d)[:length]
+        values = v_cache[table].reshape(-1, d)[:length]
+        expected = torch.softmax(q[i] @ keys.T * d**-0.5, dim=-1) @ values
+        torch.testing.assert_close(out[i], expected, rtol=1e-5, atol=1e-5)
+    assert sorted(int(i) for b in layout.buckets for i in b.lanes) == list(range(len(lengths)))
+    for bucket in layout.buckets:
+        real = sum(needed[int(i)] for i in bucket.lanes)
+        assert bucket.blocks.numel() <= max(BUCKET_SLACK * real, real + BUCKET_MIN_WASTE)

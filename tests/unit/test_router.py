@@ -8,7 +8,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from services.core.errors import NoCapacityError
+from services.core.errors import KvFullError, NoCapacityError
 from services.core.placement import Placement, PlacementEntry
 from services.core.registry import DecodeCapacity, PodInfo, PodStatus, Role
 from services.core.router import (
@@ -119,3 +119,17 @@ def test_newest_registration_at_an_address_shadows_the_old_one() -> None:
     old, new, other = decode_pod("old", 0), decode_pod("new", 9), decode_pod("other", 1)
     new = PodStatus(replace(new.info, address=old.info.address, started_at=1.0), new.load, 0.0)
     assert [p.pod_id for p in newest_per_address([old, new, other])] == ["new", "other"]
+
+
+def test_full_pods_are_kv_full_but_a_request_no_pod_could_ever_hold_is_not() -> None:
+    """KvFullError means "wait and it fits" (the gateway queues it); NoCapacityError means it never will."""
+    full = [AttentionCandidate("a", "a:7000", 2, 16, total_blocks=100)]
+    with pytest.raises(KvFullError, match="no attention pod has room now"):
+        plan_attention(full, num_kv_heads=3, num_tokens=160, mode=PlacementMode.REQUEST)  # needs 30
+    with pytest.raises(NoCapacityError, match="could ever hold") as never:
+        plan_attention(full, num_kv_heads=3, num_tokens=1600, mode=PlacementMode.REQUEST)  # needs 300
+    assert not isinstance(never.value, KvFullError)
+    # Head placement: 300 blocks fit two empty pods of 200 (2 heads + 1 head), so the request waits.
+    two = [AttentionCandidate(p, f"{p}:7000", 0, 16, total_blocks=200) for p in ("a", "b")]
+    with pytest.raises(KvFullError):
+        plan_attention(two, num_kv_heads=3, num_tokens=1600, mode=PlacementMode.HEAD)

@@ -25,6 +25,8 @@ from services.attention.kernels import (  # noqa: E402
     decode_bytes,
     paged_decode,
     sparq,
+    sparq_kernels,
+    sparq_pick,
 )
 from services.attention.reference import DecodeLayout, paged_decode_attention  # noqa: E402
 
@@ -107,7 +109,7 @@ def test_sparq_full_budget_is_dense(device: str, dtype: torch.dtype) -> None:
 
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("dtype", DTYPES)
-@pytest.mark.parametrize("block_size", [16, 24, 512])  # 512: a phase-1 tile is part of a block
+@pytest.mark.parametrize("block_size", [16, 24, 1024])  # 1024: a phase-1 tile is part of a block
 def test_sparq_triton_matches_reference(device: str, dtype: torch.dtype, block_size: int) -> None:
     lengths = [*LENGTHS, 600]
     lanes, q, k, v = make_pool(lengths, block_size, dtype, device, seed=3)
@@ -120,9 +122,9 @@ def test_sparq_triton_matches_reference(device: str, dtype: torch.dtype, block_s
 
 
 @pytest.mark.parametrize("device", DEVICES)
-def test_sparq_triton_with_torch_topk(device: str, monkeypatch: pytest.MonkeyPatch) -> None:
-    """Past RADIX_MAX_SCORES the selection is torch.topk's: same function."""
-    monkeypatch.setattr(paged_decode, "RADIX_MAX_SCORES", 0)
+def test_sparq_triton_with_torch_selection(device: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Past PICK_MAX_WIDTH the selection runs in torch over the same logits: same function."""
+    monkeypatch.setattr(sparq_pick, "PICK_MAX_WIDTH", 0)
     lanes, q, k, v = make_pool(LENGTHS, 16, torch.float32, device, seed=7)
     paged, kt = PagedLanes.build(lanes, 16, device), sparq.kt_from_k(k)
     ref = sparq.sparq_decode_reference(q, k, v, kt, paged, 8, 24, 4, D**-0.5)
@@ -134,7 +136,7 @@ def test_sparq_triton_with_torch_topk(device: str, monkeypatch: pytest.MonkeyPat
 def test_sparq_select_kernel_matches_select_components(device: str) -> None:
     q = torch.randn(5, G, D, generator=torch.Generator().manual_seed(5)).to(device)
     idx, q_sel = sparq.select_components(q, 8, D**-0.5)
-    idx_k, q_sel_k = paged_decode.sparq_select(q, 8, D**-0.5)
+    idx_k, q_sel_k = sparq_kernels.sparq_select(q, 8, D**-0.5)
     order, order_k = idx.argsort(dim=1), idx_k.long().argsort(dim=1)  # same sets, any order
     assert torch.equal(idx.gather(1, order), idx_k.long().gather(1, order_k))
     expected = q_sel.gather(2, order[:, None, :].expand_as(q_sel))
@@ -157,23 +159,64 @@ def test_sparq_window_only_attends_to_the_last_positions(device: str) -> None:
 
 
 @pytest.mark.parametrize("device", DEVICES)
-def test_top_k_positions_is_exact(device: str) -> None:
-    """Radix select = torch.topk's values: ties, +inf (window) entries, lanes shorter than k."""
+def test_sparq_scores_match_the_reference_score(device: str) -> None:
+    """Phase 1 (logits over kt, then the keys): Σ_g softmax_g of the approximate logits, window +inf."""
+    lengths, bs, r, window = [1, 37, 600, 1100], 16, 8, 4
+    pool, q, k, _ = make_pool(lengths, bs, torch.float32, device, seed=8)
+    paged, kt = PagedLanes.build(pool, bs, device), sparq.kt_from_k(k)
+    idx, q_sel = sparq.select_components(q, r, D**-0.5)
+    width = max(lengths)
+    table = paged.padded_table(-(-width // bs))
+    kt_sel = kt[table[:, :, None], idx[:, None, :]].permute(0, 2, 1, 3).reshape(len(lengths), r, -1)
+    logits = torch.bmm(q_sel, kt_sel[:, :, :width])  # [n_lanes, G, width]
+    length, pos = torch.tensor(lengths, device=device)[:, None], torch.arange(width, device=device)[None, :]
+    valid = pos < length
+    score = logits.masked_fill(~valid[:, None, :], float("-inf")).softmax(dim=-1).sum(dim=1)
+    phase1 = sparq_kernels.sparq_scores(q_sel, idx.int(), kt, paged, width, window, block_n=256)
+    keys = phase1.keys[:, :width]
+    assert phase1.wpad >= width and keys.dtype == torch.int32
+    got = keys.view(torch.float32)
+    in_window = valid & (pos >= length - window)
+    assert bool(got[in_window].isinf().all())
+    middle = valid & ~in_window
+    err = ((got[middle] - score[middle]).abs() / score[middle]).max()
+    assert err < 1e-5, err
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("path", ["sampled", "one_cta", "torch"])
+def test_sparq_pick_is_exact(device: str, path: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The selection = torch.topk of the keys, on each path: ties across the k-th value, a crowded
+    threshold bin (lanes 4 and 5: every score equal; lane 5's band exceeds BAND, so the sampled path
+    falls back), the forced window (+inf), lanes shorter than k, unused slots."""
+    if path == "torch":
+        monkeypatch.setattr(sparq_pick, "PICK_MAX_WIDTH", 0)
     gen = torch.Generator().manual_seed(6)
-    lengths = torch.tensor([1, 5, 300, 1500], dtype=torch.int32)
-    score = torch.rand(4, 1500, generator=gen) * 1e-3
-    score[:, ::7] = torch.rand(4, 215, generator=gen)  # several exponents
-    score[3, 100:140] = 0.25  # a tie across the k-th value
-    for lane, n in enumerate(lengths.tolist()):
+    lengths, bs = [1, 5, 300, 1500, 1500, 4200], 16
+    pool, _, _, _ = make_pool(lengths, bs, torch.float32, "cpu", seed=6)
+    paged = PagedLanes.build(pool, bs, device)
+    width, wpad = max(lengths), max(lengths) + 7
+    score = torch.rand(len(lengths), wpad, generator=gen) * 1e-3
+    score[:, ::7] = torch.rand(len(lengths), -(-wpad // 7), generator=gen)  # several exponents
+    score[3, 100:180] = 0.9  # 80 equal top scores: a tie across the k-th value at k = 64
+    score[4:] = 0.25  # every score equal: the bin holds every key
+    for lane, n in enumerate(lengths):
         score[lane, max(0, n - 4) : n] = float("inf")
-        score[lane, n:] = float("-inf")
+    keys = score.view(torch.int32).clone()
+    keys[torch.arange(wpad)[None, :] >= torch.tensor(lengths)[:, None]] = -1
+    phase1 = sparq_kernels.Phase1(keys.to(device), wpad)
     for k in (64, 1500):
-        sel = paged_decode.top_k_positions(score.to(device), lengths.to(device), k).cpu()
-        for lane, n in enumerate(lengths.tolist()):
-            got = [p for p in sel[lane].tolist() if p < n]
-            assert len(got) == len(set(got)) == min(k, n)
+        rows = sparq_pick.sparq_pick(phase1, paged, k, width, 4, sampled=path != "one_cta").cpu()
+        assert rows.shape == (len(lengths), k) and rows.dtype == torch.int32
+        for lane, ((table, n), got) in enumerate(zip(pool, rows.tolist(), strict=True)):
+            at = {block: i for i, block in enumerate(table)}
+            picked = [at[row // bs] * bs + row % bs for row in got if row >= 0]
+            assert len(picked) == len(set(picked)) == min(k, n) and got.count(-1) == k - min(k, n)
+            assert all(p < n for p in picked)
             expected = score[lane, :n].topk(min(k, n)).values
-            assert torch.equal(score[lane, got].sort(descending=True).values, expected)
+            assert torch.equal(score[lane, picked].sort(descending=True).values, expected)
+            if lane >= 4 and path != "torch":  # ties: the lowest positions (window aside)
+                assert sorted(p for p in picked if p < n - 4) == list(range(min(k, n) - 4))
 
 
 def test_sparq_budget_and_validation() -> None:

@@ -11,7 +11,8 @@ Lifecycle of one decode step on the pod (one forward, every layer):
         │     kernel 2, grid [n_lanes, G]: merge the partitions (skipped when n_splits == 1)
         └─ otherwise ─▶ reference.paged_decode_attention (torch, CPU or GPU)
 
-SparQ (sparq.py) reuses kernel 1 in "gather" mode over the positions its first phase selected.
+SparQ (sparq.py): phase 1 in sparq_kernels.py (one pass over kt_cache, then the scores), the selection in
+sparq_pick.py (pool rows of the top-k positions), phase 2 = kernel 1 in "gather" mode over those rows.
 
 Memory layout the kernels read (kv_pool.py), per layer, one block = `bs` positions of ONE KV head:
 
@@ -39,7 +40,7 @@ from functools import cache
 
 import torch
 
-from services.attention.reference import DecodeLayout, paged_decode_attention
+from services.attention.reference import DecodeLayout, DecodeWorkspace, paged_decode_attention
 
 
 class Backend(Enum):
@@ -163,13 +164,13 @@ def decode_attention(
     v_cache: torch.Tensor,  # [num_blocks, bs, D]
     layout: DecodeLayout,
     scale: float,
-    k_workspace: torch.Tensor | None = None,  # reference path only: reusable [NB, bs, D] gather buffer
+    workspace: DecodeWorkspace | None = None,  # reference path only: reusable gather buffers
     *,
     backend: Backend = Backend.AUTO,
 ) -> torch.Tensor:  # [n_lanes, G, D], q's dtype
     """Same contract as reference.paged_decode_attention; the Triton kernel on CUDA."""
     if not use_triton(q.device, backend):
-        return paged_decode_attention(q, k_cache, v_cache, layout, scale, k_workspace)
+        return paged_decode_attention(q, k_cache, v_cache, layout, scale, workspace)
     from services.attention.kernels import paged_decode
 
     lanes = _step_lanes.get(layout, q.shape[0])

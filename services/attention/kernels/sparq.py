@@ -1,7 +1,8 @@
 """SparQ attention decode step (Ribar et al., "SparQ Attention", arXiv 2312.04985) over the paged pool.
 
 The semantics are defined once, by `sparq_decode_reference` (torch, CPU or GPU); `sparq_decode_triton`
-computes the same function with the kernels of paged_decode.py, and `sparq_decode` picks one.
+computes the same function with the kernels of sparq_kernels.py (phase 1), sparq_pick.py (the selection)
+and paged_decode.py (phase 2), and `sparq_decode` picks one.
 
 Per lane (one KV head of one sequence, carrying its G query heads), with r components, k keys:
 
@@ -129,20 +130,22 @@ def sparq_decode_triton(
     scale: float,
     num_splits: int | None = None,  # phase-2 partitions per lane; None: fill the GPU
 ) -> SparqOutput:
-    """Same function as sparq_decode_reference, in Triton (ties at the k-th score broken arbitrarily)."""
-    from services.attention.kernels import paged_decode
+    """Same function as sparq_decode_reference, in Triton (ties at the k-th score broken by position).
+
+    Components, logits (one pass over kt) and scores (sparq_kernels.py), the selection (sparq_pick.py,
+    four launches), phase 2 and its merge (paged_decode.py). No host sync once the lengths are known
+    on the host (PagedLanes.build), so a step can be captured in a CUDA graph."""
+    from services.attention.kernels import paged_decode, sparq_kernels, sparq_pick
 
     lengths = lanes.lengths()
     _check(q, kt_cache, lengths, r, k, local_window)
     width = max(lengths)
-    idx, q_sel = paged_decode.sparq_select(q, r, scale)  # = select_components, one launch
-    radix = q.shape[0] * width <= paged_decode.RADIX_MAX_SCORES  # else torch.topk is faster
-    score, hist = paged_decode.sparq_lane_scores(q_sel, idx, kt_cache, lanes, width, local_window, radix)
-    if hist is not None:
-        sel = paged_decode.top_k_positions(score, lanes.lane_len, min(k, width), hist)  # [n_lanes, kk]
-    else:
-        sel = score.topk(min(k, width), dim=1, sorted=False).indices
-    out = paged_decode.gathered_decode_attention(q, k_cache, v_cache, lanes, sel, scale, num_splits)
+    if k_cache.shape[0] * lanes.block_size >= 2**31:
+        raise ValueError("the Triton SparQ step indexes pool rows in int32: pool too large for one layer")
+    idx, q_sel = sparq_kernels.sparq_select(q, r, scale)  # = select_components, one launch
+    phase1 = sparq_kernels.sparq_scores(q_sel, idx, kt_cache, lanes, width, local_window)
+    rows = sparq_pick.sparq_pick(phase1, lanes, min(k, width), width, local_window)  # [n_lanes, kk]
+    out = paged_decode.gathered_decode_attention(q, k_cache, v_cache, lanes, rows, scale, num_splits)
     return SparqOutput(out, sparq_bytes(lengths, r, k, q.shape[-1], k_cache.element_size()))
 
 

@@ -11,7 +11,7 @@ import torch
 from services.attention.kernels import decode_attention, decode_bytes
 from services.attention.policies import AttentionPolicy, DecodeLane, PolicyStep
 from services.attention.policies.common import positions_mask
-from services.attention.reference import DecodeLayout
+from services.attention.reference import DecodeLayout, DecodeWorkspace
 from services.core.attention import PolicyName
 
 
@@ -36,11 +36,10 @@ class DenseStep(PolicyStep):
         self.layout = DecodeLayout.build(
             [(list(lane.table), lane.length) for lane in lanes], pool.block_size, policy.group, config.device
         )
-        # Gather buffer reused by every layer (fresh memory per layer would page-fault); only the
+        # Gather buffers reused by every layer (fresh memory per layer would page-fault); only the
         # torch reference gathers, the GPU kernel reads the pool in place.
-        shape = (self.layout.blocks.numel(), pool.block_size, config.head_dim)
         on_gpu = torch.device(config.device).type == "cuda"
-        self.k_workspace = None if on_gpu else torch.empty(shape, dtype=config.dtype, device=config.device)
+        self.workspace = None if on_gpu else DecodeWorkspace.for_layout(self.layout, pool.k[0])
         itemsize = torch.empty((), dtype=config.dtype).element_size()
         self.layer_bytes = decode_bytes([lane.length for lane in lanes], config.head_dim, itemsize)
         self.bytes_read = 0
@@ -49,7 +48,7 @@ class DenseStep(PolicyStep):
         pool = self.policy.pool
         self.bytes_read += self.layer_bytes
         return decode_attention(
-            q, pool.k[layer], pool.v[layer], self.layout, self.policy.scale, self.k_workspace
+            q, pool.k[layer], pool.v[layer], self.layout, self.policy.scale, self.workspace
         )
 
     def attended(self, layer: int, q: torch.Tensor) -> torch.Tensor:

@@ -37,7 +37,7 @@ import torch
 
 from services.attention.kv_pool import KVPool
 from services.attention.policies import RECENT_TOKENS, SINK_TOKENS, AttentionPolicy, DecodeLane, PolicyStep
-from services.attention.reference import DecodeLayout, combine_values, decode_probabilities
+from services.attention.reference import DecodeBucket, DecodeLayout, DecodeWorkspace, paged_decode_attention
 from services.core.attention import PolicyName, Scoring
 
 FLOOR = SINK_TOKENS + RECENT_TOKENS
@@ -92,10 +92,14 @@ class HeavyHitterStep(PolicyStep):
         self.policy = policy
         self.lanes = list(lanes)
         self.layout = DecodeLayout.build([(list(x.table), x.length) for x in lanes], bs, policy.group, device)
-        self.k_workspace = torch.empty(
-            (self.layout.blocks.numel(), bs, pool.config.head_dim), dtype=pool.config.dtype, device=device
-        )
-        self.block_rows = (self.layout.blocks[:, None] * bs + torch.arange(bs, device=device)).reshape(-1)
+        self.workspace = DecodeWorkspace.for_layout(self.layout, pool.k[0])
+        offsets = torch.arange(bs, device=device)
+        self.block_rows = (self.layout.blocks[:, None] * bs + offsets).reshape(-1)  # [NB · bs] pool rows
+        # Pool rows of each bucket's padded positions, [n · MB · bs] (padding repeats a lane's last
+        # block, where the probabilities are 0).
+        self.bucket_rows = {
+            id(b): (b.blocks[:, None] * bs + offsets).reshape(-1) for b in self.layout.buckets
+        }
         # Stored tokens seen for the first time (prompt, new token): their score starts at 0.
         fresh = [(lane, policy._scored.get(lane.seq_id, 0)) for lane in lanes]
         fresh = [(lane, start) for lane, start in fresh if start < lane.length]
@@ -118,12 +122,18 @@ class HeavyHitterStep(PolicyStep):
             self.policy.pos[layer].view(-1).index_copy_(0, self.new_slots, self.new_positions)
 
     def decode(self, layer: int, q: torch.Tensor) -> torch.Tensor:
-        policy = self.policy
+        """Dense attention over the stored tokens (the reference's arithmetic), adding each token's
+        attention, summed over the lane's G heads, to its score."""
+        pool, acc = self.policy.pool, self.policy.acc[layer].view(-1)
         self._start_scores(layer)
-        probs = decode_probabilities(q, policy.pool.k[layer], self.layout, policy.scale, self.k_workspace)
-        policy.acc[layer].view(-1).index_add_(0, self.block_rows, probs.sum(dim=1).reshape(-1))
+
+        def accumulate(bucket: DecodeBucket, probs: torch.Tensor) -> None:  # probs [n, G, W]
+            acc.index_add_(0, self.bucket_rows[id(bucket)], probs.sum(dim=1).reshape(-1))
+
         self.bytes_read += self.layer_bytes
-        return combine_values(probs, policy.pool.v[layer], self.layout, q.shape[0], q.dtype)
+        return paged_decode_attention(
+            q, pool.k[layer], pool.v[layer], self.layout, self.policy.scale, self.workspace, accumulate
+        )
 
     def attended(self, layer: int, q: torch.Tensor) -> torch.Tensor:
         """Every stored token, by position (evicted positions are not attended)."""

@@ -100,7 +100,7 @@ class StatsRequest(_message.Message):
     def __init__(self) -> None: ...
 
 class StatsResponse(_message.Message):
-    __slots__ = ("pod_id", "blocks_total", "blocks_free", "blocks_used", "block_size", "sequences", "bytes_total", "bytes_used", "num_layers", "num_kv_heads", "group_size", "head_dim", "dtype", "max_message_bytes")
+    __slots__ = ("pod_id", "blocks_total", "blocks_free", "blocks_used", "block_size", "sequences", "bytes_total", "bytes_used", "num_layers", "num_kv_heads", "group_size", "head_dim", "dtype", "max_message_bytes", "step_port")
     POD_ID_FIELD_NUMBER: _ClassVar[int]
     BLOCKS_TOTAL_FIELD_NUMBER: _ClassVar[int]
     BLOCKS_FREE_FIELD_NUMBER: _ClassVar[int]
@@ -115,6 +115,7 @@ class StatsResponse(_message.Message):
     HEAD_DIM_FIELD_NUMBER: _ClassVar[int]
     DTYPE_FIELD_NUMBER: _ClassVar[int]
     MAX_MESSAGE_BYTES_FIELD_NUMBER: _ClassVar[int]
+    STEP_PORT_FIELD_NUMBER: _ClassVar[int]
     pod_id: str
     blocks_total: int
     blocks_free: int
@@ -129,7 +130,8 @@ class StatsResponse(_message.Message):
     head_dim: int
     dtype: _tensor_pb2.DType
     max_message_bytes: int
-    def __init__(self, pod_id: _Optional[str] = ..., blocks_total: _Optional[int] = ..., blocks_free: _Optional[int] = ..., blocks_used: _Optional[int] = ..., block_size: _Optional[int] = ..., sequences: _Optional[int] = ..., bytes_total: _Optional[int] = ..., bytes_used: _Optional[int] = ..., num_layers: _Optional[int] = ..., num_kv_heads: _Optional[int] = ..., group_size: _Optional[int] = ..., head_dim: _Optional[int] = ..., dtype: _Optional[_Union[_tensor_pb2.DType, str]] = ..., max_message_bytes: _Optional[int] = ...) -> None: ...
+    step_port: int
+    def __init__(self, pod_id: _Optional[str] = ..., blocks_total: _Optional[int] = ..., blocks_free: _Optional[int] = ..., blocks_used: _Optional[int] = ..., block_size: _Optional[int] = ..., sequences: _Optional[int] = ..., bytes_total: _Optional[int] = ..., bytes_used: _Optional[int] = ..., num_layers: _Optional[int] = ..., num_kv_heads: _Optional[int] = ..., group_size: _Optional[int] = ..., head_dim: _Optional[int] = ..., dtype: _Optional[_Union[_tensor_pb2.DType, str]] = ..., max_message_bytes: _Optional[int] = ..., step_port: _Optional[int] = ...) -> None: ...
 
 class StepRequest(_message.Message):
     __slots__ = ("begin", "layer")

@@ -1,0 +1,342 @@
+"""SparQ selection: the top-k positions of each lane's score keys (sparq_kernels.Phase1) as pool rows.
+
+    _sparq_bounds  grid [n_lanes], 1 warp   a strided sample of the lane's keys (every SS-th position,
+                                            NS <= 2048) gives two order statistics around the k-th
+                                            score: upper U (ρ - δ-th largest sample key) and lower L
+                                            (ρ + δ), ρ = k·NS/len, δ = 5·sqrt(ρ) + 2; zeroes the counters
+    _sparq_band    grid [n_lanes, tiles]    keys > U: selected, their rows written at once (atomic slot
+                                            per tile); L <= key <= U: the band, compacted (key, position)
+    _sparq_finish  grid [n_lanes], 4 warps  checks count(> U) <= need <= count(> U) + band <= BAND;
+                                            then the exact threshold inside the band by bisection, ties
+                                            by lowest position, their rows; sets done[lane]
+    _sparq_pick    grid [n_lanes], 16 warps the exact selection over all keys for lanes not done
+                                            (a sample off by more than δ, a band over BAND keys: heavy
+                                            ties); a lane done exits at once. Stage A: bisection of
+                                            bits 30..16 over all keys; stage B: the keys of that
+                                            1/128-octave bin compacted, 4 bits per count; a crowded bin
+                                            continues bit by bit over all keys (exact either way)
+
+Why: one CTA selecting among 16K keys spends ~25 sequential cross-warp reductions (barriers), about 40
+us per lane on the H200, one lane per SM. Here the sequential work runs on ~0.5-2K keys in small
+programs (the sample in one warp: shuffle reductions only), many per SM, and the pass over all keys is
+spread over the whole GPU. A
+sample off by more than δ (~5 sigma for random positions) costs speed only, never exactness. Rows come
+out in no particular order; the selection itself is deterministic (ties: lowest positions).
+Lanes longer than PICK_MAX_WIDTH go to torch.topk over the same keys.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from services.attention.kernels import PagedLanes
+from services.attention.kernels.sparq_kernels import Phase1
+
+PICK_MAX_WIDTH = 32768  # longest lane the Triton selection serves; longer: torch.topk
+BAND = 4096  # band keys _sparq_finish selects among (32 per thread of its 4 warps)
+BAND_TILE = 1024  # keys per _sparq_band program
+MAX_SAMPLE = 2048
+
+
+@triton.jit
+def _sparq_bounds(
+    keys_ptr,  # [n_lanes, wpad] int32
+    lane_len_ptr,
+    bounds_ptr,  # meta[:, 1:3] (lane stride 5) int32 out: L, U (U = -2: take every position)
+    counts_ptr,  # meta[:, 3:5] int32 out: zeroed (selected above U, band)
+    wpad, k, local_window,
+    SS: tl.constexpr, NS: tl.constexpr,
+):  # fmt: skip
+    """The window's keys are +inf: always above U (finite), never in the band, so L and U share their
+    high bits and _sparq_finish's bisection starts low. The ranks are taken among the finite keys."""
+    lane = tl.program_id(0)
+    length = tl.load(lane_len_ptr + lane)
+    need = tl.minimum(k, length)
+    n_win = tl.minimum(local_window, length)
+    finite = length - n_win
+    offs = tl.arange(0, NS)
+    ok = offs * SS < finite
+    sample = tl.load(keys_ptr + lane.to(tl.int64) * wpad + offs * SS, mask=ok, other=-1)
+    n_s = tl.sum(ok.to(tl.int32), 0)
+    rho = (need - n_win).to(tl.float32) * n_s.to(tl.float32) / tl.maximum(finite, 1).to(tl.float32)
+    delta = 5.0 * tl.sqrt(rho) + 2.0
+    r_hi = tl.maximum(rho - delta, 0.0).to(tl.int32)  # 0: U = the largest finite key, only +inf above
+    r_lo = (rho + delta).to(tl.int32) + 1  # > n_s: L = 0, the band reaches the bottom
+    upper = tl.zeros([], tl.int32)
+    lower = tl.zeros([], tl.int32)
+    for i in range(31):  # the r-th largest sample key: largest value with >= r samples at or above
+        bit = tl.full([], 1, tl.int32) << (30 - i)
+        hi_cand, lo_cand = upper | bit, lower | bit
+        upper = tl.where(_count_at_least(sample, hi_cand) >= r_hi, hi_cand, upper)
+        lower = tl.where(_count_at_least(sample, lo_cand) >= r_lo, lo_cand, lower)
+    upper = tl.minimum(upper, 0x7F7FFFFF)  # the bits of the largest finite fp32
+    tl.store(bounds_ptr + lane * 5, lower)
+    tl.store(bounds_ptr + lane * 5 + 1, tl.where(need >= length, -2, upper))
+    tl.store(counts_ptr + lane * 5, 0)
+    tl.store(counts_ptr + lane * 5 + 1, 0)
+
+
+@triton.jit
+def _sparq_band(
+    keys_ptr, blocks_ptr, lane_start_ptr, lane_len_ptr,
+    bounds_ptr, counts_ptr,  # from _sparq_bounds
+    band_key_ptr, band_pos_ptr,  # [n_lanes, BAND] int32 out
+    rows_ptr,  # [n_lanes, k] int32 out: the rows of the keys above U, from slot 0
+    wpad, k,
+    BS: tl.constexpr, BAND: tl.constexpr, BLOCK: tl.constexpr,
+):  # fmt: skip
+    lane = tl.program_id(0)
+    tile = tl.program_id(1)
+    length = tl.load(lane_len_ptr + lane)
+    if tile * BLOCK < length:
+        start = tl.load(lane_start_ptr + lane)
+        lower = tl.load(bounds_ptr + lane * 5)
+        upper = tl.load(bounds_ptr + lane * 5 + 1)
+        offs = tile * BLOCK + tl.arange(0, BLOCK)
+        ok = offs < length
+        key = tl.load(keys_ptr + lane.to(tl.int64) * wpad + offs, mask=ok, other=-1)
+        above = (ok & (key > upper)).to(tl.int32)
+        band = (ok & (key >= lower) & (key <= upper)).to(tl.int32)
+        slot = tl.atomic_add(counts_ptr + lane * 5, tl.sum(above, 0)) + tl.cumsum(above, 0) - 1
+        take = (above > 0) & (slot < k)  # slot >= k: a bad sample, _sparq_pick redoes the lane
+        blk = tl.load(blocks_ptr + start + offs // BS, mask=take, other=0)
+        tl.store(rows_ptr + lane * k + slot, blk * BS + offs % BS, mask=take)
+        slot = tl.atomic_add(counts_ptr + lane * 5 + 1, tl.sum(band, 0)) + tl.cumsum(band, 0) - 1
+        keep = (band > 0) & (slot < BAND)
+        tl.store(band_key_ptr + lane * BAND + slot, key, mask=keep)
+        tl.store(band_pos_ptr + lane * BAND + slot, offs, mask=keep)
+
+
+@triton.jit
+def _sparq_finish(
+    blocks_ptr, lane_start_ptr, lane_len_ptr,
+    counts_ptr, band_key_ptr, band_pos_ptr,  # from _sparq_band
+    rows_ptr,  # [n_lanes, k] int32: the band's selected rows go after the keys above U
+    done_ptr,  # meta[:, 0] (lane stride 5) int32 out: 1 when the sample was good and the lane selected
+    k,
+    BS: tl.constexpr, BAND: tl.constexpr, POS_BITS: tl.constexpr, BLOCK_K: tl.constexpr,
+):  # fmt: skip
+    lane = tl.program_id(0)
+    length = tl.load(lane_len_ptr + lane)
+    start = tl.load(lane_start_ptr + lane)
+    need = tl.minimum(k, length)
+    n_above = tl.load(counts_ptr + lane * 5)
+    n_band = tl.load(counts_ptr + lane * 5 + 1)
+    good = (n_above <= need) & (need <= n_above + n_band) & (n_band <= BAND)
+    tl.store(done_ptr + lane * 5, good.to(tl.int32))
+    if good:
+        need_in_band = need - n_above
+        offs = tl.arange(0, BAND)
+        ok = offs < n_band
+        key = tl.load(band_key_ptr + lane * BAND + offs, mask=ok, other=-1)
+        # The bits above the highest one where the band's smallest and largest keys differ are common
+        # to all of them, so the bisection starts below it (about a third of the 31 counts saved).
+        # need_in_band = 0: thr ends above every band key, nothing is taken.
+        lower = tl.min(tl.where(ok, key, 0x7FFFFFFF), 0)
+        diff = lower ^ tl.max(key, 0)
+        top = tl.zeros([], tl.int32)
+        for i in range(31):
+            top = tl.where(diff >= (tl.full([], 1, tl.int32) << i), i, top)
+        thr = (lower >> (top + 1)) << (top + 1)
+        for i in range(top + 1):
+            cand = thr | (tl.full([], 1, tl.int32) << (top - i))
+            thr = tl.where(_count_at_least(key, cand) >= need_in_band, cand, thr)
+        above = key > thr
+        tie = key == thr
+        quota = need_in_band - tl.sum(above.to(tl.int32), 0)
+        pos = tl.load(band_pos_ptr + lane * BAND + offs, mask=ok, other=0)
+        if tl.sum(tie.to(tl.int32), 0) > quota:  # the quota-th lowest tie position
+            cut = tl.zeros([], tl.int32)
+            for i in range(POS_BITS):
+                cand = cut | (tl.full([], 1, tl.int32) << (POS_BITS - 1 - i))
+                below = tl.sum((tie & (pos < cand)).to(tl.int32), 0)
+                cut = tl.where(below < quota, cand, cut)
+            tie = tie & (pos <= cut)
+        take = ok & (above | tie)
+        slot = n_above + tl.cumsum(take.to(tl.int32), 0) - 1
+        blk = tl.load(blocks_ptr + start + pos // BS, mask=take, other=0)
+        tl.store(rows_ptr + lane * k + slot, blk * BS + pos % BS, mask=take)
+        offs_k = tl.arange(0, BLOCK_K)
+        unused = (offs_k >= need) & (offs_k < k)
+        tl.store(rows_ptr + lane * k + offs_k, tl.full([BLOCK_K], -1, tl.int32), mask=unused)
+
+
+@triton.jit
+def _count_at_least(key, threshold):
+    return tl.sum((key >= threshold).to(tl.int32), 0)
+
+
+@triton.jit
+def _sparq_pick(
+    keys_ptr,  # [n_lanes, wpad] int32 from _sparq_keys
+    blocks_ptr, lane_start_ptr, lane_len_ptr,  # PagedLanes
+    cand_ptr,  # [n_lanes, CAND] int32 scratch: the keys inside the threshold's bin
+    rows_ptr,  # [n_lanes, k] int32 out: pool rows (block * BS + row) of the selected positions, -1 unused
+    done_ptr,  # meta[:, 0] (lane stride 5) int32: 1 where _sparq_finish selected the lane: exit
+    wpad, k,
+    BS: tl.constexpr, WIDTH: tl.constexpr, CHUNK: tl.constexpr, CAND: tl.constexpr, SPLIT: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+):  # fmt: skip
+    """The exact selection of one lane by one CTA (the fallback of the sampled path). The lane's keys
+    stay in registers for the bisection; the two compactions (bin keys, selected rows) re-read them in
+    CHUNK pieces, which bounds the registers of their scatters. About 40 us per lane at 16K on the
+    H200 (1 CTA per SM): the cross-warp reductions of ~25 sequential steps dominate."""
+    lane = tl.program_id(0)
+    if tl.load(done_ptr + lane * 5) == 0:
+        _pick_lane(keys_ptr, blocks_ptr, lane_start_ptr, lane_len_ptr, cand_ptr, rows_ptr, wpad, k, lane,
+                   BS, WIDTH, CHUNK, CAND, SPLIT, BLOCK_K)  # fmt: skip
+
+
+@triton.jit
+def _pick_lane(
+    keys_ptr, blocks_ptr, lane_start_ptr, lane_len_ptr, cand_ptr, rows_ptr, wpad, k, lane,
+    BS: tl.constexpr, WIDTH: tl.constexpr, CHUNK: tl.constexpr, CAND: tl.constexpr, SPLIT: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+):  # fmt: skip
+    length = tl.load(lane_len_ptr + lane)
+    start = tl.load(lane_start_ptr + lane)
+    key_row = keys_ptr + lane.to(tl.int64) * wpad
+    offs = tl.arange(0, WIDTH)
+    key = tl.load(key_row + offs, mask=offs < length, other=-1)
+    need = tl.minimum(k, length)
+
+    # The k-th largest key `thr`: the largest value with at least `need` keys >= it, bit by bit.
+    thr = tl.zeros([], tl.int32)
+    at_least = length  # keys >= thr
+    for i in range(31 - SPLIT):  # stage A: bits 30..SPLIT over all keys
+        cand = thr | (tl.full([], 1, tl.int32) << (30 - i))
+        count = _count_at_least(key, cand)
+        thr = tl.where(count >= need, cand, thr)
+        at_least = tl.where(count >= need, count, at_least)
+    hi = thr + (1 << SPLIT)
+    n_hi = _count_at_least(key, hi)  # < need
+    if at_least - n_hi <= CAND:  # stage B on the bin's keys only, 4 bits per count
+        filled = tl.zeros([], tl.int32)
+        for c in tl.static_range(WIDTH // CHUNK):
+            offs_c = c * CHUNK + tl.arange(0, CHUNK)
+            chunk = tl.load(key_row + offs_c, mask=offs_c < length, other=-1)
+            in_bin = ((chunk >= thr) & (chunk < hi)).to(tl.int32)
+            tl.store(cand_ptr + lane * CAND + filled + tl.cumsum(in_bin, 0) - 1, chunk, mask=in_bin > 0)
+            filled += tl.sum(in_bin, 0)
+        tl.debug_barrier()  # the stores above are read back by other threads of this program
+        offs_b = tl.arange(0, CAND)
+        bin_ptrs = cand_ptr + lane * CAND + offs_b
+        bin_keys = tl.load(bin_ptrs, mask=offs_b < filled, other=-1, cache_modifier=".cg")
+        digits = tl.arange(0, 16)
+        for it in tl.static_range(SPLIT // 4):
+            shift = SPLIT - 4 * (it + 1)
+            cands = thr + (digits << shift)  # [16]
+            counts = tl.sum((bin_keys[:, None] >= cands[None, :]).to(tl.int32), 0)  # [16]
+            thr = thr + (tl.max(tl.where(counts >= need - n_hi, digits, 0), 0) << shift)
+        n_above = n_hi + tl.sum((bin_keys > thr).to(tl.int32), 0)
+        n_tie = tl.sum((bin_keys == thr).to(tl.int32), 0)
+    else:
+        for i in range(SPLIT):  # a crowded bin: continue bit by bit over all keys
+            cand = thr | (tl.full([], 1, tl.int32) << (SPLIT - 1 - i))
+            thr = tl.where(_count_at_least(key, cand) >= need, cand, thr)
+        n_above = tl.sum((key > thr).to(tl.int32), 0)
+        n_tie = tl.sum((key == thr).to(tl.int32), 0)
+
+    quota = need - n_above  # keys equal to thr to take, 1..n_tie: the lowest positions
+    taken = tl.zeros([], tl.int32)
+    ties = tl.zeros([], tl.int32)
+    for c in tl.static_range(WIDTH // CHUNK):
+        offs_c = c * CHUNK + tl.arange(0, CHUNK)
+        chunk = tl.load(key_row + offs_c, mask=offs_c < length, other=-1)
+        tie = chunk == thr
+        if n_tie > quota:
+            take = (chunk > thr) | (tie & (ties + tl.cumsum(tie.to(tl.int32), 0) <= quota))
+            ties += tl.sum(tie.to(tl.int32), 0)
+        else:
+            take = chunk >= thr
+        take_i = take.to(tl.int32)
+        blk = tl.load(blocks_ptr + start + offs_c // BS, mask=take, other=0)
+        tl.store(rows_ptr + lane * k + taken + tl.cumsum(take_i, 0) - 1, blk * BS + offs_c % BS, mask=take)
+        taken += tl.sum(take_i, 0)
+    offs_k = tl.arange(0, BLOCK_K)
+    unused = (offs_k >= need) & (offs_k < k)
+    tl.store(rows_ptr + lane * k + offs_k, tl.full([BLOCK_K], -1, tl.int32), mask=unused)
+
+
+def pick_warps(width: int) -> int:
+    """Warps of the one-CTA fallback _sparq_pick: 32 keys per thread up to 16K, 16 at 32K (sm_90
+    compiles, cuobjdump: 128 registers at 16K / 16 warps, 64 at 32K / 32 warps)."""
+    return max(4, min(32, triton.next_power_of_2(width) // 1024))
+
+
+def sample_stride(width: int) -> int:
+    """Positions per sampled key: the expected band, 2·δ·SS ~ 2.5·sqrt(width·SS) keys at k = width/16,
+    stays under 45 % of BAND, and the sample under MAX_SAMPLE (SS 32 at 16K: 512 samples, band ~1.8K;
+    16 at 32K: 2048 samples, band ~1.8K). Interpreter check, 16K keys, SS 32 and BAND 2048: a band of
+    2065 keys (too many), hence BAND 4096."""
+    stride = 1
+    while stride * 2 * width <= 966_000 and stride < width:
+        stride *= 2
+    while triton.cdiv(width, stride) > MAX_SAMPLE:
+        stride *= 2
+    return stride
+
+
+def sparq_pick(
+    phase1: Phase1,
+    lanes: PagedLanes,
+    k: int,  # keys per lane (<= width)
+    width: int,  # longest lane
+    local_window: int,  # the +inf keys at the end of each lane
+    num_warps: int | None = None,  # of the fallback kernel; None: pick_warps(width)
+    sampled: bool = True,  # False: every lane through the one-CTA kernel (bench, tests)
+    launches: int = 4,  # bench only: run the first `launches` kernels (the stage timings)
+) -> torch.Tensor:  # [n_lanes, k] int32 pool rows (block * bs + row), any order; -1: unused
+    """Selection: the top-k positions of the score (window included), ties by lowest position."""
+    keys = phase1.keys
+    n_lanes, device = keys.shape[0], keys.device
+    if width > PICK_MAX_WIDTH:
+        return _pick_torch(phase1, lanes, k, width)
+    bs, block = lanes.block_size, triton.next_power_of_2(width)
+    rows = torch.empty((n_lanes, k), dtype=torch.int32, device=device)
+    band = torch.empty((2, n_lanes, BAND), dtype=torch.int32, device=device)  # keys, positions
+    meta = torch.empty((n_lanes, 5), dtype=torch.int32, device=device)  # done, L, U, n_above, n_band
+    done, bounds, counts = meta[:, 0], meta[:, 1:3], meta[:, 3:5]  # kernels index lane * 5 + ...
+    if sampled:
+        stride = sample_stride(width)
+        _sparq_bounds[(n_lanes,)](
+            keys, lanes.lane_len, bounds, counts, phase1.wpad, k, local_window,
+            SS=stride, NS=triton.next_power_of_2(triton.cdiv(width, stride)), num_warps=1,
+        )  # fmt: skip
+        if launches > 1:
+            _sparq_band[(n_lanes, triton.cdiv(width, BAND_TILE))](
+                keys, lanes.blocks, lanes.lane_start, lanes.lane_len, bounds, counts, band[0], band[1],
+                rows, phase1.wpad, k, BS=bs, BAND=BAND, BLOCK=BAND_TILE, num_warps=4,
+            )  # fmt: skip
+        if launches > 2:
+            _sparq_finish[(n_lanes,)](
+                lanes.blocks, lanes.lane_start, lanes.lane_len, counts, band[0], band[1], rows, done, k,
+                BS=bs, BAND=BAND, POS_BITS=block.bit_length(), BLOCK_K=triton.next_power_of_2(k),
+                num_warps=4,
+            )  # fmt: skip
+    else:
+        done.zero_()
+    warps = num_warps or pick_warps(width)
+    cand = min(block, max(512, 32 * warps))  # bin keys stage B handles: [cand, 16] compares
+    if launches > 3:
+        _sparq_pick[(n_lanes,)](
+            keys, lanes.blocks, lanes.lane_start, lanes.lane_len, band[0], rows, done, phase1.wpad, k,
+            BS=bs, WIDTH=block, CHUNK=min(block, 256 * warps), CAND=cand, SPLIT=16,
+            BLOCK_K=triton.next_power_of_2(k), num_warps=warps,
+        )  # fmt: skip
+    return rows
+
+
+def _pick_torch(phase1: Phase1, lanes: PagedLanes, k: int, width: int) -> torch.Tensor:
+    """Lanes longer than PICK_MAX_WIDTH: torch.topk over the same keys (no host sync)."""
+    bs = lanes.block_size
+    length = lanes.lane_len.long()[:, None]  # [n_lanes, 1]
+    keys = phase1.keys[:, :width]
+    valid = (torch.arange(width, device=keys.device)[None, :] < length) & (keys >= 0)
+    score = torch.where(valid, keys.view(torch.float32), float("-inf"))  # unwritten tiles: masked
+    sel = score.topk(k, dim=1, sorted=False).indices  # [n_lanes, k]
+    table = lanes.padded_table(-(-width // bs))  # [n_lanes, MB]
+    rows = table.gather(1, sel // bs) * bs + sel % bs
+    return torch.where(sel < length, rows, -1).to(torch.int32)
