@@ -2,7 +2,8 @@
 
 The reference gathers phase 1's key components with advanced indexing into [n, MB, r, bs] and then
 permutes them into [n, r, width] (a second full copy); here one `index_select` over kt viewed as
-rows of block_size positions produces [n, r, MB · bs] directly, ready for one bmm:
+rows of block_size positions produces [n, r, MB · bs] directly, ready for one bmm (its output cut
+to the widest lane; masks are skipped when every lane is that wide):
 
     kt_cache [num_blocks, D, bs] ─view─▶ [num_blocks · D, bs]      row (block, component)
     rows [n, r, MB] = table[:, None, :] · D + idx[:, :, None]     ─index_select─▶ [n, r, MB · bs]
@@ -38,16 +39,20 @@ def sparq_positions(
     blocks = -(-width // bs)
     table = lanes.padded_table(blocks)  # [n, MB]
     length = lanes.lane_len.long()[:, None]  # [n, 1]
-    pos = torch.arange(blocks * bs, device=q.device)[None, :]  # [1, MB·bs]
+    pos = torch.arange(width, device=q.device)[None, :]  # [1, width]
     valid = pos < length
+    ragged = min(lengths) < width  # else every position up to width holds a token: nothing to mask
 
     idx, q_sel = select_components(q, r, scale)  # [n, r], [n, G, r]
     rows = table[:, None, :] * head_dim + idx[:, :, None]  # [n, r, MB]
     kt = kt_cache.view(-1, bs).index_select(0, rows.reshape(-1)).view(n, r, blocks * bs)
-    logits = torch.bmm(q_sel, kt.float()).masked_fill_(~valid[:, None, :], float("-inf"))  # [n, G, MB·bs]
-    score = logits.softmax(dim=-1).sum(dim=1)  # [n, MB·bs]
+    logits = torch.bmm(q_sel, kt.float())[:, :, :width]  # [n, G, width]: whole blocks, cut to width
+    if ragged:
+        logits.masked_fill_(~valid[:, None, :], float("-inf"))
+    score = logits.softmax(dim=-1).sum(dim=1)  # [n, width]
     score.masked_fill_(valid & (pos >= length - local_window), float("inf"))
-    score.masked_fill_(~valid, float("-inf"))
+    if ragged:
+        score.masked_fill_(~valid, float("-inf"))
     return score.topk(min(k, width), dim=1, sorted=False).indices, table
 
 
