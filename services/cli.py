@@ -307,6 +307,7 @@ def _add_eval_attention(sub: argparse._SubParsersAction[argparse.ArgumentParser]
         "--passkey-lengths", default="1024,2048,4096", help="comma-separated prompt lengths in tokens"
     )
     p.add_argument("--passkey-trials", type=int, default=5, help="passkey prompts per length")
+    p.add_argument("--timing-rounds", type=int, default=8, help="timed decode steps per policy (8)")
     p.add_argument(
         "--timing-threads",
         type=int,
@@ -332,8 +333,9 @@ def cmd_eval_attention(args: argparse.Namespace) -> int:
         raise DisaggError(
             f"--passkey-lengths takes integers like 1024,2048, got {args.passkey_lengths!r}"
         ) from None
-    if min((*lengths, args.windows, args.context, args.scored, args.passkey_trials, args.timing_threads)) < 1:
-        raise DisaggError("lengths, windows, context, scored tokens and trials must all be at least 1")
+    counts = (*lengths, args.windows, args.context, args.scored, args.passkey_trials)
+    if min((*counts, args.timing_threads, args.timing_rounds)) < 1:
+        raise DisaggError("lengths, windows, context, scored tokens, trials, threads and rounds must be >= 1")
     config = evaluate.EvalConfig(
         windows=args.windows,
         context=args.context,
@@ -342,6 +344,7 @@ def cmd_eval_attention(args: argparse.Namespace) -> int:
         passkey_lengths=lengths,
         passkey_trials=args.passkey_trials,
         timing_threads=args.timing_threads,
+        timing_rounds=args.timing_rounds,
     )
     specs = evaluate.sweep(args.policy, args.budget, Scoring(args.scoring))
     console = Console(stderr=args.json)

@@ -75,10 +75,19 @@ def text_ids(model: LoadedModel) -> list[int]:
 
 
 def sweep(policy: str, budget: float, scoring: Scoring) -> list[PolicySpec]:
-    """The specs `--policy` asks for: one, or every sparse policy at SWEEP_BUDGETS for "all"."""
-    if policy == "all":
-        return [PolicySpec(name, b, scoring) for name in SPARSE for b in SWEEP_BUDGETS]
-    return [PolicySpec.parse(policy, budget, scoring.value)]
+    """The specs `--policy` asks for: one, or every sparse policy at SWEEP_BUDGETS for "all"
+    (heavy_hitter with both scorings, `scoring` first)."""
+    if policy != "all":
+        return [PolicySpec.parse(policy, budget, scoring.value)]
+    specs = []
+    for name in SPARSE:
+        scorings = (
+            [scoring, *(s for s in Scoring if s is not scoring)]
+            if name is PolicyName.HEAVY_HITTER
+            else [scoring]
+        )
+        specs += [PolicySpec(name, b, how) for how in scorings for b in SWEEP_BUDGETS]
+    return specs
 
 
 def evaluate(
