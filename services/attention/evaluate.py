@@ -184,8 +184,9 @@ def plot(results: list[PolicyResult], path: Path) -> None:
     import matplotlib.pyplot as plt
 
     fig, (left, right) = plt.subplots(1, 2, figsize=(11, 4.2))
-    for name in dict.fromkeys(r.policy for r in results):
-        points = sorted((r for r in results if r.policy == name), key=lambda r: r.bytes_ratio)
+    for name in dict.fromkeys(r.policy + (f" ({r.scoring})" if r.scoring else "") for r in results):
+        same = (r for r in results if r.policy + (f" ({r.scoring})" if r.scoring else "") == name)
+        points = sorted(same, key=lambda r: r.bytes_ratio)
         x = [r.bytes_ratio for r in points]
         left.plot(x, [r.top1_agreement for r in points], marker="o", label=name)
         right.plot(x, [r.perplexity / r.dense_perplexity for r in points], marker="o", label=name)
