@@ -39,6 +39,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_serve(sub)
     _add_up(sub)
     add_bench_parser(sub)
+    _add_eval_attention(sub)
     add_keys_parser(sub)
     add_tenants_parser(sub)
     return parser
@@ -89,17 +90,37 @@ def _add_generate(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> N
         action="store_true",
         help="print one JSON object as the last line: prompt_token_ids, token_ids, text, finish_reason",
     )
+    _add_policy_args(p)
     _add_model_args(p)
     p.set_defaults(func=cmd_generate)
+
+
+def _add_policy_args(p: argparse.ArgumentParser) -> None:
+    from services.core.policy import DEFAULT_BUDGET, PolicyName
+
+    p.add_argument(
+        "--attention-policy",
+        default="dense",
+        choices=[name.value for name in PolicyName],
+        help="decode attention policy (docs/attention-policies.md; default dense)",
+    )
+    p.add_argument(
+        "--attention-budget",
+        type=float,
+        default=DEFAULT_BUDGET,
+        help=f"fraction of dense K/V bytes a decode step reads (> 0; >= 1: dense; default {DEFAULT_BUDGET})",
+    )
 
 
 def cmd_generate(args: argparse.Namespace) -> int:
     # Imported here so `disagg --help` stays instant.
     from services.core.model.load import load_model, parse_dtype
+    from services.core.policy import PolicySpec
     from services.decode.colocated import build_engine
     from services.decode.sampling import SamplingParams
 
     params = SamplingParams(
+        attention_policy=PolicySpec.parse(args.attention_policy, args.attention_budget),
         max_tokens=args.max_tokens,
         temperature=args.temperature,
         top_p=args.top_p,
@@ -235,6 +256,7 @@ def _add_up(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     p.add_argument(
         "--scrape-interval", type=float, default=2.0, help="Prometheus scrape interval, s (default 2)"
     )
+    _add_policy_args(p)
     _add_model_args(p)
     p.set_defaults(func=cmd_up)
 
@@ -263,6 +285,8 @@ def cmd_up(args: argparse.Namespace) -> int:
         argv += ["--kv-budget-gb", str(args.kv_budget_gb), "--host", args.host, "--port", str(args.port)]
         if args.cost_usd_per_hour:
             argv += ["--cost-usd-per-hour", args.cost_usd_per_hour[-1].rpartition("=")[2]]
+        argv += ["--attention-policy", args.attention_policy]
+        argv += ["--attention-budget", str(args.attention_budget)]
         if args.redis_url:  # colocated: a Redis for tenants and API keys only
             argv += ["--redis-url", args.redis_url]
         return gateway_main(argv)
@@ -290,9 +314,84 @@ def cmd_up(args: argparse.Namespace) -> int:
         prices=parse_prices(args.cost_usd_per_hour),
         prometheus=args.prometheus,
         scrape_interval_s=args.scrape_interval,
+        attention_policy=args.attention_policy,
+        attention_budget=args.attention_budget,
         step_transport=args.step_transport,
     )
     return run(plan)
+
+
+def _add_eval_attention(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    from services.core.policy import PolicyName
+
+    p = sub.add_parser(
+        "eval-attention",
+        help="measure attention policies against dense on the bundled model",
+        description="Perplexity (teacher forcing), greedy top-1 agreement and attention-mass recall on "
+        "a shipped text, passkey retrieval at several lengths, K/V bytes read and attention time per "
+        "step, each against dense in the same run (docs/attention-policies.md).",
+    )
+    names = [n.value for n in PolicyName]
+    p.add_argument("--policy", default="all", choices=[*names, "all"], help="a policy, or all (default)")
+    p.add_argument("--budget", type=float, default=0.25, help="fraction of dense bytes (one policy)")
+    p.add_argument("--scoring", default="vatp", choices=["h2o", "vatp"], help="heavy_hitter's score")
+    p.add_argument("--json", action="store_true", help="print the results as one JSON object, last line")
+    p.add_argument("--plot", help="write quality vs bytes read to this PNG")
+    p.add_argument("--windows", type=int, default=2, help="text windows decoded as one batch (default 2)")
+    p.add_argument("--context", type=int, default=2048, help="exactly prefilled tokens per window (2048)")
+    p.add_argument("--scored", type=int, default=384, help="teacher-forced tokens per window (384)")
+    p.add_argument("--agreement-steps", type=int, default=64, help="greedy steps compared per window (64)")
+    p.add_argument(
+        "--passkey-lengths", default="1024,2048,4096", help="comma-separated prompt lengths in tokens"
+    )
+    p.add_argument("--passkey-trials", type=int, default=5, help="passkey prompts per length")
+    p.add_argument("--timing-rounds", type=int, default=8, help="timed decode steps per policy (8)")
+    p.add_argument(
+        "--timing-threads",
+        type=int,
+        default=1,
+        help="torch threads while timing attention (default 1, as attention pods run in `disagg up`)",
+    )
+    p.add_argument("--model", default=DEFAULT_MODEL, help=f"model (default {DEFAULT_MODEL})")
+    p.set_defaults(func=cmd_eval_attention)
+
+
+def cmd_eval_attention(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from rich.console import Console
+
+    from services.attention import evaluate
+    from services.core.model.load import load_model
+    from services.core.policy import Scoring
+
+    try:
+        lengths = tuple(int(n) for n in args.passkey_lengths.split(","))
+    except ValueError:
+        raise DisaggError(
+            f"--passkey-lengths takes integers like 1024,2048, got {args.passkey_lengths!r}"
+        ) from None
+    counts = (*lengths, args.windows, args.context, args.scored, args.passkey_trials)
+    if min((*counts, args.timing_threads, args.timing_rounds)) < 1:
+        raise DisaggError("lengths, windows, context, scored tokens, trials, threads and rounds must be >= 1")
+    config = evaluate.EvalConfig(
+        windows=args.windows,
+        context=args.context,
+        scored=args.scored,
+        agreement_steps=args.agreement_steps,
+        passkey_lengths=lengths,
+        passkey_trials=args.passkey_trials,
+        timing_threads=args.timing_threads,
+        timing_rounds=args.timing_rounds,
+    )
+    specs = evaluate.sweep(args.policy, args.budget, Scoring(args.scoring))
+    console = Console(stderr=args.json)
+    model = load_model(args.model, show_progress=not args.json)
+    results = evaluate.run(model, specs, config, console)
+    evaluate.print_results(results, args.json, console)
+    if args.plot:
+        evaluate.plot(results, Path(args.plot))
+    return 0
 
 
 if __name__ == "__main__":

@@ -39,6 +39,7 @@ from typing import IO
 from services.core.errors import DisaggError
 from services.core.metrics import ATTENTION, DECODE, GATEWAY, PREFILL
 from services.core.model.sources import DEFAULT_MODEL, resolve_model
+from services.core.policy import DEFAULT_BUDGET
 from services.core.redis_server import RedisServer
 from services.core.registry import PodRegistry, RedisSettings, Role, connect
 from services.core.router import PlacementMode
@@ -64,6 +65,8 @@ class ClusterPlan:
     max_num_seqs: int = 64  # running batch of each decode pod
     micro_batches: int = 2  # ping-pong micro-batches of each decode pod
     transport: str = "grpc"  # bulk KV from prefill to attention pods: grpc (ImportKV) or nixl
+    attention_policy: str = "dense"  # the attention pods' default policy (requests may name their own)
+    attention_budget: float = DEFAULT_BUDGET  # their default budget
     step_transport: str = "tcp"  # per-layer Step frames, decode to attention pods: tcp or grpc
     extra_env: dict[str, str] = field(default_factory=dict)  # for every child (tests, tuning)
     prices: Mapping[str, float] = field(default_factory=dict)  # role -> USD/hour (docs/cost.md)
@@ -162,6 +165,8 @@ class LocalCluster:
         # (seen in one-off profiles on the 2-core build machine; no bench reproduces it yet).
         attention_flags = [*pod_flags, "--kv-budget-bytes", kv_bytes, "--torch-threads", "1"]
         attention_flags += ["--transport", plan.transport]
+        attention_flags += ["--default-policy", plan.attention_policy]
+        attention_flags += ["--default-budget", str(plan.attention_budget)]
         for i in range(plan.attention):
             self._spawn(f"attention-{i}", "attention", attention_flags)
         for i in range(plan.prefill):

@@ -4,6 +4,9 @@ No network and no weights here (server.py is the gRPC edge). Lifecycle of a sequ
 
     open(seq, kv_head_start, kv_head_count, policy) ─▶ reserve(seq, n)* ─▶ import_kv / steps ─▶ free(seq)
 
+`policy` (a PolicySpec, None: the pod's default) picks the sequence's decode attention
+(services/attention/policies/); prefill chunks and imported K/V are policy-free.
+
 A step (one forward of one client) lives in a `StepSession`, one per Step stream:
 
     session.begin(step_id, chunks)                  # indices built once per forward
@@ -28,7 +31,6 @@ import threading
 from collections import Counter
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from enum import Enum
 
 import torch
 
@@ -36,7 +38,7 @@ from services.attention.blocks import UnknownSequenceError
 from services.attention.costs import AttentionCosts
 from services.attention.kv_pool import KVPool
 from services.attention.local import LocalAttention, LocalStep
-from services.core.attention import OutOfBlocks, ReserveResult, SeqChunk
+from services.core.attention import DEFAULT_POLICY, OutOfBlocks, PolicySpec, ReserveResult, SeqChunk
 from services.core.cost import Work
 from services.core.errors import DisaggError
 from services.core.model.config import ModelConfig
@@ -62,18 +64,6 @@ class PodClosingError(DisaggError):
     """The pod is shutting down and takes no new steps; use another pod."""
 
 
-class AttentionPolicy(Enum):
-    DENSE = "dense"  # exact attention over every cached token
-
-    @classmethod
-    def parse(cls, name: str) -> AttentionPolicy:
-        try:
-            return cls(name)
-        except ValueError:
-            known = ", ".join(p.value for p in cls)
-            raise InvalidFrameError(f"unknown attention policy {name!r}; this pod serves: {known}") from None
-
-
 @dataclass(slots=True, frozen=True)
 class PodGeometry:
     """The model shapes a pod needs (no weights)."""
@@ -93,7 +83,7 @@ class PodGeometry:
 class PodSequence:
     kv_head_start: int  # first of the model's KV heads held here
     kv_head_count: int  # lanes per token
-    policy: AttentionPolicy
+    policy: PolicySpec  # resolved: the pod's defaults applied
     owner: str = ""  # the decode pod that opened it ("" = none given)
 
 
@@ -133,6 +123,7 @@ class AttentionEngine:
         pool: KVPool,
         max_open_steps: int = 8,
         costs: AttentionCosts | None = None,
+        default_policy: PolicySpec = DEFAULT_POLICY,
     ) -> None:
         if pool.config.num_layers != geometry.num_layers or pool.config.head_dim != geometry.head_dim:
             raise ValueError("the KV pool was sized for another model geometry")
@@ -141,11 +132,12 @@ class AttentionEngine:
         self.max_open_steps = max_open_steps
         self.costs = costs or AttentionCosts(0.0, 0.5, pool.allocator.num_blocks)  # unpriced
         heads = geometry.num_kv_heads
-        self._local = LocalAttention(pool, num_kv_heads=heads, num_heads=heads * geometry.group_size)
-        self._sequences: dict[int, PodSequence] = {}
         self._lock = threading.Lock()
+        self._local = LocalAttention(
+            pool, heads, heads * geometry.group_size, default_policy=default_policy, lock=self._lock
+        )
+        self._sequences: dict[int, PodSequence] = {}
         self._closing = False
-        self._bytes_read: Counter[str] = Counter()  # policy -> K/V bytes read from the pool
         self._bytes_dense: Counter[str] = Counter()  # policy -> what dense would have read
 
     # ---- sequences -----------------------------------------------------------------------------
@@ -154,7 +146,7 @@ class AttentionEngine:
         seq_id: int,
         kv_head_start: int,
         kv_head_count: int,
-        policy: AttentionPolicy,
+        policy: PolicySpec | None = None,
         owner: str = "",
     ) -> None:
         heads = self.geometry.num_kv_heads
@@ -166,8 +158,9 @@ class AttentionEngine:
         with self._lock:
             if seq_id in self._sequences:
                 raise SequenceExistsError(f"sequence {seq_id} is already open on this pod; free it first")
-            self._local.open(seq_id, kv_head_count)
-            self._sequences[seq_id] = PodSequence(kv_head_start, kv_head_count, policy, owner)
+            self._local.open(seq_id, policy, num_lanes=kv_head_count)
+            spec = self._local.spec(seq_id)
+            self._sequences[seq_id] = PodSequence(kv_head_start, kv_head_count, spec, owner)
 
     def reserve(self, seq_id: int, num_tokens: int) -> ReserveResult:
         with self._lock:
@@ -185,16 +178,12 @@ class AttentionEngine:
         """Free the sequence and say what it cost here; unknown ids are a no-op (0 blocks, 0 USD)."""
         with self._lock:
             self._sequences.pop(seq_id, None)
-            blocks = self.pool.allocator.free(seq_id)
+            blocks = self._local.release(seq_id)
         return Released(blocks, self.costs.release(seq_id))
 
-    def bytes_read_total(self) -> dict[str, int]:
-        """Policy name -> K/V bytes its steps read from the pool since start."""
-        with self._lock:
-            return dict(self._bytes_read)
-
     def dense_bytes_total(self) -> dict[str, int]:
-        """Policy name -> K/V bytes dense attention would have read for the same lanes since start."""
+        """Policy name -> K/V bytes dense attention would have read for the same lanes since start
+        (beside `bytes_read_total`: what each policy saved)."""
         with self._lock:
             return dict(self._bytes_dense)
 
@@ -224,6 +213,7 @@ class AttentionEngine:
                     f"[T, {seq.kv_head_count}, {self.geometry.head_dim}]"
                 )
             self._check_reserved(seq_id, start + k.shape[0])
+            self.check_importable(seq_id)
             table = torch.tensor(self.pool.allocator.block_table(seq_id), dtype=torch.long)  # [h, n_blocks]
         positions = torch.arange(start, start + k.shape[0])  # [T]
         slots = table[:, positions // bs] * bs + positions % bs  # [h, T]
@@ -240,6 +230,23 @@ class AttentionEngine:
                 block_size=self.pool.block_size,
                 sequences=len(self._sequences),
                 bytes_per_block=self.pool.config.bytes_per_block(),
+            )
+
+    def bytes_read_total(self) -> dict[str, int]:
+        """K/V bytes decode attention has read from the pool since start, per policy name."""
+        return self._local.bytes_read_total()
+
+    def policy_of(self, seq_id: int) -> PolicySpec:
+        with self._lock:
+            return self._sequence(seq_id).policy
+
+    def check_importable(self, seq_id: int) -> None:
+        """K/V may be written from outside (ImportKV, NIXL) only before any eviction (hold the lock)."""
+        dropped = self.pool.allocator.dropped(seq_id)
+        if dropped:
+            raise InvalidFrameError(
+                f"sequence {seq_id} has evicted {dropped} tokens (heavy_hitter); its positions no longer "
+                "map to blocks one to one, so K/V cannot be imported into it; free it and open it again"
             )
 
     def max_tokens_per_sequence(self, kv_head_count: int) -> int:
@@ -283,16 +290,14 @@ class AttentionEngine:
                 seq = self._sequence(chunk.seq_id)
                 n = chunk.length
                 lane_context[chunk.seq_id] = seq.kv_head_count * (n * chunk.start + n * (n + 1) // 2)
-                dense[seq.policy.value] += lane_context[chunk.seq_id] * row_bytes
+                dense[seq.policy.name.value] += lane_context[chunk.seq_id] * row_bytes
         return StepUsage(lane_context, dict(dense))
 
     def count_layer(self, usage: StepUsage) -> None:
-        """One layer of a step ran: dense sequences read exactly what dense attention reads."""
+        """One layer of a step ran: what dense attention would have read for its lanes (the bytes
+        each policy really read are counted where it runs, `bytes_read_total`)."""
         with self._lock:
             self._bytes_dense.update(usage.dense_bytes)
-            dense = usage.dense_bytes.get(AttentionPolicy.DENSE.value)
-            if dense:
-                self._bytes_read[AttentionPolicy.DENSE.value] += dense
 
     def _sequence(self, seq_id: int) -> PodSequence:
         try:

@@ -244,6 +244,7 @@ def _lane_blocks(engine: AttentionEngine, seq_id: int, end: int, first: int, las
     with engine._lock:
         engine._sequence(seq_id)
         engine._check_reserved(seq_id, end)
+        engine.check_importable(seq_id)
         return [list(lane[first : last + 1]) for lane in engine.pool.allocator.block_table(seq_id)]
 
 

@@ -21,6 +21,7 @@ Prefill: per sequence, causal over the prompt with SDPA (GQA), queries offset by
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -132,7 +133,10 @@ def paged_decode_attention(
     layout: DecodeLayout,
     scale: float,
     workspace: DecodeWorkspace | None = None,  # else allocated per call
+    on_probs: Callable[[DecodeBucket, torch.Tensor], None] | None = None,
 ) -> torch.Tensor:  # [n_lanes, G, D]
+    """`on_probs(bucket, p)` sees each bucket's attention probabilities p [n, G, W] (0 past a lane's
+    length) before they weight V: heavy_hitter accumulates them, with the very arithmetic of dense."""
     work = workspace or DecodeWorkspace.for_layout(layout, k_cache)
     out = q if len(layout.buckets) == 1 and layout.buckets[0].contiguous else torch.empty_like(q)
     used = 0
@@ -148,7 +152,10 @@ def paged_decode_attention(
         qb = q if bucket.contiguous else q.index_select(0, bucket.lanes)  # [n, G, D]
         scores = torch.bmm(qb, k.transpose(1, 2)).float() * scale  # [n, G, W]
         scores.masked_fill_(~bucket.valid, float("-inf"))
-        o = torch.bmm(scores.softmax(dim=-1).to(v.dtype), v).to(q.dtype)  # [n, G, D]
+        probs = scores.softmax(dim=-1)
+        if on_probs is not None:
+            on_probs(bucket, probs)
+        o = torch.bmm(probs.to(v.dtype), v).to(q.dtype)  # [n, G, D]
         if out is q:
             return o
         out.index_copy_(0, bucket.lanes, o)

@@ -38,7 +38,6 @@ from services.attention.blocks import UnknownSequenceError
 from services.attention.costs import AttentionCosts
 from services.attention.engine import (
     AttentionEngine,
-    AttentionPolicy,
     InvalidFrameError,
     NotReservedError,
     PodClosingError,
@@ -49,6 +48,7 @@ from services.attention.engine import (
     TooManyStepsError,
 )
 from services.attention.kv_pool import KVPool, KVPoolConfig
+from services.attention.local import EvictedPrefillError
 from services.attention.metering import AttentionMetrics
 from services.attention.nixl_import import (
     ImportIncompleteError,
@@ -57,7 +57,7 @@ from services.attention.nixl_import import (
     TransferNotPlannedError,
 )
 from services.attention.step_server import StepSocketServer
-from services.core.attention import OutOfBlocks, SeqChunk
+from services.core.attention import DEFAULT_BUDGET, OutOfBlocks, PolicyName, PolicySpec, SeqChunk
 from services.core.errors import DisaggError
 from services.core.metrics import ATTENTION, MetricsServer, PodMetrics
 from services.core.model.config import ModelConfig
@@ -113,6 +113,14 @@ class AttentionSettings(PodSettings):
         description="share of cost_usd_per_hour that pays for KV memory (blocks held x time); the rest "
         "pays for compute (docs/cost.md)",
     )
+    default_policy: PolicyName = Field(
+        PolicyName.DENSE, description="decode attention policy of sequences opened without one"
+    )
+    default_budget: float = Field(
+        DEFAULT_BUDGET,
+        gt=0,
+        description="fraction of dense K/V bytes a decode step reads, for a policy opened without a budget",
+    )
     step_port: int = Field(
         0,
         ge=0,
@@ -129,6 +137,7 @@ _STATUS: StatusTable = (
     (UnknownSequenceError, grpc.StatusCode.NOT_FOUND),
     (SequenceExistsError, grpc.StatusCode.ALREADY_EXISTS),
     (NotReservedError, grpc.StatusCode.FAILED_PRECONDITION),
+    (EvictedPrefillError, grpc.StatusCode.FAILED_PRECONDITION),
     (TooManyStepsError, grpc.StatusCode.RESOURCE_EXHAUSTED),
     (NixlDisabledError, grpc.StatusCode.FAILED_PRECONDITION),
     (TransferNotPlannedError, grpc.StatusCode.NOT_FOUND),
@@ -161,7 +170,8 @@ class AttentionServicer(pb_grpc.AttentionServicer):
 
     def Open(self, request: pb.OpenRequest, context: grpc.ServicerContext) -> pb.OpenResponse:
         with _status(context):
-            policy = AttentionPolicy.parse(request.policy)
+            budget = request.budget if request.HasField("budget") else None
+            policy = PolicySpec.from_wire(request.policy, budget, request.scoring)
             if request.owner and not ID_PATTERN.fullmatch(request.owner):
                 raise InvalidFrameError(
                     f"owner {request.owner[:140]!r} is not a pod id ({ID_PATTERN.pattern})"
@@ -306,7 +316,8 @@ def build_engine(settings: AttentionSettings) -> AttentionEngine:
     pool = KVPool.from_budget(pool_config, settings.kv_budget_bytes)
     price, share = settings.cost_usd_per_hour, settings.kv_memory_cost_share
     costs = AttentionCosts(price, share, pool.allocator.num_blocks)
-    return AttentionEngine(geometry, pool, costs=costs)
+    default = PolicySpec(settings.default_policy, settings.default_budget)
+    return AttentionEngine(geometry, pool, costs=costs, default_policy=default)
 
 
 @dataclass(slots=True)

@@ -28,6 +28,30 @@ from dataclasses import dataclass
 
 import torch
 
+from services.core.policy import (  # re-exported: the seam's callers name policies through here
+    DEFAULT_BUDGET,
+    DEFAULT_POLICY,
+    DENSE,
+    PolicyName,
+    PolicySpec,
+    Scoring,
+)
+
+__all__ = [
+    "DEFAULT_BUDGET",
+    "DEFAULT_POLICY",
+    "DENSE",
+    "AttentionPart",
+    "AttentionStep",
+    "OutOfBlocks",
+    "PolicyName",
+    "PolicySpec",
+    "ReserveResult",
+    "Reserved",
+    "Scoring",
+    "SeqChunk",
+]
+
 
 @dataclass(slots=True, frozen=True)
 class Reserved:
@@ -86,8 +110,9 @@ class AttentionPart(ABC):
     """Owner of the KV cache: sequences are opened, grown by forwards, and freed."""
 
     @abstractmethod
-    def open(self, seq_id: int) -> None:
-        """Start an empty sequence holding no blocks yet."""
+    def open(self, seq_id: int, policy: PolicySpec | None = None) -> None:
+        """Start an empty sequence holding no blocks yet; its decode steps attend with `policy`
+        (None: the part's default policy)."""
 
     @abstractmethod
     def reserve(self, seq_id: int, num_tokens: int) -> ReserveResult:

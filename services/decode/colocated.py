@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from services.attention.kv_pool import KVPool, KVPoolConfig
 from services.attention.local import LocalAttention
+from services.core.attention import DEFAULT_POLICY, PolicySpec
 from services.core.model.load import LoadedModel
 from services.decode.engine import Engine
 from services.decode.metering import StepMeter
@@ -19,7 +20,10 @@ def build_engine(
     block_size: int = 16,
     scheduler: SchedulerConfig | None = None,
     meter: StepMeter | None = None,
+    default_policy: PolicySpec = DEFAULT_POLICY,
 ) -> Engine:
+    """`default_policy` serves requests that name no attention policy; its budget is the budget of
+    a policy named without one."""
     cfg = model.config
     pool_config = KVPoolConfig(
         num_layers=cfg.num_layers,
@@ -29,6 +33,6 @@ def build_engine(
         device=str(model.dense.device),
     )
     pool = KVPool.from_budget(pool_config, kv_budget_bytes)
-    attention = LocalAttention(pool, num_kv_heads=cfg.num_kv_heads, num_heads=cfg.num_heads)
+    attention = LocalAttention(pool, cfg.num_kv_heads, cfg.num_heads, default_policy=default_policy)
     config = scheduler or SchedulerConfig(max_model_len=cfg.max_position_embeddings)
     return Engine(model.dense, attention, model.tokenizer, config, meter=meter)

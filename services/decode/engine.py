@@ -30,7 +30,7 @@ from typing import Protocol, runtime_checkable
 
 import torch
 
-from services.core.attention import AttentionPart, OutOfBlocks
+from services.core.attention import AttentionPart, OutOfBlocks, PolicySpec
 from services.core.cost import RequestCost
 from services.core.model.dense import DenseModel, MicroBatchInput
 from services.core.model.tokenizer import TextStream, Tokenizer
@@ -167,11 +167,11 @@ class Engine:
         """Abort every request (shutdown): their KV is freed, which matters when it lives on pods."""
         return [event for seq_id in list(self._requests) if (event := self.abort(seq_id))]
 
-    def open_for_prefill(self, seq_id: int, num_tokens: int) -> bool:
+    def open_for_prefill(self, seq_id: int, num_tokens: int, policy: PolicySpec | None = None) -> bool:
         """Open `seq_id` on the attention part with room for `num_tokens` positions (the whole
         prompt), for a prefill computed elsewhere. False when the KV has no room now: nothing is
         kept, and the request is better queued here (`add_request`), where it waits for room."""
-        self.attention.open(seq_id)
+        self.attention.open(seq_id, policy)
         try:
             result = self.attention.reserve(seq_id, num_tokens)
         except Exception:

@@ -263,8 +263,9 @@ class EngineLoop:
     def _add(self, item: _Add) -> None:
         seq_id = item.stream.seq_id
         try:
-            if item.prefill is not None and self.engine.open_for_prefill(seq_id, len(item.prompt_ids)):
-                self._start_prefill(item, item.prefill)
+            prefill, policy = item.prefill, item.params.attention_policy
+            if prefill is not None and self.engine.open_for_prefill(seq_id, len(item.prompt_ids), policy):
+                self._start_prefill(item, prefill)
             else:
                 self.engine.add_request(item.prompt_ids, item.params, seq_id=seq_id)
         except Exception as exc:  # validated in submit already; anything here is reported to the caller

@@ -43,6 +43,7 @@ from services.core.attention import (
     AttentionPart,
     AttentionStep,
     OutOfBlocks,
+    PolicySpec,
     Reserved,
     ReserveResult,
     SeqChunk,
@@ -71,6 +72,7 @@ __all__ = ["AttentionPodError", "RemoteAttention", "RemoteAttentionOptions"]
 class _Seq:
     placement: Placement
     capacity: int  # positions every pod of the placement has reserved
+    policy: PolicySpec | None  # the sequence's attention policy (None: the pods' default)
 
 
 class RemoteAttention(AttentionPart):
@@ -113,12 +115,12 @@ class RemoteAttention(AttentionPart):
             self._check_placement(self._fixed)
 
     # ---- sequences -----------------------------------------------------------------------------
-    def open(self, seq_id: int) -> None:
+    def open(self, seq_id: int, policy: PolicySpec | None = None) -> None:
         if seq_id in self._seqs:
             raise DisaggError(f"sequence {seq_id} is already open")
         placement = self._placement_for(seq_id)
         self._check_placement(placement)
-        results = self._call_all(placement.entries, "Open", lambda e: self._open_request(seq_id, e))
+        results = self._call_all(placement.entries, "Open", lambda e: self._open_request(seq_id, e, policy))
         failures = [r for r in results if isinstance(r, AttentionPodError)]
         if failures:
             opened = [
@@ -128,7 +130,7 @@ class RemoteAttention(AttentionPart):
             ]
             self._free_on(seq_id, opened)
             raise failures[0]
-        self._seqs[seq_id] = _Seq(placement, capacity=0)
+        self._seqs[seq_id] = _Seq(placement, capacity=0, policy=policy)
 
     def reserve(self, seq_id: int, num_tokens: int) -> ReserveResult:
         seq = self._seq(seq_id)
@@ -162,7 +164,7 @@ class RemoteAttention(AttentionPart):
             if r.WhichOneof("result") == "reserved" and r.reserved.new_blocks > 0
         ]
         self._free_on(seq_id, took)
-        for result in self._call_all(took, "Open", lambda e: self._open_request(seq_id, e)):
+        for result in self._call_all(took, "Open", lambda e: self._open_request(seq_id, e, seq.policy)):
             if isinstance(result, AttentionPodError):
                 raise result
 
@@ -237,14 +239,18 @@ class RemoteAttention(AttentionPart):
         except KeyError:
             raise DisaggError(f"sequence {seq_id} is not open on the attention pods") from None
 
-    def _open_request(self, seq_id: int, entry: PlacementEntry) -> pb.OpenRequest:
-        return pb.OpenRequest(
+    def _open_request(self, seq_id: int, entry: PlacementEntry, policy: PolicySpec | None) -> pb.OpenRequest:
+        request = pb.OpenRequest(
             seq_id=self.wire_id(seq_id),
             kv_head_start=entry.kv_head_start,
             kv_head_count=entry.kv_head_count,
-            policy="dense",
             owner=self.options.owner,
         )
+        if policy is not None:  # else empty: the pod's default policy and budget
+            request.policy, request.scoring = policy.name.value, policy.scoring.value
+            if policy.budget is not None:
+                request.budget = policy.budget
+        return request
 
     def _check_placement(self, placement: Placement) -> None:
         if placement.num_kv_heads != self.config.num_kv_heads:

@@ -14,6 +14,7 @@ from dataclasses import dataclass
 
 import torch
 
+from services.core.attention import PolicySpec
 from services.core.errors import InvalidRequestError
 
 MAX_STOP_STRINGS = 16
@@ -29,6 +30,9 @@ class SamplingParams:
     stop: tuple[str, ...] = ()  # stop strings; the matched string is not returned
     stop_token_ids: tuple[int, ...] = ()  # in addition to the model's EOS
     ignore_eos: bool = False  # keep generating past EOS (benchmarks)
+    # Not sampling, but per-request like the rest and carried with it to the attention part: the
+    # request's decode attention policy (None: the attention part's default).
+    attention_policy: PolicySpec | None = None
 
     def __post_init__(self) -> None:
         if self.max_tokens < 1:

@@ -31,13 +31,13 @@ from dataclasses import dataclass, field
 from enum import Enum
 from typing import Protocol
 
-from services.core.attention import OutOfBlocks, ReserveResult, SeqChunk
+from services.core.attention import OutOfBlocks, PolicySpec, ReserveResult, SeqChunk
 from services.core.errors import PromptTooLongError
 from services.decode.sampling import SamplingParams
 
 
 class KVSpace(Protocol):
-    def open(self, seq_id: int) -> None: ...
+    def open(self, seq_id: int, policy: PolicySpec | None = None) -> None: ...
     def reserve(self, seq_id: int, num_tokens: int) -> ReserveResult: ...
     def free(self, seq_id: int) -> None: ...
     def max_tokens_per_sequence(self) -> int: ...
@@ -154,7 +154,7 @@ class Scheduler:
             seq = self.waiting[0]
             length = min(seq.num_tokens - seq.num_computed, budget)
             if not seq.kv_open:
-                self.kv.open(seq.seq_id)
+                self.kv.open(seq.seq_id, seq.params.attention_policy)
                 seq.kv_open = True
             if isinstance(self.kv.reserve(seq.seq_id, seq.num_computed + length), OutOfBlocks):
                 break  # it waits for blocks to come back

@@ -32,13 +32,14 @@ import threading
 import time
 from collections.abc import Iterator, Sequence
 from contextlib import AbstractContextManager
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Literal
 
 import grpc
 from pydantic import Field, model_validator
 from pydantic_settings import SettingsConfigDict
 
+from services.core.attention import PolicySpec
 from services.core.cost import CostMeter
 from services.core.errors import BackendUnavailableError, DisaggError, InvalidRequestError
 from services.core.metrics import DECODE, RUNNING, WAITING, MetricsServer, PodMetrics, export_cost
@@ -174,7 +175,16 @@ def parse_generate(request: pb.GenerateRequest, config: ModelConfig, max_len: in
     address = request.prefill_address
     if address and not is_host_port(address):
         raise InvalidRequestError(f"prefill_address {address[:300]!r} is not host:port", "prefill_address")
-    return GenerateCall(request.request_id, prompt, _sampling(request.sampling), placement, address)
+    params = replace(_sampling(request.sampling), attention_policy=_attention_policy(request))
+    return GenerateCall(request.request_id, prompt, params, placement, address)
+
+
+def _attention_policy(request: pb.GenerateRequest) -> PolicySpec | None:
+    """The request's policy (None: the attention pods' default); InvalidRequestError names it."""
+    if not request.HasField("attention_policy"):
+        return None
+    p = request.attention_policy
+    return PolicySpec.from_wire(p.name, p.budget if p.HasField("budget") else None, p.scoring)
 
 
 def _sampling(s: pb.SamplingParams) -> SamplingParams:

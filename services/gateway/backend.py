@@ -21,6 +21,7 @@ from abc import ABC, abstractmethod
 from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass
 
+from services.core.attention import DEFAULT_POLICY, PolicySpec
 from services.core.cost import CostMeter, CostSource, RequestCost
 from services.core.errors import BackendUnavailableError
 from services.core.metrics import COLOCATED, GATEWAY, PodMetrics
@@ -102,10 +103,18 @@ class ColocatedBackend(Backend):
         kv_budget_bytes: int = DEFAULT_KV_BUDGET_BYTES,
         scheduler: SchedulerConfig | None = None,
         cost_usd_per_hour: float = 0.0,
+        default_policy: PolicySpec = DEFAULT_POLICY,
     ) -> None:
-        """`cost_usd_per_hour`: the process's price, accrued by the engine's steps (docs/cost.md)."""
+        """`cost_usd_per_hour`: the process's price, accrued by the engine's steps (docs/cost.md).
+        `default_policy`: the attention policy of requests that name none."""
         self._meter = StepMeter(CostMeter(cost_usd_per_hour))
-        engine = build_engine(model, kv_budget_bytes=kv_budget_bytes, scheduler=scheduler, meter=self._meter)
+        engine = build_engine(
+            model,
+            kv_budget_bytes=kv_budget_bytes,
+            scheduler=scheduler,
+            meter=self._meter,
+            default_policy=default_policy,
+        )
         self.model_name = model_name or model.name
         self.max_model_len = engine.max_len
         self.tokenizer = model.tokenizer

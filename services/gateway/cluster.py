@@ -205,6 +205,12 @@ class ClusterBackend(Backend):
         s.stop.extend(params.stop)
         s.stop_token_ids.extend(params.stop_token_ids)
         s.ignore_eos = params.ignore_eos
+        policy = params.attention_policy
+        if policy is not None:
+            p = request.attention_policy
+            p.name, p.scoring = policy.name.value, policy.scoring.value
+            if policy.budget is not None:
+                p.budget = policy.budget
         placement_to_proto(route.attention.placement, request.placement)
         return request
 

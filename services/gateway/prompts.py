@@ -12,6 +12,7 @@ import asyncio
 from dataclasses import dataclass
 from typing import Any
 
+from services.core.attention import PolicySpec
 from services.core.errors import InvalidRequestError, PromptTooLongError
 from services.core.model.tokenizer import Tokenizer
 from services.decode.sampling import SamplingParams
@@ -160,6 +161,15 @@ def _prepared(
         seed=body.seed,
         stop=stop,
         ignore_eos=bool(body.ignore_eos),
+        attention_policy=_attention_policy(body),
     )  # raises InvalidRequestError naming the field
     include_usage = body.stream and body.stream_options is not None and body.stream_options.include_usage
     return PreparedRequest(model, ids, params, body.stream, include_usage)
+
+
+def _attention_policy(body: CompletionRequest | ChatCompletionRequest) -> PolicySpec | None:
+    """The extension field `attention_policy`; an unknown name or a bad budget is a 400 naming it."""
+    policy = body.attention_policy
+    if policy is None:
+        return None
+    return PolicySpec.parse(policy.name, policy.budget, policy.scoring)

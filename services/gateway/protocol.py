@@ -31,10 +31,22 @@ class _Request(BaseModel):
     stream_options: StreamOptions | None = None
     n: int | None = None  # only 1
     user: str | None = None  # accepted and ignored
+    # Extension: the request's decode attention policy (docs/attention-policies.md); None: the server's.
+    attention_policy: AttentionPolicyParam | None = None
     # Declared only to be refused when set (not implemented yet):
     presence_penalty: float | None = None
     frequency_penalty: float | None = None
     logit_bias: dict[str, float] | None = None
+
+
+class AttentionPolicyParam(BaseModel):
+    """`{"name": "sparq", "budget": 0.125}`: which cached tokens each decode step reads."""
+
+    model_config = ConfigDict(extra="forbid")  # a misspelt key must not silently mean the default
+
+    name: str  # dense, sink_window, heavy_hitter, sparq or quest
+    budget: float | None = None  # fraction of dense K/V bytes per decode step (> 0; >= 1: dense)
+    scoring: str | None = None  # heavy_hitter only: h2o or vatp (default)
 
 
 class StreamOptions(BaseModel):

@@ -201,6 +201,18 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-concurrent-requests", type=int, help="more at once get 503")
     p.add_argument("--shutdown-grace", type=float, dest="shutdown_grace_seconds", help="seconds")
     p.add_argument("--cost-usd-per-hour", type=float, help="the gateway's own price (cost accounting)")
+    p.add_argument(
+        "--attention-policy",
+        dest="default_attention_policy",
+        help="--colocated: attention policy of requests naming none (dense, sink_window, heavy_hitter, "
+        "sparq, quest; default dense)",
+    )
+    p.add_argument(
+        "--attention-budget",
+        type=float,
+        dest="default_attention_budget",
+        help="--colocated: fraction of dense K/V bytes per decode step for a policy without a budget",
+    )
     return p
 
 
@@ -212,6 +224,8 @@ def settings_from_args(args: argparse.Namespace) -> GatewaySettings:
         "max_concurrent_requests",
         "shutdown_grace_seconds",
         "cost_usd_per_hour",
+        "default_attention_policy",
+        "default_attention_budget",
         "api_keys_file",
     )
     overrides = {name: getattr(args, name) for name in names if getattr(args, name) is not None}
@@ -224,16 +238,19 @@ def settings_from_args(args: argparse.Namespace) -> GatewaySettings:
 
 def colocated_backend(args: argparse.Namespace, settings: GatewaySettings) -> Backend:
     """The whole engine in this process, which carries the gateway's price (docs/cost.md)."""
+    from services.core.attention import PolicySpec
     from services.core.model.load import load_model, parse_dtype
     from services.gateway.backend import ColocatedBackend
 
     model = load_model(args.model, dtype=parse_dtype(args.dtype), device=args.device, show_progress=False)
     log.info("loaded %s from %s in %.1f s", args.model, model.folder, model.load_seconds)
+    policy = PolicySpec(settings.default_attention_policy, settings.default_attention_budget)
     return ColocatedBackend(
         model,
         model_name=args.model,
         kv_budget_bytes=int(args.kv_budget_gb * (1 << 30)),
         cost_usd_per_hour=settings.cost_usd_per_hour,
+        default_policy=policy,
     )
 
 

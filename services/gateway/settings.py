@@ -9,6 +9,8 @@ from pathlib import Path
 from pydantic import Field
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
+from services.core.policy import DEFAULT_BUDGET, PolicyName
+
 
 def _pod_id() -> str:
     """The hostname (a Kubernetes pod name) plus the pid, as pods name themselves."""
@@ -30,6 +32,10 @@ class GatewaySettings(BaseSettings):
     log_level: str = "info"
     cost_usd_per_hour: float = Field(default=0.0, ge=0, le=1e6)  # the gateway's own price (cost accounting)
     pod_id: str = Field(default_factory=_pod_id, min_length=1)  # the `pod` label of its metrics
+    # --colocated only (in the cluster the attention pods hold these defaults): the decode attention
+    # policy of requests that name none, and the budget of a policy named without one.
+    default_attention_policy: PolicyName = PolicyName.DENSE
+    default_attention_budget: float = Field(default=DEFAULT_BUDGET, gt=0)
     # Tenants and API keys (docs/tenants.md). Redis for them: the cluster's; with --colocated this one,
     # if set (else the gateway is single-tenant: everything is tenant `default`).
     tenants_redis_url: str | None = None

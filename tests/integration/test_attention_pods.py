@@ -33,7 +33,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from services.attention.kv_pool import KVPool, KVPoolConfig
 from services.attention.local import LocalAttention
-from services.core.attention import AttentionStep, OutOfBlocks, Reserved, SeqChunk
+from services.core.attention import AttentionStep, OutOfBlocks, PolicyName, PolicySpec, Reserved, SeqChunk
 from services.core.model.config import ModelConfig
 from services.core.model.load import LoadedModel
 from services.core.placement import Placement, PlacementEntry
@@ -271,6 +271,63 @@ def test_imported_kv_is_attended_like_computed_kv(tiny_pods: tuple[Pod, Pod], ti
     finally:
         remote.free(5)
         remote.close()
+
+
+@pytest.mark.timeout(120)
+def test_policies_on_pods_equal_local_and_evictions_free_pod_blocks(
+    tiny_pods: tuple[Pod, Pod], tiny_model: Path
+) -> None:
+    """Each sequence's policy travels in Open: pods attend as LocalAttention with the same policies
+    does, and heavy_hitter, head-partitioned over both pods, frees the same blocks on each."""
+    a, b = (p.address for p in tiny_pods)
+    cfg = ModelConfig.from_folder(tiny_model)
+    specs = {
+        0: (Placement.head_partitioned([a, b], 3), PolicySpec(PolicyName.HEAVY_HITTER, 0.2)),
+        1: (Placement.request_partitioned(a, 3), PolicySpec(PolicyName.SPARQ, 0.25)),
+        2: (Placement.request_partitioned(b, 3), PolicySpec(PolicyName.QUEST, 0.3)),
+        3: (Placement.request_partitioned(a, 3), PolicySpec(PolicyName.SINK_WINDOW, 0.2)),
+    }
+    remote = RemoteAttention(cfg, torch.float32, lambda seq: specs[seq][0], FAST)
+    local = LocalAttention(KVPool(KVPoolConfig(cfg.num_layers, cfg.head_dim), 1000), 3, 6)
+    torch.manual_seed(3)
+    steps = [[SeqChunk(s, 0, 150) for s in specs]]
+    steps += [[SeqChunk(s, 150 + t, 1) for s in specs] for t in range(40)]
+    try:
+        for part in (remote, local):
+            for seq, (_, spec) in specs.items():
+                part.open(seq, spec)
+                assert isinstance(part.reserve(seq, 200), Reserved)
+        for chunks in steps:
+            n = sum(c.length for c in chunks)
+            inputs = [(torch.randn(n, 6, 5), torch.randn(n, 3, 5), torch.randn(n, 3, 5)) for _ in range(3)]
+            outputs = []
+            for part in (remote, local):
+                step = part.begin(chunks)
+                outputs.append([step.attend(layer, *inputs[layer]) for layer in range(3)])
+            for got, expected in zip(*outputs, strict=True):
+                torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)
+        allocator = local.pool.allocator
+        per_lane = {seq: len(allocator.block_table(seq)[0]) for seq in specs}
+        assert allocator.dropped(0) > 0 and per_lane[0] < per_lane[1]  # heavy_hitter evicted locally
+        used = [pod.stub().Stats(pb.StatsRequest(), timeout=5).blocks_used for pod in tiny_pods]
+        # Pod a holds heads 0-1 of sequence 0 and all of 1 and 3; pod b head 2 of 0 and all of 2.
+        assert used == [2 * per_lane[0] + 3 * per_lane[1] + 3 * per_lane[3], per_lane[0] + 3 * per_lane[2]]
+    finally:
+        for seq in specs:
+            remote.free(seq)
+        remote.close()
+    stub = tiny_pods[0].stub()
+    for request, needle in [
+        (pb.OpenRequest(seq_id=90, kv_head_count=1, policy="magic"), "dense, sink_window, heavy_hitter"),
+        (pb.OpenRequest(seq_id=91, kv_head_count=1, policy="sparq", budget=0), "must be a number > 0"),
+        (pb.OpenRequest(seq_id=92, kv_head_count=1, policy="heavy_hitter", scoring="lru"), "h2o, vatp"),
+    ]:
+        with pytest.raises(grpc.RpcError) as info:
+            stub.Open(request, timeout=5)
+        assert info.value.code() is grpc.StatusCode.INVALID_ARGUMENT and needle in info.value.details()
+    for pod in tiny_pods:
+        stats = pod.stub().Stats(pb.StatsRequest(), timeout=5)
+        assert stats.blocks_free == stats.blocks_total and stats.sequences == 0
 
 
 # ---- bad frames on the Step stream --------------------------------------------------------------

@@ -343,6 +343,44 @@ def test_cancelling_frees_the_kv_and_cancel_by_id_works(cluster: Cluster, model:
     assert (stats.running, stats.waiting, stats.max_num_seqs) == (0, 0, 16) and stats.steps > 0
 
 
+# ---- attention policies ---------------------------------------------------------------------------
+@pytest.mark.timeout(300)
+def test_a_requests_attention_policy_runs_on_its_attention_pods(
+    cluster: Cluster, model: LoadedModel, prompts: list[list[int]]
+) -> None:
+    """Generate carries the policy to the pods' Open: the tokens are the colocated engine's with the
+    same policy, and heavy_hitter's evictions free blocks on both pods while the request runs."""
+    from services.core.attention import PolicyName, PolicySpec
+    from services.decode.colocated import build_engine
+    from services.decode.sampling import SamplingParams
+    from services.decode.scheduler import SchedulerConfig
+
+    spec = PolicySpec(PolicyName.HEAVY_HITTER, 0.2)
+    params = SamplingParams(max_tokens=NEW_TOKENS, temperature=0, attention_policy=spec)
+    same_chunks = SchedulerConfig(max_num_seqs=16, max_num_batched_tokens=128)  # as the decode pod's
+    (expected,) = build_engine(model, scheduler=same_chunks).generate([prompts[-1]], params)
+    heads = model.config.num_kv_heads
+    both = Placement.head_partitioned([cluster.a.address, cluster.b.address], heads)
+    message = request("heavy", prompts[-1], both)
+    message.attention_policy.name, message.attention_policy.budget = "heavy_hitter", 0.2
+    call = cluster.stub().Generate(message, timeout=120)
+    tokens: list[int] = []
+    while len(tokens) < 3:  # the first token ends the prefill; decode steps (and evictions) follow
+        tokens += next(call).token_ids
+    held = blocks_used(cluster.a) + blocks_used(cluster.b)
+    dense_blocks = heads * -(-(len(prompts[-1]) + NEW_TOKENS) // 16)  # what a dense sequence holds
+    assert held < 0.5 * dense_blocks
+    tokens += [t for r in call for t in r.token_ids]
+    assert tokens == expected.token_ids
+    assert blocks_used(cluster.a) == 0 and blocks_used(cluster.b) == 0
+    bad = request("bad-policy", [1, 2], Placement.request_partitioned(cluster.a.address, heads))
+    bad.attention_policy.name = "streaming"
+    with pytest.raises(grpc.RpcError) as info:
+        generate(cluster.stub(), bad)
+    assert info.value.code() is grpc.StatusCode.INVALID_ARGUMENT
+    assert "unknown attention policy 'streaming'" in (info.value.details() or "")
+
+
 # ---- failures -------------------------------------------------------------------------------------
 def test_a_killed_attention_pod_ends_only_its_requests(
     cluster: Cluster, model: LoadedModel, prompts: list[list[int]], reference: list[list[int]]

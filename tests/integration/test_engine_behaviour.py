@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from services.attention.local import LocalAttention
-from services.core.attention import AttentionPart, AttentionStep, ReserveResult, SeqChunk
+from services.core.attention import AttentionPart, AttentionStep, PolicySpec, ReserveResult, SeqChunk
 from services.core.errors import DisaggError, PromptTooLongError
 from services.core.model.load import LoadedModel
 from services.decode.attention_link import AttentionPodError
@@ -212,8 +212,8 @@ class PodsOfLocalAttention(AttentionPart):
     def placed_on(self, seq_id: int, address: str) -> bool:
         return self.pods.get(seq_id) == address
 
-    def open(self, seq_id: int) -> None:
-        self.local.open(seq_id)
+    def open(self, seq_id: int, policy: PolicySpec | None = None) -> None:
+        self.local.open(seq_id, policy)
 
     def reserve(self, seq_id: int, num_tokens: int) -> ReserveResult:
         return self.local.reserve(seq_id, num_tokens)

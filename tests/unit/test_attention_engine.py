@@ -8,7 +8,6 @@ import torch
 from services.attention.blocks import UnknownSequenceError
 from services.attention.engine import (
     AttentionEngine,
-    AttentionPolicy,
     InvalidFrameError,
     NotReservedError,
     PodClosingError,
@@ -18,11 +17,11 @@ from services.attention.engine import (
 )
 from services.attention.kv_pool import KVPool, KVPoolConfig
 from services.attention.local import LocalAttention
-from services.core.attention import OutOfBlocks, Reserved, SeqChunk
+from services.core.attention import DENSE, OutOfBlocks, PolicySpec, Reserved, SeqChunk
+from services.core.errors import InvalidRequestError
 
 LAYERS, HKV, G, D = 2, 4, 2, 8
 GEOMETRY = PodGeometry(LAYERS, HKV, G, D, torch.float32)
-DENSE = AttentionPolicy.DENSE
 
 
 def _engine(num_blocks: int = 200, block_size: int = 4) -> AttentionEngine:
@@ -105,8 +104,8 @@ def test_sequence_lifecycle_errors() -> None:
     engine = _engine(num_blocks=4)
     with pytest.raises(InvalidFrameError, match=r"\[3, 5\)"):
         engine.open(1, 3, 2, DENSE)
-    with pytest.raises(InvalidFrameError, match=r"unknown attention policy 'sparse'.*dense"):
-        AttentionPolicy.parse("sparse")
+    with pytest.raises(InvalidRequestError, match=r"unknown attention policy 'sparse'.*dense, sink_window"):
+        PolicySpec.parse("sparse")
     engine.open(1, 0, 2, DENSE)
     with pytest.raises(SequenceExistsError):
         engine.open(1, 0, 2, DENSE)

@@ -214,6 +214,14 @@ def test_models_health_and_docs(client: TestClient) -> None:
         ({"prompt": [10**9]}, "prompt"),
         ({"prompt": 42}, "prompt"),
         ({}, "prompt"),
+        ({"prompt": "x", "attention_policy": {"name": "magic"}}, "attention_policy"),
+        ({"prompt": "x", "attention_policy": {"name": "sparq", "budget": 0}}, "attention_policy"),
+        ({"prompt": "x", "attention_policy": {"name": "sparq", "budget": -1}}, "attention_policy"),
+        ({"prompt": "x", "attention_policy": {"name": "sparq", "budget": "lots"}}, "attention_policy"),
+        ({"prompt": "x", "attention_policy": {"name": "sparq", "bugdet": 0.1}}, "attention_policy"),
+        ({"prompt": "x", "attention_policy": {"budget": 0.1}}, "attention_policy"),
+        ({"prompt": "x", "attention_policy": "sparq"}, "attention_policy"),
+        ({"prompt": "x", "attention_policy": {"name": "heavy_hitter", "scoring": "lru"}}, "attention_policy"),
     ],
 )
 def test_invalid_completion_requests_are_400(client: TestClient, body: dict[str, Any], param: str) -> None:
@@ -231,10 +239,38 @@ def test_invalid_completion_requests_are_400(client: TestClient, body: dict[str,
         ({"messages": FRANCE, "max_completion_tokens": -1}, "max_tokens"),
         ({"messages": FRANCE, "logprobs": True}, "logprobs"),
         ({"messages": FRANCE, "tools": [{"type": "function"}]}, "tools"),
+        ({"messages": FRANCE, "attention_policy": {"name": "streaming"}}, "attention_policy"),
     ],
 )
 def test_invalid_chat_requests_are_400(client: TestClient, body: dict[str, Any], param: str) -> None:
     assert_error(chat(client, **body), 400, param)
+
+
+def test_attention_policy_errors_name_the_choices(client: TestClient) -> None:
+    message = assert_error(
+        completion(client, prompt="x", attention_policy={"name": "magic"}), 400, "attention_policy"
+    )
+    assert "magic" in message and all(
+        n in message for n in ("dense", "sink_window", "heavy_hitter", "sparq", "quest")
+    )
+    message = assert_error(
+        chat(client, messages=FRANCE, attention_policy={"name": "sparq", "budget": 0}),
+        400,
+        "attention_policy",
+    )
+    assert "budget" in message and "> 0" in message
+
+
+@pytest.mark.parametrize("policy", ["sink_window", "heavy_hitter", "sparq", "quest"])
+def test_every_policy_at_full_budget_answers_as_dense(client: TestClient, policy: str) -> None:
+    plain = chat(client, messages=FRANCE, max_tokens=12, temperature=0).json()["choices"][0]["message"]
+    body = {"messages": FRANCE, "max_tokens": 12, "temperature": 0}
+    full = chat(client, **body, attention_policy={"name": policy, "budget": 1.0})
+    assert full.status_code == 200 and full.json()["choices"][0]["message"] == plain
+    low = completion(
+        client, prompt="Once upon a time", max_tokens=4, attention_policy={"name": policy, "budget": 0.1}
+    )
+    assert low.status_code == 200 and low.json()["usage"]["completion_tokens"] == 4
 
 
 def test_malformed_json_is_400(client: TestClient) -> None:

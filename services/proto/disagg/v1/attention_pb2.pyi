@@ -8,18 +8,22 @@ from typing import ClassVar as _ClassVar, Optional as _Optional, Union as _Union
 DESCRIPTOR: _descriptor.FileDescriptor
 
 class OpenRequest(_message.Message):
-    __slots__ = ("seq_id", "kv_head_start", "kv_head_count", "policy", "owner")
+    __slots__ = ("seq_id", "kv_head_start", "kv_head_count", "policy", "owner", "budget", "scoring")
     SEQ_ID_FIELD_NUMBER: _ClassVar[int]
     KV_HEAD_START_FIELD_NUMBER: _ClassVar[int]
     KV_HEAD_COUNT_FIELD_NUMBER: _ClassVar[int]
     POLICY_FIELD_NUMBER: _ClassVar[int]
     OWNER_FIELD_NUMBER: _ClassVar[int]
+    BUDGET_FIELD_NUMBER: _ClassVar[int]
+    SCORING_FIELD_NUMBER: _ClassVar[int]
     seq_id: int
     kv_head_start: int
     kv_head_count: int
     policy: str
     owner: str
-    def __init__(self, seq_id: _Optional[int] = ..., kv_head_start: _Optional[int] = ..., kv_head_count: _Optional[int] = ..., policy: _Optional[str] = ..., owner: _Optional[str] = ...) -> None: ...
+    budget: float
+    scoring: str
+    def __init__(self, seq_id: _Optional[int] = ..., kv_head_start: _Optional[int] = ..., kv_head_count: _Optional[int] = ..., policy: _Optional[str] = ..., owner: _Optional[str] = ..., budget: _Optional[float] = ..., scoring: _Optional[str] = ...) -> None: ...
 
 class OpenResponse(_message.Message):
     __slots__ = ()
