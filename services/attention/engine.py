@@ -280,7 +280,8 @@ class AttentionEngine:
             return self._local.begin(chunks)
 
     def step_usage(self, chunks: Sequence[SeqChunk]) -> StepUsage:
-        """Lanes × context per sequence and dense bytes per policy of a begun step's every layer.
+        """Lanes × context per sequence (compute weight, prefill chunks included) and the bytes dense
+        attention would read for its decode rows, per policy, in each layer of a begun step.
         A chunk of L new tokens from position s: its lanes attend over s+1 .. s+L positions."""
         row_bytes = 2 * self.geometry.head_dim * self.pool.k[0].element_size()  # K and V of a position
         lane_context: dict[int, int] = {}
@@ -290,7 +291,8 @@ class AttentionEngine:
                 seq = self._sequence(chunk.seq_id)
                 n = chunk.length
                 lane_context[chunk.seq_id] = seq.kv_head_count * (n * chunk.start + n * (n + 1) // 2)
-                dense[seq.policy.name.value] += lane_context[chunk.seq_id] * row_bytes
+                if n == 1:  # decode rows: where policies act (prefill chunks are exact, not counted)
+                    dense[seq.policy.name.value] += lane_context[chunk.seq_id] * row_bytes
         return StepUsage(lane_context, dict(dense))
 
     def count_layer(self, usage: StepUsage) -> None:

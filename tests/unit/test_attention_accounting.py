@@ -9,9 +9,9 @@ import pytest
 import torch
 
 from services.attention.costs import AttentionCosts
-from services.attention.engine import AttentionEngine, AttentionPolicy, PodGeometry
+from services.attention.engine import AttentionEngine, PodGeometry
 from services.attention.kv_pool import KVPool, KVPoolConfig
-from services.core.attention import SeqChunk
+from services.core.attention import DENSE, SeqChunk
 
 LAYERS, HKV, G, D = 2, 4, 2, 8
 GEOMETRY = PodGeometry(LAYERS, HKV, G, D, torch.float32)
@@ -33,22 +33,23 @@ def run_step(e: AttentionEngine, step_id: int, chunks: list[SeqChunk], heads: di
 
 def test_dense_bytes_read_count_every_lane_over_its_context_per_layer() -> None:
     e = engine()
-    e.open(1, 0, 4, AttentionPolicy.DENSE)
-    e.open(2, 1, 2, AttentionPolicy.DENSE)  # a head-partitioned slice: 2 lanes per token
+    e.open(1, 0, 4, DENSE)
+    e.open(2, 1, 2, DENSE)  # a head-partitioned slice: 2 lanes per token
     e.reserve(1, 8)
     e.reserve(2, 8)
     run_step(e, 0, [SeqChunk(1, 0, 3), SeqChunk(2, 0, 1)], {1: 4, 2: 2})  # a prefill chunk and a row
     run_step(e, 1, [SeqChunk(1, 3, 1), SeqChunk(2, 1, 1)], {1: 4, 2: 2})  # two decode rows
     row = 2 * D * 4  # K and V of one position of one head, fp32
-    positions = 4 * (1 + 2 + 3) + 2 * 1 + 4 * 4 + 2 * 2  # lanes × the context each token attends
+    # Decode rows only (lanes × the context each attends): policies act there; prefill is exact.
+    positions = 2 * 1 + 4 * 4 + 2 * 2
     assert e.bytes_read_total() == {"dense": LAYERS * positions * row}
     assert e.dense_bytes_total() == e.bytes_read_total()
 
 
 def test_release_returns_the_sequences_memory_and_compute_cost() -> None:
     e = engine(usd_per_hour=3600.0)
-    e.open(1, 0, 4, AttentionPolicy.DENSE)
-    e.open(2, 0, 4, AttentionPolicy.DENSE)
+    e.open(1, 0, 4, DENSE)
+    e.open(2, 0, 4, DENSE)
     e.reserve(1, 8)  # 2 blocks per lane: 8 blocks
     e.reserve(2, 1)  # 4 blocks
     time.sleep(0.05)
