@@ -90,7 +90,8 @@ def markdown(
         "",
         f"`{saved['command']}`: the sweep took {saved['seconds'] / 60:.1f} min on {os.cpu_count()} CPUs "
         f"(shared with other work), torch {torch.__version__}; raw results in "
-        "`bench/attention_policies.json`, rendered here by `python bench/attention_policies.py --from-json bench/attention_policies.json`.",
+        "`bench/attention_policies.json`, rendered here by "
+        "`python bench/attention_policies.py --from-json bench/attention_policies.json`.",
         "",
         describe(config, results[0].dense_perplexity),
         "",
