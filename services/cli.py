@@ -239,17 +239,52 @@ def _add_up(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
         "or the gRPC Step stream (grpc)",
     )
     p.add_argument("--colocated", action="store_true", help="one engine process with local attention")
+    p.add_argument(
+        "--cost-usd-per-hour",
+        action="append",
+        default=[],
+        metavar="ROLE=USD",
+        help="price of each pod of ROLE (gateway, prefill, decode, attention), repeatable; --colocated: "
+        "USD alone, the process's price (cost accounting, docs/cost.md)",
+    )
+    p.add_argument(
+        "--prometheus",
+        action="store_true",
+        help="also start a real Prometheus (Debian's `prometheus`) scraping every pod, with the recording "
+        "rules loaded; prints `prometheus: URL`",
+    )
+    p.add_argument(
+        "--scrape-interval", type=float, default=2.0, help="Prometheus scrape interval, s (default 2)"
+    )
     _add_policy_args(p)
     _add_model_args(p)
     p.set_defaults(func=cmd_up)
+
+
+def parse_prices(items: Sequence[str]) -> dict[str, float]:
+    """`ROLE=USD` items -> {role: USD/hour}; DisaggError naming a malformed one."""
+    prices = {}
+    for item in items:
+        role, sep, value = item.partition("=")
+        try:
+            prices[role.strip()] = float(value)
+        except ValueError:
+            sep = ""
+        if not sep:
+            raise DisaggError(f"--cost-usd-per-hour takes ROLE=USD (e.g. decode=2.5), got {item!r}")
+    return prices
 
 
 def cmd_up(args: argparse.Namespace) -> int:
     if args.colocated:
         from services.gateway.server import main as gateway_main
 
+        if args.prometheus:
+            raise DisaggError("--prometheus starts with the cluster; scrape /metrics of --colocated yourself")
         argv = ["--colocated", "--model", args.model, "--dtype", args.dtype, "--device", args.device]
         argv += ["--kv-budget-gb", str(args.kv_budget_gb), "--host", args.host, "--port", str(args.port)]
+        if args.cost_usd_per_hour:
+            argv += ["--cost-usd-per-hour", args.cost_usd_per_hour[-1].rpartition("=")[2]]
         argv += ["--attention-policy", args.attention_policy]
         argv += ["--attention-budget", str(args.attention_budget)]
         if args.redis_url:  # colocated: a Redis for tenants and API keys only
@@ -276,6 +311,9 @@ def cmd_up(args: argparse.Namespace) -> int:
         max_num_seqs=args.max_num_seqs,
         micro_batches=args.micro_batches,
         transport=args.transport,
+        prices=parse_prices(args.cost_usd_per_hour),
+        prometheus=args.prometheus,
+        scrape_interval_s=args.scrape_interval,
         attention_policy=args.attention_policy,
         attention_budget=args.attention_budget,
         step_transport=args.step_transport,

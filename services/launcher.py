@@ -9,7 +9,10 @@ the gateway — the same processes a Kubernetes install runs, on one machine.
 Start order: the model is converted once here (children would otherwise wait on its file lock) ─▶
 valkey-server (unless `redis_url` is given) ─▶ attention pods ─▶ prefill pods ─▶ decode pods (port 0
 each: they register their address in Redis) ─▶ the gateway ─▶ wait until Redis lists every pod as
-live and GET /health is 200 ─▶ ready.
+live and GET /health is 200 ─▶ ready ─▶ with `prometheus`: a real Prometheus scraping the gateway
+and every pod's registered metrics address, recording rules loaded (local_prometheus.py).
+
+Prices: `prices` maps a role to its USD/hour, given to each of its pods as `--cost-usd-per-hour`.
 
 Children run in their own sessions, so a Ctrl-C in the terminal reaches only this process, which
 then stops them in reverse order (gateway first: it stops taking requests before the pods behind it
@@ -29,16 +32,19 @@ import threading
 import time
 import urllib.error
 import urllib.request
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import IO
 
 from services.core.errors import DisaggError
+from services.core.metrics import ATTENTION, DECODE, GATEWAY, PREFILL
 from services.core.model.sources import DEFAULT_MODEL, resolve_model
 from services.core.policy import DEFAULT_BUDGET
 from services.core.redis_server import RedisServer
 from services.core.registry import PodRegistry, RedisSettings, Role, connect
 from services.core.router import PlacementMode
 from services.core.runtime import die_with_parent
+from services.local_prometheus import LocalPrometheus
 
 log = logging.getLogger(__name__)
 
@@ -63,6 +69,9 @@ class ClusterPlan:
     attention_budget: float = DEFAULT_BUDGET  # their default budget
     step_transport: str = "tcp"  # per-layer Step frames, decode to attention pods: tcp or grpc
     extra_env: dict[str, str] = field(default_factory=dict)  # for every child (tests, tuning)
+    prices: Mapping[str, float] = field(default_factory=dict)  # role -> USD/hour (docs/cost.md)
+    prometheus: bool = False  # also start a real Prometheus scraping everything
+    scrape_interval_s: float = 2.0  # of that Prometheus
     ready_timeout_s: float = 300.0
     stop_timeout_s: float = 8.0
 
@@ -78,6 +87,12 @@ class ClusterPlan:
             raise DisaggError(f"--step-transport must be tcp or grpc, got {self.step_transport!r}")
         if self.attention_kv_gb <= 0:
             raise DisaggError("--attention-kv-gb must be > 0")
+        roles = (GATEWAY, PREFILL, DECODE, ATTENTION)
+        for role, price in self.prices.items():
+            if role not in roles or price < 0:
+                raise DisaggError(
+                    f"a price is ROLE=USD_PER_HOUR with ROLE in {', '.join(roles)}, got {role}={price}"
+                )
 
 
 class Child:
@@ -123,6 +138,7 @@ class LocalCluster:
         self.redis: RedisServer | None = None
         self.redis_url = plan.redis_url or ""
         self.url: str | None = None
+        self.prometheus: LocalPrometheus | None = None
         self.abort = threading.Event()  # set from another thread: `start` gives up and cleans up
 
     # ---- start ---------------------------------------------------------------------------------
@@ -162,11 +178,31 @@ class LocalCluster:
         gateway_flags = [*common, "--placement", plan.placement.value, "--host", plan.host]
         gateway = self._spawn("gateway", "gateway", [*gateway_flags, "--port", str(plan.port)])
         self.url = self._wait_ready(gateway)
+        if plan.prometheus:
+            self.prometheus = LocalPrometheus(
+                self.metrics_targets(), scrape_interval_s=plan.scrape_interval_s
+            )
+            self.prometheus.start()
         return self.url
+
+    def metrics_targets(self) -> list[str]:
+        """host:port of every /metrics: the gateway's HTTP port, each live pod's registered address."""
+        assert self.url is not None  # the cluster is up
+        settings = RedisSettings(url=self.redis_url)
+        registry = PodRegistry(connect(settings), settings)
+        pods = [
+            pod for role in (Role.ATTENTION, Role.PREFILL, Role.DECODE) for pod in registry.live_pods(role)
+        ]
+        return [
+            self.url.removeprefix("http://"),
+            *(p.info.metrics_address for p in pods if p.info.metrics_address),
+        ]
 
     def _spawn(self, name: str, role: str, flags: list[str]) -> Child:
         if self.abort.is_set():
             raise DisaggError("interrupted while starting")
+        if role in self.plan.prices:
+            flags = [*flags, "--cost-usd-per-hour", repr(self.plan.prices[role])]
         argv = [sys.executable, "-m", "services.cli", "serve", role, *flags]
         env = {**os.environ, **self.plan.extra_env, "PYTHONUNBUFFERED": "1"}
         child = Child(name, argv, env)
@@ -213,6 +249,9 @@ class LocalCluster:
 
     def stop(self) -> None:
         """SIGTERM the children, gateway first; SIGKILL whatever is left after `stop_timeout_s`."""
+        if self.prometheus is not None:
+            self.prometheus.stop()
+            self.prometheus = None
         for child in reversed(self.children):
             if child.exited() is None:
                 child.proc.send_signal(signal.SIGTERM)
@@ -260,6 +299,8 @@ def run(plan: ClusterPlan) -> int:
             return 130
         raise
     print(f"ready: {cluster.url}", flush=True)
+    if cluster.prometheus is not None:
+        print(f"prometheus: {cluster.prometheus.url}", flush=True)
     try:
         cluster.watch(stop)
     finally:

@@ -17,20 +17,29 @@ Rows travel as lanes (one KV head of one new token, see proto/disagg/v1/attentio
 sequences holding different head ranges can share a step. Concurrency: gRPC runs every call on its
 own thread. Bookkeeping (allocator, sequence table, a step's indices) holds one lock; per-layer
 arithmetic runs outside it, since a client only touches the blocks of its own sequences.
+
+Accounting (services/attention/costs.py, docs/cost.md): blocks held are reported to `costs` at every
+Reserve and Free; a step is one compute work, busy during its layer frames, shared among its
+sequences by lanes × context. `bytes_read_total()` counts, per attention policy, the K/V bytes its
+steps read from the pool, where the step runs; `dense_bytes_total()` what dense attention would have
+read for the same lanes (2 · context · D · itemsize per lane per layer), so savings are measured.
 """
 
 from __future__ import annotations
 
 import threading
+from collections import Counter
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import torch
 
 from services.attention.blocks import UnknownSequenceError
+from services.attention.costs import AttentionCosts
 from services.attention.kv_pool import KVPool
 from services.attention.local import LocalAttention, LocalStep
-from services.core.attention import DEFAULT_POLICY, PolicySpec, ReserveResult, SeqChunk
+from services.core.attention import DEFAULT_POLICY, OutOfBlocks, PolicySpec, ReserveResult, SeqChunk
+from services.core.cost import Work
 from services.core.errors import DisaggError
 from services.core.model.config import ModelConfig
 
@@ -91,12 +100,29 @@ class PodStats:
         return self.blocks_total - self.blocks_free
 
 
+@dataclass(slots=True, frozen=True)
+class Released:
+    """What a Free gave back."""
+
+    blocks: int  # returned to the free list
+    cost_usd: float  # the sequence's KV memory and compute cost on this pod since it opened
+
+
+@dataclass(slots=True, frozen=True)
+class StepUsage:
+    """What one step's layer frames use, by sequence and by policy (the same every layer)."""
+
+    lane_context: dict[int, int]  # seq -> Σ over its lanes of the positions attended (compute weight)
+    dense_bytes: dict[str, int]  # policy -> K/V bytes dense attention reads per layer for them
+
+
 class AttentionEngine:
     def __init__(
         self,
         geometry: PodGeometry,
         pool: KVPool,
         max_open_steps: int = 8,
+        costs: AttentionCosts | None = None,
         default_policy: PolicySpec = DEFAULT_POLICY,
     ) -> None:
         if pool.config.num_layers != geometry.num_layers or pool.config.head_dim != geometry.head_dim:
@@ -104,6 +130,7 @@ class AttentionEngine:
         self.geometry = geometry
         self.pool = pool
         self.max_open_steps = max_open_steps
+        self.costs = costs or AttentionCosts(0.0, 0.5, pool.allocator.num_blocks)  # unpriced
         heads = geometry.num_kv_heads
         self._lock = threading.Lock()
         self._local = LocalAttention(
@@ -111,6 +138,7 @@ class AttentionEngine:
         )
         self._sequences: dict[int, PodSequence] = {}
         self._closing = False
+        self._bytes_dense: Counter[str] = Counter()  # policy -> what dense would have read
 
     # ---- sequences -----------------------------------------------------------------------------
     def open(
@@ -136,13 +164,28 @@ class AttentionEngine:
 
     def reserve(self, seq_id: int, num_tokens: int) -> ReserveResult:
         with self._lock:
-            return self._local.reserve(seq_id, num_tokens)
+            result = self._local.reserve(seq_id, num_tokens)
+            if not isinstance(result, OutOfBlocks) and result.new_blocks:
+                table = self.pool.allocator.block_table(seq_id)
+                self.costs.hold(seq_id, len(table) * len(table[0]))
+            return result
 
     def free(self, seq_id: int) -> int:
         """Blocks released; unknown ids are a no-op (0)."""
+        return self.release(seq_id).blocks
+
+    def release(self, seq_id: int) -> Released:
+        """Free the sequence and say what it cost here; unknown ids are a no-op (0 blocks, 0 USD)."""
         with self._lock:
             self._sequences.pop(seq_id, None)
-            return self._local.release(seq_id)
+            blocks = self._local.release(seq_id)
+        return Released(blocks, self.costs.release(seq_id))
+
+    def dense_bytes_total(self) -> dict[str, int]:
+        """Policy name -> K/V bytes dense attention would have read for the same lanes since start
+        (beside `bytes_read_total`: what each policy saved)."""
+        with self._lock:
+            return dict(self._bytes_dense)
 
     def owners(self) -> set[str]:
         """Owners (decode pod ids) of the open sequences; "" for sequences opened without one."""
@@ -175,7 +218,8 @@ class AttentionEngine:
         positions = torch.arange(start, start + k.shape[0])  # [T]
         slots = table[:, positions // bs] * bs + positions % bs  # [h, T]
         d = self.geometry.head_dim
-        self.pool.write(layer, slots.t().reshape(-1), k.reshape(-1, d), v.reshape(-1, d))
+        with self.costs.compute.busy({seq_id: 1}):  # a KV import is the sequence's compute
+            self.pool.write(layer, slots.t().reshape(-1), k.reshape(-1, d), v.reshape(-1, d))
 
     def stats(self) -> PodStats:
         with self._lock:
@@ -235,6 +279,28 @@ class AttentionEngine:
                 seen.add(chunk.seq_id)
             return self._local.begin(chunks)
 
+    def step_usage(self, chunks: Sequence[SeqChunk]) -> StepUsage:
+        """Lanes × context per sequence (compute weight, prefill chunks included) and the bytes dense
+        attention would read for its decode rows, per policy, in each layer of a begun step.
+        A chunk of L new tokens from position s: its lanes attend over s+1 .. s+L positions."""
+        row_bytes = 2 * self.geometry.head_dim * self.pool.k[0].element_size()  # K and V of a position
+        lane_context: dict[int, int] = {}
+        dense: Counter[str] = Counter()
+        with self._lock:
+            for chunk in chunks:
+                seq = self._sequence(chunk.seq_id)
+                n = chunk.length
+                lane_context[chunk.seq_id] = seq.kv_head_count * (n * chunk.start + n * (n + 1) // 2)
+                if n == 1:  # decode rows: where policies act (prefill chunks are exact, not counted)
+                    dense[seq.policy.name.value] += lane_context[chunk.seq_id] * row_bytes
+        return StepUsage(lane_context, dict(dense))
+
+    def count_layer(self, usage: StepUsage) -> None:
+        """One layer of a step ran: what dense attention would have read for its lanes (the bytes
+        each policy really read are counted where it runs, `bytes_read_total`)."""
+        with self._lock:
+            self._bytes_dense.update(usage.dense_bytes)
+
     def _sequence(self, seq_id: int) -> PodSequence:
         try:
             return self._sequences[seq_id]
@@ -260,6 +326,8 @@ class AttentionEngine:
 class _OpenStep:
     local: LocalStep
     next_layer: int  # the layer the next frame must carry
+    usage: StepUsage
+    work: Work  # the step's compute: busy during each layer frame
 
 
 class StepSession:
@@ -278,7 +346,10 @@ class StepSession:
             raise TooManyStepsError(
                 f"{len(self._steps)} steps are already open on this stream (the limit); finish them first"
             )
-        self._steps[step_id] = _OpenStep(self.engine.begin_step(chunks), next_layer=0)
+        local = self.engine.begin_step(chunks)
+        usage = self.engine.step_usage(chunks)
+        work = self.engine.costs.compute.open(usage.lane_context)
+        self._steps[step_id] = _OpenStep(local, 0, usage, work)
 
     def expect_layer(self, step_id: int, layer: int) -> int:
         """The lanes M the frame for (step_id, layer) must carry; checks the step and layer order."""
@@ -302,12 +373,21 @@ class StepSession:
                 f"must be [{lanes}, {g}, {d}], [{lanes}, {d}], [{lanes}, {d}]"
             )
         step = self._steps[step_id]
-        o = step.local.attend_lanes(layer, q, k, v)
+        with step.work:
+            o = step.local.attend_lanes(layer, q, k, v)
+        self.engine.count_layer(step.usage)
         step.next_layer += 1
         if step.next_layer == geometry.num_layers:
             del self._steps[step_id]
+            step.work.close()
         return o
 
     @property
     def open_steps(self) -> int:
         return len(self._steps)
+
+    def close(self) -> None:
+        """The stream ended: steps still open are abandoned (their compute so far stays charged)."""
+        for step in self._steps.values():
+            step.work.close()
+        self._steps.clear()

@@ -39,6 +39,7 @@ import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import TypeVar
 
 import redis
 
@@ -49,6 +50,8 @@ from services.core.registry import PodRegistry
 from services.core.transport.nixl_agent import NixlAgent, encode_metadata, metadata_key
 from services.core.wire import DTYPE_TO_WIRE
 from services.proto import attention_pb2 as pb
+
+T = TypeVar("T")
 
 log = logging.getLogger(__name__)
 
@@ -178,7 +181,7 @@ class NixlImporter:
                     )
                 self._cond.wait(min(remaining, POLL_S / 4))  # or the pump wakes us with news
 
-    def free(self, seq_id: int, free: Callable[[int], int]) -> int:
+    def free(self, seq_id: int, free: Callable[[int], T]) -> T:
         """Run `free(seq_id)` once no unexpired plan of the sequence is outstanding."""
         with self._cond:
             while True:

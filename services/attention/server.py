@@ -19,9 +19,11 @@ Errors map to status codes here and only here (see `_STATUS`).
 
 from __future__ import annotations
 
+import functools
 import logging
 import sys
 import threading
+import time
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from contextlib import AbstractContextManager
 from dataclasses import dataclass
@@ -33,18 +35,21 @@ from pydantic import Field
 from pydantic_settings import SettingsConfigDict
 
 from services.attention.blocks import UnknownSequenceError
+from services.attention.costs import AttentionCosts
 from services.attention.engine import (
     AttentionEngine,
     InvalidFrameError,
     NotReservedError,
     PodClosingError,
     PodGeometry,
+    Released,
     SequenceExistsError,
     StepSession,
     TooManyStepsError,
 )
 from services.attention.kv_pool import KVPool, KVPoolConfig
 from services.attention.local import EvictedPrefillError
+from services.attention.metering import AttentionMetrics
 from services.attention.nixl_import import (
     ImportIncompleteError,
     NixlDisabledError,
@@ -54,6 +59,7 @@ from services.attention.nixl_import import (
 from services.attention.step_server import StepSocketServer
 from services.core.attention import DEFAULT_BUDGET, OutOfBlocks, PolicyName, PolicySpec, SeqChunk
 from services.core.errors import DisaggError
+from services.core.metrics import ATTENTION, MetricsServer, PodMetrics
 from services.core.model.config import ModelConfig
 from services.core.model.load import parse_dtype
 from services.core.model.sources import DEFAULT_MODEL, resolve_model
@@ -65,6 +71,7 @@ from services.core.pod import (
     advertised_address,
     grpc_errors,
     pod_main,
+    serve_pod_metrics,
     start_grpc_server,
     wait_for_signal,
 )
@@ -98,6 +105,13 @@ class AttentionSettings(PodSettings):
     shutdown_grace_s: float = Field(2.0, ge=0, le=60, description="time open streams get on SIGTERM")
     transport: Literal["grpc", "nixl"] = Field(
         "grpc", description="bulk K/V import: grpc (ImportKV) or nixl (also PlanImport; needs Redis)"
+    )
+    kv_memory_cost_share: float = Field(
+        0.5,
+        ge=0,
+        le=1,
+        description="share of cost_usd_per_hour that pays for KV memory (blocks held x time); the rest "
+        "pays for compute (docs/cost.md)",
     )
     default_policy: PolicyName = Field(
         PolicyName.DENSE, description="decode attention policy of sequences opened without one"
@@ -144,11 +158,14 @@ def _status_name(exc: BaseException) -> str:
 
 
 class AttentionServicer(pb_grpc.AttentionServicer):
-    def __init__(self, engine: AttentionEngine, settings: AttentionSettings) -> None:
+    def __init__(
+        self, engine: AttentionEngine, settings: AttentionSettings, metrics: AttentionMetrics | None = None
+    ) -> None:
         self.engine = engine
         self.settings = settings
         self.limits = TensorLimits(max_bytes=settings.max_message_bytes)
         self.nixl: NixlImporter | None = None  # set at start with transport nixl
+        self.metrics = metrics or AttentionMetrics(PodMetrics(ATTENTION, settings.pod_id), engine)
         self.step_port = 0  # the Step socket's bound port, set at start (Stats tells clients)
 
     def Open(self, request: pb.OpenRequest, context: grpc.ServicerContext) -> pb.OpenResponse:
@@ -187,19 +204,20 @@ class AttentionServicer(pb_grpc.AttentionServicer):
                 self.engine.import_kv(chunk.seq_id, chunk.layer, chunk.start, k, v)
                 chunks += 1
                 written += 2 * k.numel() * k.element_size()
+        self.metrics.imported("grpc", written)
         return pb.ImportKVResponse(chunks=chunks, bytes=written)
 
     def Free(self, request: pb.FreeRequest, context: grpc.ServicerContext) -> pb.FreeResponse:
         with _status(context):
             released = self.free_sequence(request.seq_id)
-        return pb.FreeResponse(released_blocks=released)
+        return pb.FreeResponse(released_blocks=released.blocks, cost_usd=released.cost_usd)
 
-    def free_sequence(self, seq_id: int) -> int:
-        """Free a sequence's blocks; with NIXL, first wait while a WRITE into them may be in flight
-        (else a late WRITE could land in blocks already given to another sequence)."""
+    def free_sequence(self, seq_id: int) -> Released:
+        """Free a sequence's blocks (and say what it cost here); with NIXL, first wait while a WRITE
+        into them may be in flight (else a late WRITE could land in blocks given to another sequence)."""
         if self.nixl is not None:
-            return self.nixl.free(seq_id, self.engine.free)
-        return self.engine.free(seq_id)
+            return self.nixl.free(seq_id, self.engine.release)
+        return self.engine.release(seq_id)
 
     def PlanImport(
         self, request: pb.PlanImportRequest, context: grpc.ServicerContext
@@ -215,6 +233,7 @@ class AttentionServicer(pb_grpc.AttentionServicer):
             remaining = context.time_remaining()
             timeout = 10.0 if remaining is None else min(remaining, 60.0)
             written = self._nixl().complete(request.transfer_id, timeout, abandon=request.abandon)
+        self.metrics.imported("nixl", written)
         return pb.CompleteImportResponse(bytes=written)
 
     def _nixl(self) -> NixlImporter:
@@ -249,14 +268,20 @@ class AttentionServicer(pb_grpc.AttentionServicer):
         self, request_iterator: Iterable[pb.StepRequest], context: grpc.ServicerContext
     ) -> Iterator[pb.StepResponse]:
         session = self.engine.session()
-        for frame in request_iterator:
-            with _status(context):
-                response = self.step_frame(session, frame)
-            if response is not None:
-                yield response
+        try:
+            for frame in request_iterator:
+                with _status(context):
+                    response = self.step_frame(session, frame)
+                if response is not None:
+                    yield response
+        finally:
+            session.close()
 
-    def step_frame(self, session: StepSession, frame: pb.StepRequest) -> pb.StepResponse | None:
-        """One frame of a Step exchange, whichever carries it (gRPC stream or the Step socket)."""
+    def step_frame(
+        self, session: StepSession, frame: pb.StepRequest, transport: str = "grpc"
+    ) -> pb.StepResponse | None:
+        """One frame of a Step exchange, whichever carries it (`transport`: grpc, the gRPC stream;
+        tcp, the Step socket)."""
         kind = frame.WhichOneof("frame")
         if kind == "begin":
             chunks = [SeqChunk(c.seq_id, c.start, c.length) for c in frame.begin.chunks]
@@ -269,7 +294,9 @@ class AttentionServicer(pb_grpc.AttentionServicer):
         q = decode(f.q, self.limits, name="q", dtype=g.dtype, shape=(lanes, g.group_size, g.head_dim))
         k = decode(f.k_new, self.limits, name="k_new", dtype=g.dtype, shape=(lanes, g.head_dim))
         v = decode(f.v_new, self.limits, name="v_new", dtype=g.dtype, shape=(lanes, g.head_dim))
+        started = time.perf_counter()
         o = session.layer(f.step_id, f.layer, q, k, v)  # [M, G, D]
+        self.metrics.frame(transport, time.perf_counter() - started, q, k, v, o)
         response = pb.StepResponse(step_id=f.step_id, layer=f.layer)
         encode_into(response.o, o)
         return response
@@ -286,9 +313,11 @@ def build_engine(settings: AttentionSettings) -> AttentionEngine:
         dtype=geometry.dtype,
         device=settings.device,
     )
-    default = PolicySpec(settings.default_policy, settings.default_budget)
     pool = KVPool.from_budget(pool_config, settings.kv_budget_bytes)
-    return AttentionEngine(geometry, pool, default_policy=default)
+    price, share = settings.cost_usd_per_hour, settings.kv_memory_cost_share
+    costs = AttentionCosts(price, share, pool.allocator.num_blocks)
+    default = PolicySpec(settings.default_policy, settings.default_budget)
+    return AttentionEngine(geometry, pool, costs=costs, default_policy=default)
 
 
 @dataclass(slots=True)
@@ -300,6 +329,7 @@ class RunningPod:
     settings: AttentionSettings
     registration: PodRegistration
     reaper: OrphanReaper | None
+    metrics: MetricsServer
     step_socket: StepSocketServer
     nixl: NixlImporter | None = None
 
@@ -314,6 +344,7 @@ class RunningPod:
         self.registration.stop()  # out of routing now, not after the TTL
         self.engine.close()  # new steps fail with UNAVAILABLE at once
         self.grpc.stop(self.settings.shutdown_grace_s)  # then open calls end with UNAVAILABLE
+        self.metrics.stop()
         self.step_socket.stop()  # its steps already fail with UNAVAILABLE (engine closed)
         if self.nixl is not None:
             self.nixl.close()
@@ -321,7 +352,9 @@ class RunningPod:
 
 def start(settings: AttentionSettings) -> RunningPod:
     engine = build_engine(settings)
-    servicer = AttentionServicer(engine, settings)
+    metrics = PodMetrics(ATTENTION, settings.pod_id, settings.model)
+    servicer = AttentionServicer(engine, settings, AttentionMetrics(metrics, engine))
+    metrics_server, metrics_address = serve_pod_metrics(metrics, settings)
     if settings.transport == "nixl":
         servicer.nixl = NixlImporter.create(engine, settings.pod_id, settings.redis_url)
     server = start_grpc_server(
@@ -334,7 +367,7 @@ def start(settings: AttentionSettings) -> RunningPod:
     )
     step_socket = StepSocketServer(
         engine,
-        servicer.step_frame,
+        functools.partial(servicer.step_frame, transport="tcp"),
         _status_name,
         settings.host,
         settings.step_port,
@@ -351,12 +384,16 @@ def start(settings: AttentionSettings) -> RunningPod:
         model=settings.model,
         capacity=AttentionCapacity(stats.blocks_total, stats.block_size, stats.bytes_per_block),
         load=lambda: engine.stats().sequences,
+        metrics_address=metrics_address,
     )
     registry = registration.registry
-    reaper = OrphanReaper(engine, registry, servicer.free_sequence).start() if registry is not None else None
+    free = lambda seq_id: servicer.free_sequence(seq_id).blocks  # noqa: E731
+    reaper = OrphanReaper(engine, registry, free).start() if registry is not None else None
     if servicer.nixl is not None:
         servicer.nixl.publish(registry)
-    return RunningPod(server, engine, settings, registration, reaper, step_socket, servicer.nixl)
+    return RunningPod(
+        server, engine, settings, registration, reaper, metrics_server, step_socket, servicer.nixl
+    )
 
 
 class OrphanReaper:

@@ -116,6 +116,7 @@ class StepSocketServer:
             log.exception("attention pod failed a Step connection")
             _refuse(conn, f"attention pod bug: {type(exc).__name__}: {exc}", status="INTERNAL")
         finally:
+            session.close()  # steps left open are abandoned (their compute so far stays charged)
             with self._lock:
                 self._connections.discard(conn)
             _close(conn)

@@ -38,6 +38,7 @@ from pydantic import Field, ValidationError
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from services.core.errors import DisaggError
+from services.core.metrics import MetricsServer, PodMetrics
 from services.core.registry import Capacity, Heartbeater, PodInfo, PodRegistry, RedisSettings, Role, connect
 from services.core.runtime import keep_freed_memory
 from services.core.wire import grpc_message_options
@@ -70,6 +71,9 @@ class PodSettings(BaseSettings):
     )
     cost_usd_per_hour: float = Field(
         0.0, ge=0, le=1e6, description="this pod's price in USD/hour (cost accounting; 0: unpriced)"
+    )
+    metrics_port: int = Field(
+        0, ge=0, le=65535, description="port of Prometheus /metrics; 0 picks a free one (registered in Redis)"
     )
 
 
@@ -195,13 +199,14 @@ class PodRegistration:
         model: str,
         capacity: Capacity,
         load: Callable[[], int],
+        metrics_address: str = "",
     ) -> PodRegistration:
         url = redis_url_or_env(redis_url)
         if url is None:
             log.info("%s pod %s: no Redis URL, serving standalone (not registered)", role, pod_id)
             return cls(None)
         settings = RedisSettings(url=url)
-        info = PodInfo(pod_id, role, address, model, capacity, started_at=time.time())
+        info = PodInfo(pod_id, role, address, model, capacity, time.time(), metrics_address)
         registry = PodRegistry(connect(settings), settings)
         log.info("%s pod %s: registering %s in %s", role, pod_id, address, url)
         return cls(Heartbeater(registry, info, load).start())
@@ -218,6 +223,15 @@ class PodRegistration:
         if self._heartbeater is not None:
             self._heartbeater.stop(deregister=True)
             self._heartbeater = None
+
+
+def serve_pod_metrics(metrics: PodMetrics, settings: PodSettings) -> tuple[MetricsServer, str]:
+    """Serve /metrics on the pod's host and `metrics_port`; returns the server and the address to
+    register (where Prometheus reaches it)."""
+    server = metrics.serve(settings.host, settings.metrics_port)
+    address = advertised_address(settings.host, server.port)
+    log.info("pod %s: Prometheus metrics at http://%s/metrics", settings.pod_id, address)
+    return server, address
 
 
 # ---- process lifecycle --------------------------------------------------------------------------

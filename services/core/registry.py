@@ -200,6 +200,7 @@ class PodInfo:
     model: str
     capacity: Capacity  # the role's capacity type; None for the gateway
     started_at: float  # unix seconds
+    metrics_address: str = ""  # host:port of its Prometheus /metrics ("" = not served)
 
     def __post_init__(self) -> None:
         check_id("pod_id", self.pod_id)
@@ -223,6 +224,7 @@ class PodInfo:
             "address": self.address,
             "model": self.model,
             "started_at": repr(self.started_at),
+            "metrics_address": self.metrics_address,
         }
         fields.update({k: str(v) for k, v in _capacity_fields(self.capacity).items()})
         return fields
@@ -245,6 +247,7 @@ class PodInfo:
                 model=fields["model"],
                 capacity=capacity,
                 started_at=float(fields["started_at"]),
+                metrics_address=fields.get("metrics_address", ""),  # absent in older records
             )
 
 

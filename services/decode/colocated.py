@@ -7,6 +7,7 @@ from services.attention.local import LocalAttention
 from services.core.attention import DEFAULT_POLICY, PolicySpec
 from services.core.model.load import LoadedModel
 from services.decode.engine import Engine
+from services.decode.metering import StepMeter
 from services.decode.scheduler import SchedulerConfig
 
 DEFAULT_KV_BUDGET_BYTES = 2 << 30  # 2 GiB: ~46K tokens of SmolLM2-135M at fp32 (46 KiB per token)
@@ -18,6 +19,7 @@ def build_engine(
     kv_budget_bytes: int = DEFAULT_KV_BUDGET_BYTES,
     block_size: int = 16,
     scheduler: SchedulerConfig | None = None,
+    meter: StepMeter | None = None,
     default_policy: PolicySpec = DEFAULT_POLICY,
 ) -> Engine:
     """`default_policy` serves requests that name no attention policy; its budget is the budget of
@@ -33,4 +35,4 @@ def build_engine(
     pool = KVPool.from_budget(pool_config, kv_budget_bytes)
     attention = LocalAttention(pool, cfg.num_kv_heads, cfg.num_heads, default_policy=default_policy)
     config = scheduler or SchedulerConfig(max_model_len=cfg.max_position_embeddings)
-    return Engine(model.dense, attention, model.tokenizer, config)
+    return Engine(model.dense, attention, model.tokenizer, config, meter=meter)

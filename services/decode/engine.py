@@ -31,9 +31,11 @@ from typing import Protocol, runtime_checkable
 import torch
 
 from services.core.attention import AttentionPart, OutOfBlocks, PolicySpec
+from services.core.cost import RequestCost
 from services.core.model.dense import DenseModel, MicroBatchInput
 from services.core.model.tokenizer import TextStream, Tokenizer
 from services.decode.attention_link import AttentionPodError
+from services.decode.metering import StepMeter, StepTiming
 from services.decode.sampling import SamplingParams, sample
 from services.decode.scheduler import (
     FinishReason,
@@ -55,6 +57,7 @@ class TokenEvent:
     token_id: int | None  # None only for an abort
     text: str  # text that became final with this token (may be empty: held back or partial UTF-8)
     finish_reason: FinishReason | None  # set on the request's last event
+    cost: RequestCost | None = None  # on the last event, from backends that account cost
 
 
 @dataclass(slots=True, frozen=True)
@@ -100,9 +103,11 @@ class Engine:
         tokenizer: Tokenizer,
         config: SchedulerConfig | None = None,
         micro_batches: int = 1,
+        meter: StepMeter | None = None,
     ) -> None:
         """`micro_batches` > 1 splits each forward into ping-pong micro-batches (dense.py), which
-        pays off only when the attention part computes elsewhere (attention pods)."""
+        pays off only when the attention part computes elsewhere (attention pods). `meter` prices
+        each step and times its phases (services/decode/metering.py)."""
         if micro_batches < 1:
             raise ValueError(f"micro_batches must be >= 1, got {micro_batches}")
         self.micro_batches = micro_batches
@@ -111,6 +116,7 @@ class Engine:
         self.tokenizer = tokenizer
         self.config = config or SchedulerConfig(max_model_len=model.config.max_position_embeddings)
         self.scheduler = Scheduler(attention, self.config)
+        self.meter = meter or StepMeter()
         self.max_len = min(self.config.max_model_len, attention.max_tokens_per_sequence())
         self._requests: dict[int, _Request] = {}
         self._ids = itertools.count()
@@ -215,7 +221,8 @@ class Engine:
         plan = self.scheduler.schedule()
         if not plan.scheduled:
             return []
-        sampled = self._forward(plan)
+        with self.meter.step(plan.scheduled, self.attention) as timing:
+            sampled = self._forward(plan, timing)
         self.scheduler.update(plan, sampled)
         return [self._after_token(self._requests[seq_id], token) for seq_id, token in sampled.items()]
 
@@ -236,7 +243,7 @@ class Engine:
                     )
         return [done[i] for i in ids]
 
-    def _forward(self, plan: SchedulerOutput) -> dict[int, int]:
+    def _forward(self, plan: SchedulerOutput, timing: StepTiming) -> dict[int, int]:
         """Run the model over the plan's rows; sample for rows that complete their sequence."""
         device = self.model.device
         items = plan.scheduled
@@ -256,6 +263,7 @@ class Engine:
                 )
             )
         hidden = torch.cat(self.model.forward_micro_batches(batches))  # [N, d], rows in `items` order
+        timing.dense_done()
         last_rows, sampling = [], []
         row = 0
         for item in items:

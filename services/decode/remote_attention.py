@@ -18,6 +18,11 @@ One long-lived bidirectional stream per pod, reused by every step. `attend` read
 own thread under a deadline that a watchdog thread enforces, so a dead pod (connection reset) or a
 hung one (deadline) raises `AttentionPodError` promptly instead of hanging. A failed stream is
 replaced by a fresh one at the next `begin`.
+
+Accounting: every Free answer carries what the sequence cost that pod; `costs` sums them per
+sequence until the decode pod takes them for the request's usage. `wait_seconds` is the time the
+dense part spent waiting for answers (the engine's attention_wait phase); `link` counts frame bytes
+and each layer's round trip.
 """
 
 from __future__ import annotations
@@ -25,6 +30,7 @@ from __future__ import annotations
 import itertools
 import logging
 import secrets
+import time
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -42,6 +48,7 @@ from services.core.attention import (
     ReserveResult,
     SeqChunk,
 )
+from services.core.cost import CostBook
 from services.core.errors import DisaggError
 from services.core.model.config import ModelConfig
 from services.core.placement import Placement, PlacementEntry
@@ -54,6 +61,7 @@ from services.decode.attention_link import (
     StepStream,
     Watchdog,
 )
+from services.decode.metering import LinkMetrics
 from services.proto import attention_pb2 as pb
 
 log = logging.getLogger(__name__)
@@ -81,8 +89,12 @@ class RemoteAttention(AttentionPart):
         placement: Placement | Callable[[int], Placement],
         options: RemoteAttentionOptions | None = None,
         id_namespace: int | None = None,
+        link: LinkMetrics | None = None,
     ) -> None:
         self.config = config
+        self.link = link or LinkMetrics()
+        self.costs = CostBook()  # engine sequence id -> USD its Free answers reported
+        self.wait_seconds = 0.0  # waiting for attention outputs, since start (engine thread only)
         self.dtype = dtype
         self.options = options or RemoteAttentionOptions()
         self.limits = TensorLimits(max_bytes=self.options.max_message_bytes)
@@ -116,7 +128,7 @@ class RemoteAttention(AttentionPart):
                 for e, r in zip(placement.entries, results, strict=True)
                 if not isinstance(r, AttentionPodError)
             ]
-            self._call_all(opened, "Free", lambda _: pb.FreeRequest(seq_id=self.wire_id(seq_id)))
+            self._free_on(seq_id, opened)
             raise failures[0]
         self._seqs[seq_id] = _Seq(placement, capacity=0, policy=policy)
 
@@ -151,7 +163,7 @@ class RemoteAttention(AttentionPart):
             for e, r in zip(seq.placement.entries, results, strict=True)
             if r.WhichOneof("result") == "reserved" and r.reserved.new_blocks > 0
         ]
-        self._call_all(took, "Free", lambda _: pb.FreeRequest(seq_id=self.wire_id(seq_id)))
+        self._free_on(seq_id, took)
         for result in self._call_all(took, "Open", lambda e: self._open_request(seq_id, e, seq.policy)):
             if isinstance(result, AttentionPodError):
                 raise result
@@ -160,10 +172,20 @@ class RemoteAttention(AttentionPart):
         seq = self._seqs.pop(seq_id, None)
         if seq is None:
             return
-        request = pb.FreeRequest(seq_id=self.wire_id(seq_id))
-        for result in self._call_all(seq.placement.entries, "Free", lambda _: request):
+        for result in self._free_on(seq_id, seq.placement.entries):
             if isinstance(result, AttentionPodError):  # its KV is unreachable anyway; keep serving
                 log.warning("could not free sequence %d: %s", seq_id, result)
+
+    def take_cost(self, seq_id: int) -> float:
+        """USD the attention pods reported for the sequence's Frees so far; forgotten here."""
+        return self.costs.take(seq_id)
+
+    def _free_on(self, seq_id: int, entries: Sequence[PlacementEntry]) -> list[Any]:
+        """Free the sequence on `entries`' pods; their answers' costs are booked to it."""
+        request = pb.FreeRequest(seq_id=self.wire_id(seq_id))
+        results = self._call_all(entries, "Free", lambda _: request)
+        self.costs.add(seq_id, sum(r.cost_usd for r in results if not isinstance(r, AttentionPodError)))
+        return results
 
     def placed_on(self, seq_id: int, address: str) -> bool:
         """True when pod `address` holds KV heads of `seq_id`: open sequences by their placement,
@@ -277,6 +299,11 @@ class _Target:
     lanes: torch.Tensor | None  # [M] indices into the step's N·Hkv lanes; None: all of them, in order
     num_lanes: int  # M
 
+    @property
+    def transport(self) -> str:
+        """The carrier's name in metrics: tcp (the Step socket) or grpc (the gRPC stream)."""
+        return "tcp" if isinstance(self.stream, SocketStepStream) else "grpc"
+
 
 class _RemoteStep(AttentionStep):
     def __init__(self, part: RemoteAttention, step_id: int, chunks: Sequence[SeqChunk]) -> None:
@@ -311,10 +338,16 @@ class _RemoteStep(AttentionStep):
         the dense part uses it."""
         with self._failing():
             self._send(layer, q, k_new, v_new)
+        sent_at = time.perf_counter()
 
         def result() -> torch.Tensor:
+            waiting = time.perf_counter()
             with self._failing():
-                return self._collect(layer, q)
+                o = self._collect(layer, q)
+            answered = time.perf_counter()
+            self.part.wait_seconds += answered - waiting
+            self.part.link.round_trip(self.targets[0].transport, answered - sent_at)
+            return o
 
         return result
 
@@ -342,6 +375,7 @@ class _RemoteStep(AttentionStep):
             encode_into(f.k_new, k_lanes if idx is None else k_lanes.index_select(0, idx))
             encode_into(f.v_new, v_lanes if idx is None else v_lanes.index_select(0, idx))
             target.stream.send(frame)
+            self.part.link.sent(target.transport, len(f.q.data) + len(f.k_new.data) + len(f.v_new.data))
 
     def _collect(self, layer: int, q: torch.Tensor) -> torch.Tensor:
         n, hq, d = q.shape
@@ -357,6 +391,7 @@ class _RemoteStep(AttentionStep):
     def _receive(self, target: _Target, layer: int, q: torch.Tensor) -> torch.Tensor:
         """The pod's o: [M, G, D], on q's device."""
         response = target.stream.receive(self.part.options.layer_timeout_s)
+        self.part.link.received(target.transport, len(response.o.data))
         address = target.stream.address
         if response.step_id != self.step_id or response.layer != layer:
             error = AttentionPodError(

@@ -11,6 +11,9 @@ request brings its own placement (which attention pods hold which of its KV head
          prompts of >= 2 tokens) or by this engine (chunked) ─▶ running batch ─▶ one GenerateResponse
          per token ─▶ KV freed when it finishes, is cancelled (Cancel, or the client goes away) or fails
 
+The last message of a finished request carries its cost (docs/cost.md): this pod's share of the
+steps it ran in, the attention pods' Free answers, and the prefill pod's answer.
+
 Lifecycle: settings validated ─▶ model loaded ─▶ engine loop started ─▶ serving (health SERVING,
 registered in Redis with running + waiting as load) ─▶ SIGTERM/SIGINT ─▶ health NOT_SERVING,
 deregistered, new Generate calls get UNAVAILABLE, requests in flight get `shutdown_grace_s` to
@@ -37,7 +40,9 @@ from pydantic import Field, model_validator
 from pydantic_settings import SettingsConfigDict
 
 from services.core.attention import PolicySpec
+from services.core.cost import CostMeter
 from services.core.errors import BackendUnavailableError, DisaggError, InvalidRequestError
+from services.core.metrics import DECODE, RUNNING, WAITING, MetricsServer, PodMetrics, export_cost
 from services.core.model.config import ModelConfig
 from services.core.model.load import load_model, parse_dtype
 from services.core.model.sources import DEFAULT_MODEL
@@ -51,6 +56,7 @@ from services.core.pod import (
     advertised_address,
     grpc_errors,
     pod_main,
+    serve_pod_metrics,
     start_grpc_server,
     wait_for_signal,
 )
@@ -58,10 +64,11 @@ from services.core.registry import ID_PATTERN, DecodeCapacity, Role
 from services.decode.attention_link import AttentionPodError, StepTransport, probe_pod
 from services.decode.engine import Engine, TokenEvent
 from services.decode.loop import EngineLoop, EngineStoppedError, RequestStream
+from services.decode.metering import LinkMetrics, StepMeter
 from services.decode.remote_attention import RemoteAttention, RemoteAttentionOptions
 from services.decode.remote_prefill import PrefillClient, PrefillPodError, RemotePrefill
 from services.decode.sampling import MAX_STOP_STRINGS, SamplingParams
-from services.decode.scheduler import SchedulerConfig
+from services.decode.scheduler import FinishReason, SchedulerConfig
 from services.proto import decode_pb2 as pb
 from services.proto import decode_pb2_grpc as pb_grpc
 
@@ -268,7 +275,10 @@ class DecodeServicer(pb_grpc.DecodeServicer):
             first = True
             for event in active.stream:
                 ended = event.finish_reason is not None
-                yield self._response(event, self._prefill_seconds(active, arrival) if first else 0.0)
+                response = self._response(event, self._prefill_seconds(active, arrival) if first else 0.0)
+                if ended and event.finish_reason is not FinishReason.ABORT:
+                    self._add_cost(response.cost, active)
+                yield response
                 first = False
         except (DisaggError, EngineStoppedError) as exc:  # the stream's last item: a pod failed, shutdown
             ended = True
@@ -365,6 +375,17 @@ class DecodeServicer(pb_grpc.DecodeServicer):
         with self._lock:
             self._active.pop(request_id, None)
             self.placements.pop(active.seq_id, None)
+        self.engine.meter.take(active.seq_id)  # an aborted request's costs stay unattributed
+        self.attention.take_cost(active.seq_id)
+
+    def _add_cost(self, cost: pb.RequestCost, active: _Active) -> None:
+        """The request's cost: its share of this pod's steps, what its attention pods reported at
+        Free (before its last event) and what its prefill pod reported."""
+        cost.SetInParent()  # present even when every share is 0 (unpriced pods)
+        response = active.prefill.response if active.prefill is not None else None
+        cost.prefill_usd = response.cost_usd if response is not None else 0.0
+        cost.decode_usd = self.engine.meter.take(active.seq_id)
+        cost.attention_usd = self.attention.take_cost(active.seq_id)
 
     @staticmethod
     def _prefill_seconds(active: _Active, arrival: float) -> float:
@@ -393,6 +414,7 @@ class RunningPod:
     prefill: PrefillClient
     settings: DecodeSettings
     registration: PodRegistration
+    metrics: MetricsServer
 
     @property
     def port(self) -> int:
@@ -408,6 +430,7 @@ class RunningPod:
         self.grpc.stop(1.0)  # time for those calls to send their status
         self.attention.close()
         self.prefill.close()
+        self.metrics.stop()
 
 
 def start(settings: DecodeSettings) -> RunningPod:
@@ -423,14 +446,21 @@ def start(settings: DecodeSettings) -> RunningPod:
         step_transport=settings.step_transport,
     )
     placements: dict[int, Placement] = {}
-    attention = RemoteAttention(model.config, model.dense.dtype, placements.__getitem__, options)
+    metrics = PodMetrics(DECODE, settings.pod_id, settings.model)
+    link = LinkMetrics(metrics)
+    attention = RemoteAttention(model.config, model.dense.dtype, placements.__getitem__, options, link=link)
     scheduler = SchedulerConfig(
         max_num_seqs=settings.max_num_seqs,
         max_num_batched_tokens=settings.max_num_batched_tokens,
         max_model_len=model.config.max_position_embeddings,
     )
-    engine = Engine(model.dense, attention, model.tokenizer, scheduler, settings.micro_batches)
+    meter = StepMeter(CostMeter(settings.cost_usd_per_hour))
+    engine = Engine(model.dense, attention, model.tokenizer, scheduler, settings.micro_batches, meter)
+    meter.attach(metrics, engine.scheduler)
     loop = EngineLoop(engine, name="decode-engine")
+    export_cost(metrics, meter.cost)
+    metrics.computed(RUNNING, lambda: [({}, loop.num_running)])
+    metrics.computed(WAITING, lambda: [({}, loop.num_waiting)])
     loop.start()
     prefill = PrefillClient(settings.prefill_timeout_s, settings.max_message_bytes)
     servicer = DecodeServicer(loop, attention, placements, prefill, settings)
@@ -442,6 +472,7 @@ def start(settings: DecodeSettings) -> RunningPod:
         servicers=[(pb_grpc.add_DecodeServicer_to_server, servicer)],
         service_names=[SERVICE_NAME],
     )
+    metrics_server, metrics_address = serve_pod_metrics(metrics, settings)
     registration = PodRegistration.start(
         settings.redis_url,
         pod_id=settings.pod_id,
@@ -450,8 +481,9 @@ def start(settings: DecodeSettings) -> RunningPod:
         model=settings.model,
         capacity=DecodeCapacity(settings.max_num_seqs),
         load=lambda: loop.num_running + loop.num_waiting,
+        metrics_address=metrics_address,
     )
-    return RunningPod(server, servicer, loop, attention, prefill, settings, registration)
+    return RunningPod(server, servicer, loop, attention, prefill, settings, registration, metrics_server)
 
 
 def serve(settings: DecodeSettings) -> None:

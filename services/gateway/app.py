@@ -2,11 +2,13 @@
 
     POST /v1/completions        POST /v1/chat/completions       (JSON, or SSE with "stream": true)
     GET  /v1/models             GET  /health                    GET /docs (OpenAPI)
+    GET  /metrics               (Prometheus text format; docs/metrics.md)
 
 A request: authenticate (the `authenticate` dependency sets `request.state.tenant`; see auth.py) ->
-validate and tokenize (`prompts.py`) -> admit it against the tenant's limits, then as a guarded generation
-(`runner.py`; closing it records the tenant's usage) ->
-render events as one JSON body or as SSE chunks (`render.py`). Every error becomes OpenAI's error
+start its meter (`metering.py`: the tenant's latencies, tokens and cost) -> validate and tokenize
+(`prompts.py`) -> admit it against the tenant's limits, then as a guarded generation (`runner.py`;
+closing it records the tenant's usage and the request's metrics) -> render events as one JSON body or
+as SSE chunks (`render.py`), `usage` carrying the request's cost. Every error becomes OpenAI's error
 JSON here and only here (`errors.describe`). A streaming response waits for the first token before
 sending headers, so errors up to then still get their real status; later ones become an SSE error event.
 """
@@ -16,7 +18,7 @@ from __future__ import annotations
 import asyncio
 import functools
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
+from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine, Mapping
 from typing import Any, Literal, ParamSpec
 
 from fastapi import Depends, FastAPI, Request
@@ -24,7 +26,9 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import Response, StreamingResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
+from services.core.cost import CostMeter
 from services.core.errors import DisaggError
+from services.core.metrics import PodMetrics
 from services.decode.engine import TokenEvent
 from services.gateway.auth import Tenancy, authenticate
 from services.gateway.backend import Backend
@@ -36,6 +40,7 @@ from services.gateway.errors import (
     describe,
     invalid_request,
 )
+from services.gateway.metering import GatewayMetering, RequestMeter
 from services.gateway.prompts import ModelLimits, PreparedRequest, prepare_chat, prepare_completion
 from services.gateway.protocol import (
     ChatCompletionRequest,
@@ -67,6 +72,11 @@ class Gateway:
         self.backend = backend
         self.settings = settings
         self.tenancy = tenancy or Tenancy.single_tenant()
+        self.metrics = PodMetrics(backend.role, settings.pod_id, backend.model_name)
+        backend.instrument(self.metrics)
+        more_costs = backend.cost_sources()  # non-empty: the backend carries this process's price
+        price = 0.0 if more_costs else settings.cost_usd_per_hour
+        self.metering = GatewayMetering(self.metrics, CostMeter(price), backend.load, more_costs)
         self.admission = Admission(settings.max_concurrent_requests)
         self.limits = ModelLimits(
             served=settings.served_model_names or [backend.model_name],
@@ -93,7 +103,28 @@ class Gateway:
         )
         return (200 if status == "ok" else 503), body
 
-    async def respond(self, request: Request, prepared: PreparedRequest, fmt: ResponseFormat) -> Response:
+    async def serve(
+        self,
+        request: Request,
+        prepare: Coroutine[Any, Any, PreparedRequest],
+        response_format: type[ResponseFormat],
+    ) -> Response:
+        """One request, metered from arrival: an error before its generation is counted here; once
+        admitted, the generation counts it when it closes."""
+        meter = self.metering.begin(request.state.tenant)
+        try:
+            prepared = await prepare
+            meter.prompt(len(prepared.prompt_ids))
+            fmt = response_format(prepared.model, prepared.include_usage)
+            return await self.respond(request, prepared, fmt, meter)
+        except BaseException as exc:
+            meter.fail(exc)
+            meter.finish()
+            raise
+
+    async def respond(
+        self, request: Request, prepared: PreparedRequest, fmt: ResponseFormat, meter: RequestMeter
+    ) -> Response:
         tokens = len(prepared.prompt_ids) + prepared.params.max_tokens
         charge = await self.tenancy.admit(request.state.tenant, tokens)
         tally = Tally(prompt_tokens=len(prepared.prompt_ids))
@@ -104,6 +135,7 @@ class Gateway:
                 prepared.prompt_ids,
                 prepared.params,
                 timeout_s=self.settings.request_timeout_seconds,
+                meter=meter,
                 disconnected=functools.partial(_wait_for_disconnect, request),
                 on_close=finish,
             )
@@ -146,9 +178,8 @@ def create_app(backend: Backend, settings: GatewaySettings, tenancy: Tenancy | N
     )
     @_openai_errors
     async def completions(body: CompletionRequest, request: Request) -> Response:
-        prepared = await prepare_completion(body, backend.tokenizer, gateway.limits)
-        fmt = CompletionFormat(prepared.model, prepared.include_usage)
-        return await gateway.respond(request, prepared, fmt)
+        prepared = prepare_completion(body, backend.tokenizer, gateway.limits)
+        return await gateway.serve(request, prepared, CompletionFormat)
 
     @app.post(
         "/v1/chat/completions",
@@ -158,9 +189,8 @@ def create_app(backend: Backend, settings: GatewaySettings, tenancy: Tenancy | N
     )
     @_openai_errors
     async def chat_completions(body: ChatCompletionRequest, request: Request) -> Response:
-        prepared = await prepare_chat(body, backend.tokenizer, gateway.limits)
-        fmt = ChatFormat(prepared.model, prepared.include_usage)
-        return await gateway.respond(request, prepared, fmt)
+        prepared = prepare_chat(body, backend.tokenizer, gateway.limits)
+        return await gateway.serve(request, prepared, ChatFormat)
 
     @app.get("/v1/models", response_model=ModelList, responses=ERROR_RESPONSES, dependencies=AUTHENTICATED)
     async def models() -> ModelList:
@@ -174,6 +204,11 @@ def create_app(backend: Backend, settings: GatewaySettings, tenancy: Tenancy | N
     async def health() -> Response:
         status, body = gateway.health()
         return _json(body.model_dump_json(), status)
+
+    @app.get("/metrics", include_in_schema=False)
+    async def metrics() -> Response:
+        body, content_type = gateway.metrics.exposition()
+        return Response(content=body, media_type=content_type)
 
     return app
 

@@ -61,13 +61,10 @@ class AuthUnavailableError(BackendUnavailableError):
 
 
 def request_cost_usd(tally: Tally) -> float:
-    """What a finished request adds to its tenant's monthly spend.
-
-    HOOK for per-request cost accounting (issue 6 part A, `usage.cost_usd`): the gateway has no
-    per-request cost yet, so every request costs 0.0 and monthly budgets only refuse tenants whose
-    spend was recorded otherwise. Return the request's attributed cost here once it exists.
-    """
-    return 0.0
+    """What a finished request adds to its tenant's monthly spend: its `usage.cost_usd` (docs/cost.md).
+    A request that ended without its last event has no cost from the pods (0.0 here; the gateway's
+    metrics still count its gateway share)."""
+    return tally.cost.total_usd if tally.cost is not None else 0.0
 
 
 class _TtlCache(Generic[T]):

@@ -45,6 +45,7 @@ import redis
 from pydantic import Field
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
+from services.core.cost import RequestCost
 from services.core.errors import BackendUnavailableError, DisaggError, InvalidRequestError, NoCapacityError
 from services.core.model.config import ModelConfig
 from services.core.model.tokenizer import Tokenizer
@@ -314,14 +315,22 @@ class ClusterBackend(Backend):
 
 
 def _events(message: decode_pb2.GenerateResponse) -> list[TokenEvent]:
-    """One TokenEvent per token; the message's text goes with its last token."""
+    """One TokenEvent per token; the message's text (and the request's cost, on the last message)
+    goes with its last token."""
     reason = FinishReason(message.finish_reason) if message.finish_reason else None
+    cost = _cost(message.cost) if message.HasField("cost") else None
     ids = list(message.token_ids)
     if not ids:
-        return [TokenEvent(0, None, message.text, reason)]
+        return [TokenEvent(0, None, message.text, reason, cost)]
     events = [TokenEvent(0, token, "", None) for token in ids[:-1]]
-    events.append(TokenEvent(0, ids[-1], message.text, reason))
+    events.append(TokenEvent(0, ids[-1], message.text, reason, cost))
     return events
+
+
+def _cost(cost: decode_pb2.RequestCost) -> RequestCost:
+    return RequestCost(
+        prefill_usd=cost.prefill_usd, decode_usd=cost.decode_usd, attention_usd=cost.attention_usd
+    )
 
 
 def _error_from_status(route: Route, exc: grpc.aio.AioRpcError) -> Exception:

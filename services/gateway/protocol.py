@@ -98,6 +98,10 @@ class Usage(BaseModel):
     prompt_tokens: int  # len(prompt ids) after tokenization (and the chat template)
     completion_tokens: int  # generated tokens, a final EOS included
     total_tokens: int
+    # Extensions (docs/cost.md): what the request cost in USD, and that by the role that spent it
+    # (prefill, decode, attention, gateway); the breakdown sums to cost_usd.
+    cost_usd: float | None = None
+    cost_breakdown: dict[str, float] | None = None
 
 
 class CompletionChoice(BaseModel):

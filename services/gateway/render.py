@@ -23,6 +23,7 @@ from typing import Literal
 
 from pydantic import BaseModel
 
+from services.core.cost import RequestCost
 from services.decode.engine import TokenEvent
 from services.decode.scheduler import FinishReason
 from services.gateway.protocol import (
@@ -49,6 +50,7 @@ class Tally:
     completion_tokens: int = 0
     finish_reason: Finish | None = None
     pieces: list[str] = field(default_factory=list)
+    cost: RequestCost | None = None  # from the last event
 
     def add(self, event: TokenEvent) -> None:
         if event.token_id is not None:
@@ -56,6 +58,7 @@ class Tally:
         self.pieces.append(event.text)
         if event.finish_reason is not None:
             self.finish_reason = finish_name(event.finish_reason)
+            self.cost = event.cost
 
     @property
     def text(self) -> str:
@@ -67,6 +70,8 @@ class Tally:
             prompt_tokens=self.prompt_tokens,
             completion_tokens=self.completion_tokens,
             total_tokens=self.prompt_tokens + self.completion_tokens,
+            cost_usd=self.cost.total_usd if self.cost is not None else None,
+            cost_breakdown=self.cost.breakdown() if self.cost is not None else None,
         )
 
 

@@ -16,11 +16,16 @@ Per request there is a queue and three helpers:
 Whatever ends a request early puts its error on the queue and cancels the producer; cancelling the
 producer cancels the backend iterator, and the backend frees the request's KV. The consumer only
 ever waits on the queue, so a streaming response and a plain one share this one code path.
+
+The request's `RequestMeter` (metering.py) sees what the consumer sees: each event, the error that
+ended it, and `close()`. The last event leaves here carrying the full cost (the pods' plus the
+gateway's share), so `usage` renders it on both paths.
 """
 
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 from collections.abc import AsyncIterator, Awaitable, Callable
 
 from services.core.errors import NoCapacityError
@@ -34,6 +39,7 @@ from services.gateway.errors import (
     RequestAbortedError,
     ShuttingDownError,
 )
+from services.gateway.metering import RequestMeter
 
 WaitForDisconnect = Callable[[], Awaitable[None]]  # returns once the client has gone away
 
@@ -48,7 +54,9 @@ class Generation:
         timeout_s: float,
         disconnected: WaitForDisconnect | None,
         on_close: Callable[[Generation], None],
+        meter: RequestMeter,
     ) -> None:
+        self.meter = meter
         self._queue: asyncio.Queue[TokenEvent | BaseException] = asyncio.Queue()
         self._on_close = on_close
         self._ended = False  # a final event or an error was queued
@@ -63,10 +71,14 @@ class Generation:
 
     async def next(self) -> TokenEvent:
         item = await self._queue.get()
+        if isinstance(item, TokenEvent) and item.finish_reason is FinishReason.ABORT:
+            item = RequestAbortedError("the server aborted the request before it finished")
         if isinstance(item, BaseException):
+            self.meter.fail(item)
             raise item
-        if item.finish_reason is FinishReason.ABORT:
-            raise RequestAbortedError("the server aborted the request before it finished")
+        self.meter.event(item)
+        if item.finish_reason is not None:
+            item = dataclasses.replace(item, cost=self.meter.complete(item.cost))
         return item
 
     async def __aiter__(self) -> AsyncIterator[TokenEvent]:
@@ -94,6 +106,7 @@ class Generation:
         self._producer.cancel()  # a no-op once the request finished
         if self._watcher is not None:
             self._watcher.cancel()
+        self.meter.finish()
         self._on_close(self)
 
     async def _pump(self, events: AsyncIterator[TokenEvent]) -> None:
@@ -132,6 +145,7 @@ class Admission:
         params: SamplingParams,
         *,
         timeout_s: float,
+        meter: RequestMeter,
         disconnected: WaitForDisconnect | None = None,
         on_close: Callable[[], None] | None = None,
     ) -> Generation:
@@ -154,6 +168,7 @@ class Admission:
             timeout_s=timeout_s,
             disconnected=disconnected,
             on_close=closed,
+            meter=meter,
         )
         self._live.add(generation)
         return generation

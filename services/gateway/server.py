@@ -237,6 +237,7 @@ def settings_from_args(args: argparse.Namespace) -> GatewaySettings:
 
 
 def colocated_backend(args: argparse.Namespace, settings: GatewaySettings) -> Backend:
+    """The whole engine in this process, which carries the gateway's price (docs/cost.md)."""
     from services.core.attention import PolicySpec
     from services.core.model.load import load_model, parse_dtype
     from services.gateway.backend import ColocatedBackend
@@ -244,8 +245,13 @@ def colocated_backend(args: argparse.Namespace, settings: GatewaySettings) -> Ba
     model = load_model(args.model, dtype=parse_dtype(args.dtype), device=args.device, show_progress=False)
     log.info("loaded %s from %s in %.1f s", args.model, model.folder, model.load_seconds)
     policy = PolicySpec(settings.default_attention_policy, settings.default_attention_budget)
-    kv_bytes = int(args.kv_budget_gb * (1 << 30))
-    return ColocatedBackend(model, model_name=args.model, kv_budget_bytes=kv_bytes, default_policy=policy)
+    return ColocatedBackend(
+        model,
+        model_name=args.model,
+        kv_budget_bytes=int(args.kv_budget_gb * (1 << 30)),
+        cost_usd_per_hour=settings.cost_usd_per_hour,
+        default_policy=policy,
+    )
 
 
 def cluster_backend(args: argparse.Namespace) -> ClusterBackend:

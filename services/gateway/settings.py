@@ -2,12 +2,19 @@
 
 from __future__ import annotations
 
+import os
+import socket
 from pathlib import Path
 
 from pydantic import Field
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from services.core.policy import DEFAULT_BUDGET, PolicyName
+
+
+def _pod_id() -> str:
+    """The hostname (a Kubernetes pod name) plus the pid, as pods name themselves."""
+    return f"{socket.gethostname()}-{os.getpid()}"
 
 
 class GatewaySettings(BaseSettings):
@@ -24,6 +31,7 @@ class GatewaySettings(BaseSettings):
     shutdown_grace_seconds: float = Field(default=30.0, ge=0)  # in-flight requests may finish within it
     log_level: str = "info"
     cost_usd_per_hour: float = Field(default=0.0, ge=0, le=1e6)  # the gateway's own price (cost accounting)
+    pod_id: str = Field(default_factory=_pod_id, min_length=1)  # the `pod` label of its metrics
     # --colocated only (in the cluster the attention pods hold these defaults): the decode attention
     # policy of requests that name none, and the budget of a policy named without one.
     default_attention_policy: PolicyName = PolicyName.DENSE

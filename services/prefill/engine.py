@@ -17,6 +17,9 @@ Lifecycle of one prompt:
                                               one prompt's failing pod does not fail the others
     RPC thread   job.wait()                   PrefillResult, or the prompt's error
 
+Cost (docs/cost.md): a forward and its exports are one work on the pod's `CostMeter`, shared among
+its prompts by tokens; each prompt's share travels back in its PrefillResult.
+
 One worker thread owns the model; RPC threads only touch the queue, under a short lock. Each prompt
 of a batch is its own sequence at positions 0..n-1, so the forward mixes rows of several sequences
 exactly as the decode pod's chunked prefill does, and the K/V written are what a local forward
@@ -25,6 +28,7 @@ would hold. The last layer's MLP still runs (DenseModel has one forward); its ou
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import threading
 import time
@@ -36,10 +40,13 @@ import torch
 
 from services.attention.reference import causal_prefill_attention
 from services.core.attention import AttentionStep
+from services.core.cost import CostMeter
 from services.core.errors import DisaggError, InvalidRequestError, PromptTooLongError
+from services.core.metrics import PREFILL, PodMetrics
 from services.core.model.dense import DenseModel
 from services.core.placement import Placement
 from services.prefill.kv_export import KVExport, KVExporter
+from services.prefill.metering import PrefillMetrics
 
 log = logging.getLogger(__name__)
 
@@ -81,6 +88,7 @@ class PrefillResult:
     kv_bytes: int  # K and V bytes the pods acknowledged
     queue_seconds: float  # submit -> start of its forward
     compute_seconds: float  # start of its forward -> last pod's acknowledgement
+    cost_usd: float = 0.0  # its share (by tokens) of the forward, exports included
 
 
 @dataclass(slots=True, frozen=True)
@@ -91,6 +99,7 @@ class PrefillStats:
     max_model_len: int
     completed: int  # prompts prefilled successfully since start
     forwards: int  # forward passes run since start
+    running_requests: int = 0  # of queued_requests, those in the forward now
 
 
 @dataclass(slots=True, eq=False)
@@ -128,10 +137,18 @@ class PrefillJob:
 class PrefillEngine:
     """Owns the model on one worker thread; `submit` from any thread."""
 
-    def __init__(self, model: DenseModel, exporter: KVExporter, options: PrefillOptions) -> None:
+    def __init__(
+        self,
+        model: DenseModel,
+        exporter: KVExporter,
+        options: PrefillOptions,
+        meter: CostMeter | None = None,
+        metrics: PodMetrics | None = None,
+    ) -> None:
         self.model = model
         self.exporter = exporter
         self.options = options
+        self.meter = meter or CostMeter(0.0)  # unpriced
         self.max_model_len = model.config.max_position_embeddings
         self._waiting: deque[PrefillJob] = deque()
         self._running: list[PrefillJob] = []
@@ -142,6 +159,8 @@ class PrefillEngine:
         self._stopped = False
         self._cond = threading.Condition()
         self._worker = threading.Thread(target=self._run, name="prefill-worker", daemon=True)
+        transport = "grpc" if exporter.nixl is None else "nixl"
+        self.observe = PrefillMetrics(metrics or PodMetrics(PREFILL), transport, self.stats, self.meter)
 
     def start(self) -> PrefillEngine:
         self._worker.start()
@@ -192,6 +211,7 @@ class PrefillEngine:
                 max_model_len=self.max_model_len,
                 completed=self._completed,
                 forwards=self._forwards,
+                running_requests=len(self._running),
             )
 
     # ---- shutdown ------------------------------------------------------------------------------
@@ -256,7 +276,12 @@ class PrefillEngine:
                 self._cond.notify_all()  # drain() may be waiting for an empty queue
 
     def _settle(self, job: PrefillJob, outcome: PrefillResult | DisaggError) -> None:
-        """Complete a running prompt and take it off the load (unless `stop` got there first)."""
+        """Complete a running prompt with its cost and take it off the load (unless `stop` got
+        there first). A failed prompt's cost stays unattributed (counted as request cost here)."""
+        cost = self.meter.take(job)
+        if isinstance(outcome, PrefillResult):
+            outcome = dataclasses.replace(outcome, cost_usd=cost)
+        self.observe.prompt(outcome)
         if not job.complete(outcome):
             return
         with self._cond:
@@ -267,6 +292,19 @@ class PrefillEngine:
 
     def _prefill(self, batch: list[PrefillJob]) -> None:
         started = time.monotonic()
+        with self.meter.busy({job: job.num_tokens for job in batch}):
+            exports = self._forward(batch)
+            deadline = time.monotonic() + self.options.import_timeout_s
+            outcomes = [
+                self._finish_export(job, export, started, deadline)
+                for job, export in zip(batch, exports, strict=True)
+            ]
+        self.observe.forward(time.monotonic() - started)
+        for job, outcome in zip(batch, outcomes, strict=True):
+            self._complete(job, outcome, started)
+
+    def _forward(self, batch: list[PrefillJob]) -> list[KVExport]:
+        """Start each prompt's export and run the forward; on failure the exports are cancelled."""
         lengths = [job.num_tokens for job in batch]
         device = self.model.device
         exports: list[KVExport] = []
@@ -282,11 +320,12 @@ class PrefillEngine:
             for export in exports:  # the pods drop the half-written sequences' calls
                 export.cancel()
             raise
-        deadline = time.monotonic() + self.options.import_timeout_s
-        for job, export in zip(batch, exports, strict=True):
-            self._complete(job, export, started, deadline)
+        return exports
 
-    def _complete(self, job: PrefillJob, export: KVExport, started: float, deadline: float) -> None:
+    def _finish_export(
+        self, job: PrefillJob, export: KVExport, started: float, deadline: float
+    ) -> PrefillResult | DisaggError:
+        """Wait for every pod's acknowledgement of the prompt's K/V (cost added at `_settle`)."""
         request = job.request
         try:
             kv_bytes = export.finish(deadline)
@@ -294,11 +333,16 @@ class PrefillEngine:
             log.warning(
                 "prefill of sequence %d (request %r) failed: %s", request.seq_id, request.request_id, exc
             )
-            self._settle(job, exc)
+            return exc
+        seconds = time.monotonic() - started
+        self.observe.exported(kv_bytes, seconds)
+        return PrefillResult(job.num_tokens, kv_bytes, started - job.submitted_at, seconds)
+
+    def _complete(self, job: PrefillJob, outcome: PrefillResult | DisaggError, started: float) -> None:
+        self._settle(job, outcome)
+        if not isinstance(outcome, PrefillResult):
             return
-        now = time.monotonic()
-        result = PrefillResult(job.num_tokens, kv_bytes, started - job.submitted_at, now - started)
-        self._settle(job, result)
+        request, result, kv_bytes = job.request, outcome, outcome.kv_bytes
         log.info(
             "prefilled sequence %d (request %r): %d tokens, %.1f KiB of K/V, queued %.3f s, compute %.3f s",
             request.seq_id,

@@ -28,7 +28,9 @@ import grpc
 from pydantic import Field
 from pydantic_settings import SettingsConfigDict
 
+from services.core.cost import CostMeter
 from services.core.errors import DisaggError
+from services.core.metrics import PREFILL, MetricsServer, PodMetrics
 from services.core.model.load import load_model, parse_dtype
 from services.core.model.sources import DEFAULT_MODEL
 from services.core.placement import placement_from_proto
@@ -40,6 +42,7 @@ from services.core.pod import (
     advertised_address,
     grpc_errors,
     pod_main,
+    serve_pod_metrics,
     start_grpc_server,
     wait_for_signal,
 )
@@ -134,6 +137,7 @@ class PrefillServicer(pb_grpc.PrefillServicer):
             kv_bytes=result.kv_bytes,
             queue_seconds=result.queue_seconds,
             compute_seconds=result.compute_seconds,
+            cost_usd=result.cost_usd,
         )
 
     def Stats(
@@ -150,7 +154,7 @@ class PrefillServicer(pb_grpc.PrefillServicer):
         )
 
 
-def build_engine(settings: PrefillSettings) -> PrefillEngine:
+def build_engine(settings: PrefillSettings, metrics: PodMetrics | None = None) -> PrefillEngine:
     """Load the model and start the worker thread."""
     dtype = parse_dtype(settings.dtype)
     model = load_model(settings.model, dtype=dtype, device=settings.device, show_progress=False)
@@ -166,7 +170,8 @@ def build_engine(settings: PrefillSettings) -> PrefillEngine:
         max_queued_tokens=settings.max_queued_tokens,
         import_timeout_s=settings.import_timeout_s,
     )
-    return PrefillEngine(model.dense, exporter, options).start()
+    meter = CostMeter(settings.cost_usd_per_hour)
+    return PrefillEngine(model.dense, exporter, options, meter, metrics).start()
 
 
 @dataclass(slots=True)
@@ -177,6 +182,7 @@ class RunningPod:
     engine: PrefillEngine
     settings: PrefillSettings
     registration: PodRegistration
+    metrics: MetricsServer
 
     @property
     def port(self) -> int:
@@ -190,10 +196,13 @@ class RunningPod:
             log.warning("prompts still queued after %g s; failing them", self.settings.shutdown_grace_s)
         self.engine.stop()  # what is left answers UNAVAILABLE
         self.grpc.stop(1.0)  # the RPC threads have their answers; let them send them
+        self.metrics.stop()
 
 
 def start(settings: PrefillSettings) -> RunningPod:
-    engine = build_engine(settings)
+    metrics = PodMetrics(PREFILL, settings.pod_id, settings.model)
+    engine = build_engine(settings, metrics)
+    metrics_server, metrics_address = serve_pod_metrics(metrics, settings)
     server = start_grpc_server(
         settings.host,
         settings.port,
@@ -210,8 +219,9 @@ def start(settings: PrefillSettings) -> RunningPod:
         model=settings.model,
         capacity=PrefillCapacity(settings.max_num_tokens),
         load=lambda: engine.stats().queued_tokens,
+        metrics_address=metrics_address,
     )
-    return RunningPod(server, engine, settings, registration)
+    return RunningPod(server, engine, settings, registration, metrics_server)
 
 
 def serve(settings: PrefillSettings) -> None:

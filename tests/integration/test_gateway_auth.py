@@ -235,6 +235,47 @@ def test_over_the_request_rate_is_429_with_retry_after(
     assert 1 <= int(limited.headers["Retry-After"]) <= 120  # up to two windows: see tenants.py
 
 
+def test_requests_are_metered_and_charged_under_their_keys_tenant(
+    redis_settings: RedisSettings, keys: ApiKeyStore, store: TenantStore
+) -> None:
+    """The gateway's metrics carry the key's tenant, and a tenant's spend is its responses' cost."""
+    acme, _ = keys.create("acme")
+    globex, _ = keys.create("globex")
+    store.set_limits("globex", TenantLimits(requests_per_minute=1))
+    tenancy = tenancy_for(redis_settings)
+
+    async def scenario() -> list[httpx.Response]:
+        app = create_app(ScriptedBackend(), GatewaySettings(cost_usd_per_hour=3600.0), tenancy)
+        transport = httpx.ASGITransport(app=app)
+        async with httpx.AsyncClient(transport=transport, base_url="http://gateway") as client:
+            calls = [completion(acme), completion(acme), completion(globex), completion(globex)]
+            responses = [await client.request(method, path, **kw) for method, path, kw in calls]
+            responses.append(await client.get("/metrics"))
+        await tenancy.flush()
+        return responses
+
+    *answers, metrics = asyncio.run(scenario())
+    assert [r.status_code for r in answers] == [200, 200, 200, 429]
+    costs = [r.json()["usage"]["cost_usd"] for r in answers[:3]]
+    assert all(c > 0 for c in costs)  # the gateway's own share: the scripted backend reports no pods
+    assert store.usage("acme").cost_usd == pytest.approx(costs[0] + costs[1])
+    assert store.usage("globex").cost_usd == pytest.approx(costs[2])
+    lines = metrics.text.splitlines()
+
+    def series(name: str, **labels: str) -> float:
+        match = [
+            ln
+            for ln in lines
+            if ln.startswith(name + "{") and all(f'{k}="{v}"' in ln for k, v in labels.items())
+        ]
+        return sum(float(ln.rsplit(" ", 1)[1]) for ln in match)
+
+    assert series("disagg_requests_total", tenant="acme", status="ok") == 2
+    assert series("disagg_requests_total", tenant="globex", status="ok") == 1
+    assert series("disagg_requests_total", tenant="globex", status="rate_limited") == 1
+    assert series("disagg_request_cost_usd_total", tenant="acme") == pytest.approx(costs[0] + costs[1])
+
+
 def test_over_the_token_rate_is_429(
     redis_settings: RedisSettings, keys: ApiKeyStore, store: TenantStore
 ) -> None:

@@ -48,12 +48,23 @@ def bench(*args: str, timeout: float = 120) -> subprocess.CompletedProcess[str]:
 
 @pytest.fixture(scope="module")
 def server_url(model_folder: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
-    """`disagg up --colocated --port 0`; its URL once it prints `ready: URL`."""
+    """`disagg up --colocated --port 0 --cost-usd-per-hour 2`; its URL once it prints `ready: URL`."""
     logs = tmp_path_factory.mktemp("bench-server")
     out, err = logs / "up.out", logs / "up.err"
     with out.open("w") as stdout, err.open("w") as stderr:
         process = subprocess.Popen(
-            [sys.executable, "-m", "services.cli", "up", "--colocated", "--port", "0"],
+            # Priced, so responses carry usage.cost_usd > 0 and the bench reports $ per million tokens.
+            [
+                sys.executable,
+                "-m",
+                "services.cli",
+                "up",
+                "--colocated",
+                "--port",
+                "0",
+                "--cost-usd-per-hour",
+                "2",
+            ],
             cwd=ROOT,
             stdout=stdout,
             stderr=stderr,
@@ -103,7 +114,9 @@ def test_bench_against_a_colocated_server(server_url: str, tmp_path: Path) -> No
         assert 0 < dist["p50"] <= dist["p90"] <= dist["p99"], name
     assert summary["ttft_s"]["p99"] <= summary["e2e_s"]["p99"]
     assert max_in_flight(records) == 3  # closed loop: three at once, never more
-    assert summary["output_tokens_per_s"] > 0 and summary["usd_per_mtok"] is None
+    assert summary["output_tokens_per_s"] > 0
+    # A 2 $/h process: every request carries its share, so the bench prices the tokens.
+    assert all(r["cost_usd"] > 0 for r in records) and summary["usd_per_mtok"] > 0
     assert plot.read_bytes().startswith(PNG_SIGNATURE)
 
 

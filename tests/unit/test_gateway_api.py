@@ -22,7 +22,7 @@ FRANCE = [{"role": "user", "content": "What is the capital of France?"}]
 
 @pytest.fixture(scope="module")
 def backend(model: LoadedModel) -> Iterator[ColocatedBackend]:
-    backend = ColocatedBackend(model, model_name=MODEL)
+    backend = ColocatedBackend(model, model_name=MODEL, cost_usd_per_hour=3.6)  # priced: usage has a cost
     backend.start()
     yield backend
     backend.stop()
@@ -79,11 +79,16 @@ def test_completion_shape_and_usage(client: TestClient, model: LoadedModel) -> N
         {"index": 0, "text": body["choices"][0]["text"], "logprobs": None, "finish_reason": "length"}
     ]
     prompt_tokens = len(model.tokenizer.encode("The capital of France is"))
-    assert body["usage"] == {
+    usage = body["usage"]
+    cost, breakdown = usage.pop("cost_usd"), usage.pop("cost_breakdown")
+    assert usage == {
         "prompt_tokens": prompt_tokens,
         "completion_tokens": 5,
         "total_tokens": prompt_tokens + 5,
     }
+    # colocated: one process, its price accrued by the engine's steps (docs/cost.md)
+    assert cost > 0 and cost == pytest.approx(sum(breakdown.values()))
+    assert breakdown["decode"] == cost and breakdown["prefill"] == breakdown["attention"] == 0
 
 
 def test_chat_shape_counts_the_eos_token(client: TestClient, model: LoadedModel) -> None:
@@ -121,6 +126,7 @@ def test_stream_with_usage_ends_with_a_usage_chunk(client: TestClient) -> None:
     assert done == "[DONE]"
     assert all(c["usage"] is None and c["object"] == "text_completion" for c in chunks)
     assert usage_chunk["choices"] == [] and usage_chunk["usage"]["completion_tokens"] == 4
+    assert usage_chunk["usage"]["cost_usd"] > 0
     assert chunks[-1]["choices"][0]["finish_reason"] == "length"
 
 
@@ -302,3 +308,45 @@ def test_still_serving_after_errors(client: TestClient) -> None:
     completion(client, prompt="x", max_tokens=-1)
     client.post("/v1/completions", content=b"{", headers={"content-type": "application/json"})
     assert completion(client, prompt="Hi", max_tokens=2).status_code == 200
+
+
+def test_metrics_count_requests_tokens_and_cost(client: TestClient) -> None:
+    before = client.get("/metrics").text
+    assert completion(client, prompt="Hello", max_tokens=3, temperature=0).status_code == 200
+    assert completion(client, prompt="Hello", max_tokens=0).status_code == 400
+    response = client.get("/metrics")
+    assert response.status_code == 200 and response.headers["content-type"].startswith("text/plain")
+    after = response.text
+    labels = 'model="smollm2-135m",pod="'
+
+    def total(text: str, name: str, **match: str) -> float:
+        found = 0.0
+        for line in text.splitlines():
+            if (
+                line.startswith(name + "{")
+                and labels in line
+                and all(f'{k}="{v}"' in line for k, v in match.items())
+            ):
+                found += float(line.rsplit(" ", 1)[1])
+        return found
+
+    assert (
+        total(after, "disagg_requests_total", status="ok")
+        == total(before, "disagg_requests_total", status="ok") + 1
+    )
+    assert (
+        total(after, "disagg_requests_total", status="invalid")
+        == total(before, "disagg_requests_total", status="invalid") + 1
+    )
+    assert (
+        total(after, "disagg_generation_tokens_total") == total(before, "disagg_generation_tokens_total") + 3
+    )
+    assert 'role="colocated"' in after and total(after, "disagg_decode_batch_size_count") > 0
+    # one process, one price: request + idle = 3.6 USD/hour × uptime, split between kinds
+    assert total(after, "disagg_pod_cost_usd_per_hour") == 3.6
+    request = total(after, "disagg_cost_usd_total", kind="request")
+    assert (
+        request > total(before, "disagg_cost_usd_total", kind="request")
+        and total(after, "disagg_cost_usd_total", kind="idle") > 0
+    )
+    assert request == pytest.approx(total(after, "disagg_request_cost_usd_total"), rel=1e-6)

@@ -286,6 +286,8 @@ def test_monitoring_ships_every_dashboard_and_rule(rendered: dict[str, list[dict
     assert {component(svc) for svc in scraped} == {"gateway", "prefill", "decode", "attention"}
     ports = {e["port"] for e in monitor["spec"]["endpoints"]}
     assert all(ports & {p["name"] for p in svc["spec"]["ports"]} for svc in scraped)
+    # Pods label their own series (pod, role, model): the rules and dashboards group by those.
+    assert all(e["honorLabels"] is True for e in monitor["spec"]["endpoints"])
 
 
 def test_autoscaling(rendered: dict[str, list[dict[str, Any]]]) -> None:

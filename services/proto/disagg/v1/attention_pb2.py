@@ -25,7 +25,7 @@ _sym_db = _symbol_database.Default()
 from disagg.v1 import tensor_pb2 as disagg_dot_v1_dot_tensor__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x19\x64isagg/v1/attention.proto\x12\tdisagg.v1\x1a\x16\x64isagg/v1/tensor.proto\"\x9b\x01\n\x0bOpenRequest\x12\x0e\n\x06seq_id\x18\x01 \x01(\x04\x12\x15\n\rkv_head_start\x18\x02 \x01(\r\x12\x15\n\rkv_head_count\x18\x03 \x01(\r\x12\x0e\n\x06policy\x18\x04 \x01(\t\x12\r\n\x05owner\x18\x05 \x01(\t\x12\x13\n\x06\x62udget\x18\x06 \x01(\x02H\x00\x88\x01\x01\x12\x0f\n\x07scoring\x18\x07 \x01(\tB\t\n\x07_budget\"\x0e\n\x0cOpenResponse\"4\n\x0eReserveRequest\x12\x0e\n\x06seq_id\x18\x01 \x01(\x04\x12\x12\n\nnum_tokens\x18\x02 \x01(\x04\"u\n\x0fReserveResponse\x12\'\n\x08reserved\x18\x01 \x01(\x0b\x32\x13.disagg.v1.ReservedH\x00\x12/\n\rout_of_blocks\x18\x02 \x01(\x0b\x32\x16.disagg.v1.OutOfBlocksH\x00\x42\x08\n\x06result\"7\n\x08Reserved\x12\x17\n\x0f\x63\x61pacity_tokens\x18\x01 \x01(\x04\x12\x12\n\nnew_blocks\x18\x02 \x01(\x04\"9\n\x0bOutOfBlocks\x12\x15\n\rneeded_blocks\x18\x01 \x01(\x04\x12\x13\n\x0b\x66ree_blocks\x18\x02 \x01(\x04\"y\n\rImportKVChunk\x12\x0e\n\x06seq_id\x18\x01 \x01(\x04\x12\r\n\x05layer\x18\x02 \x01(\r\x12\r\n\x05start\x18\x03 \x01(\x04\x12\x1c\n\x01k\x18\x04 \x01(\x0b\x32\x11.disagg.v1.Tensor\x12\x1c\n\x01v\x18\x05 \x01(\x0b\x32\x11.disagg.v1.Tensor\"1\n\x10ImportKVResponse\x12\x0e\n\x06\x63hunks\x18\x01 \x01(\x04\x12\r\n\x05\x62ytes\x18\x02 \x01(\x04\"\x1d\n\x0b\x46reeRequest\x12\x0e\n\x06seq_id\x18\x01 \x01(\x04\"\'\n\x0c\x46reeResponse\x12\x17\n\x0freleased_blocks\x18\x01 \x01(\x04\"\x0e\n\x0cStatsRequest\"\xce\x02\n\rStatsResponse\x12\x0e\n\x06pod_id\x18\x01 \x01(\t\x12\x14\n\x0c\x62locks_total\x18\x02 \x01(\x04\x12\x13\n\x0b\x62locks_free\x18\x03 \x01(\x04\x12\x13\n\x0b\x62locks_used\x18\x04 \x01(\x04\x12\x12\n\nblock_size\x18\x05 \x01(\r\x12\x11\n\tsequences\x18\x06 \x01(\x04\x12\x13\n\x0b\x62ytes_total\x18\x07 \x01(\x04\x12\x12\n\nbytes_used\x18\x08 \x01(\x04\x12\x12\n\nnum_layers\x18\t \x01(\r\x12\x14\n\x0cnum_kv_heads\x18\n \x01(\r\x12\x12\n\ngroup_size\x18\x0b \x01(\r\x12\x10\n\x08head_dim\x18\x0c \x01(\r\x12\x1f\n\x05\x64type\x18\r \x01(\x0e\x32\x10.disagg.v1.DType\x12\x19\n\x11max_message_bytes\x18\x0e \x01(\x04\x12\x11\n\tstep_port\x18\x0f \x01(\r\"d\n\x0bStepRequest\x12%\n\x05\x62\x65gin\x18\x01 \x01(\x0b\x32\x14.disagg.v1.StepBeginH\x00\x12%\n\x05layer\x18\x02 \x01(\x0b\x32\x14.disagg.v1.StepLayerH\x00\x42\x07\n\x05\x66rame\":\n\tStepChunk\x12\x0e\n\x06seq_id\x18\x01 \x01(\x04\x12\r\n\x05start\x18\x02 \x01(\x04\x12\x0e\n\x06length\x18\x03 \x01(\x04\"B\n\tStepBegin\x12\x0f\n\x07step_id\x18\x01 \x01(\x04\x12$\n\x06\x63hunks\x18\x02 \x03(\x0b\x32\x14.disagg.v1.StepChunk\"\x8d\x01\n\tStepLayer\x12\x0f\n\x07step_id\x18\x01 \x01(\x04\x12\r\n\x05layer\x18\x02 \x01(\r\x12\x1c\n\x01q\x18\x03 \x01(\x0b\x32\x11.disagg.v1.Tensor\x12 \n\x05k_new\x18\x04 \x01(\x0b\x32\x11.disagg.v1.Tensor\x12 \n\x05v_new\x18\x05 \x01(\x0b\x32\x11.disagg.v1.Tensor\"L\n\x0cStepResponse\x12\x0f\n\x07step_id\x18\x01 \x01(\x04\x12\r\n\x05layer\x18\x02 \x01(\r\x12\x1c\n\x01o\x18\x03 \x01(\x0b\x32\x11.disagg.v1.Tensor\"B\n\x11PlanImportRequest\x12\x0e\n\x06seq_id\x18\x01 \x01(\x04\x12\r\n\x05start\x18\x02 \x01(\x04\x12\x0e\n\x06length\x18\x03 \x01(\x04\"\xab\x02\n\x12PlanImportResponse\x12\x12\n\nagent_name\x18\x01 \x01(\t\x12\x0e\n\x06pod_id\x18\x02 \x01(\t\x12\x13\n\x0btransfer_id\x18\x03 \x01(\x04\x12\x12\n\nblock_size\x18\x04 \x01(\r\x12\x11\n\trow_bytes\x18\x05 \x01(\r\x12\x13\n\x0b\x62lock_bytes\x18\x06 \x01(\x04\x12\x1f\n\x05\x64type\x18\x07 \x01(\x0e\x32\x10.disagg.v1.DType\x12\x10\n\x08head_dim\x18\x08 \x01(\r\x12\x0f\n\x07k_bases\x18\t \x03(\x04\x12\x0f\n\x07v_bases\x18\n \x03(\x04\x12\x13\n\x0b\x66irst_block\x18\x0b \x01(\x04\x12$\n\x05lanes\x18\x0c \x03(\x0b\x32\x15.disagg.v1.LaneBlocks\x12\x10\n\x08lease_ms\x18\r \x01(\x04\"\x1f\n\nLaneBlocks\x12\x11\n\tblock_ids\x18\x01 \x03(\x04\"=\n\x15\x43ompleteImportRequest\x12\x13\n\x0btransfer_id\x18\x01 \x01(\x04\x12\x0f\n\x07\x61\x62\x61ndon\x18\x02 \x01(\x08\"\'\n\x16\x43ompleteImportResponse\x12\r\n\x05\x62ytes\x18\x01 \x01(\x04\x32\x9f\x04\n\tAttention\x12\x37\n\x04Open\x12\x16.disagg.v1.OpenRequest\x1a\x17.disagg.v1.OpenResponse\x12@\n\x07Reserve\x12\x19.disagg.v1.ReserveRequest\x1a\x1a.disagg.v1.ReserveResponse\x12\x43\n\x08ImportKV\x12\x18.disagg.v1.ImportKVChunk\x1a\x1b.disagg.v1.ImportKVResponse(\x01\x12\x37\n\x04\x46ree\x12\x16.disagg.v1.FreeRequest\x1a\x17.disagg.v1.FreeResponse\x12:\n\x05Stats\x12\x17.disagg.v1.StatsRequest\x1a\x18.disagg.v1.StatsResponse\x12;\n\x04Step\x12\x16.disagg.v1.StepRequest\x1a\x17.disagg.v1.StepResponse(\x01\x30\x01\x12I\n\nPlanImport\x12\x1c.disagg.v1.PlanImportRequest\x1a\x1d.disagg.v1.PlanImportResponse\x12U\n\x0e\x43ompleteImport\x12 .disagg.v1.CompleteImportRequest\x1a!.disagg.v1.CompleteImportResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x19\x64isagg/v1/attention.proto\x12\tdisagg.v1\x1a\x16\x64isagg/v1/tensor.proto\"\x9b\x01\n\x0bOpenRequest\x12\x0e\n\x06seq_id\x18\x01 \x01(\x04\x12\x15\n\rkv_head_start\x18\x02 \x01(\r\x12\x15\n\rkv_head_count\x18\x03 \x01(\r\x12\x0e\n\x06policy\x18\x04 \x01(\t\x12\r\n\x05owner\x18\x05 \x01(\t\x12\x13\n\x06\x62udget\x18\x06 \x01(\x02H\x00\x88\x01\x01\x12\x0f\n\x07scoring\x18\x07 \x01(\tB\t\n\x07_budget\"\x0e\n\x0cOpenResponse\"4\n\x0eReserveRequest\x12\x0e\n\x06seq_id\x18\x01 \x01(\x04\x12\x12\n\nnum_tokens\x18\x02 \x01(\x04\"u\n\x0fReserveResponse\x12\'\n\x08reserved\x18\x01 \x01(\x0b\x32\x13.disagg.v1.ReservedH\x00\x12/\n\rout_of_blocks\x18\x02 \x01(\x0b\x32\x16.disagg.v1.OutOfBlocksH\x00\x42\x08\n\x06result\"7\n\x08Reserved\x12\x17\n\x0f\x63\x61pacity_tokens\x18\x01 \x01(\x04\x12\x12\n\nnew_blocks\x18\x02 \x01(\x04\"9\n\x0bOutOfBlocks\x12\x15\n\rneeded_blocks\x18\x01 \x01(\x04\x12\x13\n\x0b\x66ree_blocks\x18\x02 \x01(\x04\"y\n\rImportKVChunk\x12\x0e\n\x06seq_id\x18\x01 \x01(\x04\x12\r\n\x05layer\x18\x02 \x01(\r\x12\r\n\x05start\x18\x03 \x01(\x04\x12\x1c\n\x01k\x18\x04 \x01(\x0b\x32\x11.disagg.v1.Tensor\x12\x1c\n\x01v\x18\x05 \x01(\x0b\x32\x11.disagg.v1.Tensor\"1\n\x10ImportKVResponse\x12\x0e\n\x06\x63hunks\x18\x01 \x01(\x04\x12\r\n\x05\x62ytes\x18\x02 \x01(\x04\"\x1d\n\x0b\x46reeRequest\x12\x0e\n\x06seq_id\x18\x01 \x01(\x04\"9\n\x0c\x46reeResponse\x12\x17\n\x0freleased_blocks\x18\x01 \x01(\x04\x12\x10\n\x08\x63ost_usd\x18\x02 \x01(\x01\"\x0e\n\x0cStatsRequest\"\xce\x02\n\rStatsResponse\x12\x0e\n\x06pod_id\x18\x01 \x01(\t\x12\x14\n\x0c\x62locks_total\x18\x02 \x01(\x04\x12\x13\n\x0b\x62locks_free\x18\x03 \x01(\x04\x12\x13\n\x0b\x62locks_used\x18\x04 \x01(\x04\x12\x12\n\nblock_size\x18\x05 \x01(\r\x12\x11\n\tsequences\x18\x06 \x01(\x04\x12\x13\n\x0b\x62ytes_total\x18\x07 \x01(\x04\x12\x12\n\nbytes_used\x18\x08 \x01(\x04\x12\x12\n\nnum_layers\x18\t \x01(\r\x12\x14\n\x0cnum_kv_heads\x18\n \x01(\r\x12\x12\n\ngroup_size\x18\x0b \x01(\r\x12\x10\n\x08head_dim\x18\x0c \x01(\r\x12\x1f\n\x05\x64type\x18\r \x01(\x0e\x32\x10.disagg.v1.DType\x12\x19\n\x11max_message_bytes\x18\x0e \x01(\x04\x12\x11\n\tstep_port\x18\x0f \x01(\r\"d\n\x0bStepRequest\x12%\n\x05\x62\x65gin\x18\x01 \x01(\x0b\x32\x14.disagg.v1.StepBeginH\x00\x12%\n\x05layer\x18\x02 \x01(\x0b\x32\x14.disagg.v1.StepLayerH\x00\x42\x07\n\x05\x66rame\":\n\tStepChunk\x12\x0e\n\x06seq_id\x18\x01 \x01(\x04\x12\r\n\x05start\x18\x02 \x01(\x04\x12\x0e\n\x06length\x18\x03 \x01(\x04\"B\n\tStepBegin\x12\x0f\n\x07step_id\x18\x01 \x01(\x04\x12$\n\x06\x63hunks\x18\x02 \x03(\x0b\x32\x14.disagg.v1.StepChunk\"\x8d\x01\n\tStepLayer\x12\x0f\n\x07step_id\x18\x01 \x01(\x04\x12\r\n\x05layer\x18\x02 \x01(\r\x12\x1c\n\x01q\x18\x03 \x01(\x0b\x32\x11.disagg.v1.Tensor\x12 \n\x05k_new\x18\x04 \x01(\x0b\x32\x11.disagg.v1.Tensor\x12 \n\x05v_new\x18\x05 \x01(\x0b\x32\x11.disagg.v1.Tensor\"L\n\x0cStepResponse\x12\x0f\n\x07step_id\x18\x01 \x01(\x04\x12\r\n\x05layer\x18\x02 \x01(\r\x12\x1c\n\x01o\x18\x03 \x01(\x0b\x32\x11.disagg.v1.Tensor\"B\n\x11PlanImportRequest\x12\x0e\n\x06seq_id\x18\x01 \x01(\x04\x12\r\n\x05start\x18\x02 \x01(\x04\x12\x0e\n\x06length\x18\x03 \x01(\x04\"\xab\x02\n\x12PlanImportResponse\x12\x12\n\nagent_name\x18\x01 \x01(\t\x12\x0e\n\x06pod_id\x18\x02 \x01(\t\x12\x13\n\x0btransfer_id\x18\x03 \x01(\x04\x12\x12\n\nblock_size\x18\x04 \x01(\r\x12\x11\n\trow_bytes\x18\x05 \x01(\r\x12\x13\n\x0b\x62lock_bytes\x18\x06 \x01(\x04\x12\x1f\n\x05\x64type\x18\x07 \x01(\x0e\x32\x10.disagg.v1.DType\x12\x10\n\x08head_dim\x18\x08 \x01(\r\x12\x0f\n\x07k_bases\x18\t \x03(\x04\x12\x0f\n\x07v_bases\x18\n \x03(\x04\x12\x13\n\x0b\x66irst_block\x18\x0b \x01(\x04\x12$\n\x05lanes\x18\x0c \x03(\x0b\x32\x15.disagg.v1.LaneBlocks\x12\x10\n\x08lease_ms\x18\r \x01(\x04\"\x1f\n\nLaneBlocks\x12\x11\n\tblock_ids\x18\x01 \x03(\x04\"=\n\x15\x43ompleteImportRequest\x12\x13\n\x0btransfer_id\x18\x01 \x01(\x04\x12\x0f\n\x07\x61\x62\x61ndon\x18\x02 \x01(\x08\"\'\n\x16\x43ompleteImportResponse\x12\r\n\x05\x62ytes\x18\x01 \x01(\x04\x32\x9f\x04\n\tAttention\x12\x37\n\x04Open\x12\x16.disagg.v1.OpenRequest\x1a\x17.disagg.v1.OpenResponse\x12@\n\x07Reserve\x12\x19.disagg.v1.ReserveRequest\x1a\x1a.disagg.v1.ReserveResponse\x12\x43\n\x08ImportKV\x12\x18.disagg.v1.ImportKVChunk\x1a\x1b.disagg.v1.ImportKVResponse(\x01\x12\x37\n\x04\x46ree\x12\x16.disagg.v1.FreeRequest\x1a\x17.disagg.v1.FreeResponse\x12:\n\x05Stats\x12\x17.disagg.v1.StatsRequest\x1a\x18.disagg.v1.StatsResponse\x12;\n\x04Step\x12\x16.disagg.v1.StepRequest\x1a\x17.disagg.v1.StepResponse(\x01\x30\x01\x12I\n\nPlanImport\x12\x1c.disagg.v1.PlanImportRequest\x1a\x1d.disagg.v1.PlanImportResponse\x12U\n\x0e\x43ompleteImport\x12 .disagg.v1.CompleteImportRequest\x1a!.disagg.v1.CompleteImportResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -51,31 +51,31 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_FREEREQUEST']._serialized_start=701
   _globals['_FREEREQUEST']._serialized_end=730
   _globals['_FREERESPONSE']._serialized_start=732
-  _globals['_FREERESPONSE']._serialized_end=771
-  _globals['_STATSREQUEST']._serialized_start=773
-  _globals['_STATSREQUEST']._serialized_end=787
-  _globals['_STATSRESPONSE']._serialized_start=790
-  _globals['_STATSRESPONSE']._serialized_end=1124
-  _globals['_STEPREQUEST']._serialized_start=1126
-  _globals['_STEPREQUEST']._serialized_end=1226
-  _globals['_STEPCHUNK']._serialized_start=1228
-  _globals['_STEPCHUNK']._serialized_end=1286
-  _globals['_STEPBEGIN']._serialized_start=1288
-  _globals['_STEPBEGIN']._serialized_end=1354
-  _globals['_STEPLAYER']._serialized_start=1357
-  _globals['_STEPLAYER']._serialized_end=1498
-  _globals['_STEPRESPONSE']._serialized_start=1500
-  _globals['_STEPRESPONSE']._serialized_end=1576
-  _globals['_PLANIMPORTREQUEST']._serialized_start=1578
-  _globals['_PLANIMPORTREQUEST']._serialized_end=1644
-  _globals['_PLANIMPORTRESPONSE']._serialized_start=1647
-  _globals['_PLANIMPORTRESPONSE']._serialized_end=1946
-  _globals['_LANEBLOCKS']._serialized_start=1948
-  _globals['_LANEBLOCKS']._serialized_end=1979
-  _globals['_COMPLETEIMPORTREQUEST']._serialized_start=1981
-  _globals['_COMPLETEIMPORTREQUEST']._serialized_end=2042
-  _globals['_COMPLETEIMPORTRESPONSE']._serialized_start=2044
-  _globals['_COMPLETEIMPORTRESPONSE']._serialized_end=2083
-  _globals['_ATTENTION']._serialized_start=2086
-  _globals['_ATTENTION']._serialized_end=2629
+  _globals['_FREERESPONSE']._serialized_end=789
+  _globals['_STATSREQUEST']._serialized_start=791
+  _globals['_STATSREQUEST']._serialized_end=805
+  _globals['_STATSRESPONSE']._serialized_start=808
+  _globals['_STATSRESPONSE']._serialized_end=1142
+  _globals['_STEPREQUEST']._serialized_start=1144
+  _globals['_STEPREQUEST']._serialized_end=1244
+  _globals['_STEPCHUNK']._serialized_start=1246
+  _globals['_STEPCHUNK']._serialized_end=1304
+  _globals['_STEPBEGIN']._serialized_start=1306
+  _globals['_STEPBEGIN']._serialized_end=1372
+  _globals['_STEPLAYER']._serialized_start=1375
+  _globals['_STEPLAYER']._serialized_end=1516
+  _globals['_STEPRESPONSE']._serialized_start=1518
+  _globals['_STEPRESPONSE']._serialized_end=1594
+  _globals['_PLANIMPORTREQUEST']._serialized_start=1596
+  _globals['_PLANIMPORTREQUEST']._serialized_end=1662
+  _globals['_PLANIMPORTRESPONSE']._serialized_start=1665
+  _globals['_PLANIMPORTRESPONSE']._serialized_end=1964
+  _globals['_LANEBLOCKS']._serialized_start=1966
+  _globals['_LANEBLOCKS']._serialized_end=1997
+  _globals['_COMPLETEIMPORTREQUEST']._serialized_start=1999
+  _globals['_COMPLETEIMPORTREQUEST']._serialized_end=2060
+  _globals['_COMPLETEIMPORTRESPONSE']._serialized_start=2062
+  _globals['_COMPLETEIMPORTRESPONSE']._serialized_end=2101
+  _globals['_ATTENTION']._serialized_start=2104
+  _globals['_ATTENTION']._serialized_end=2647
 # @@protoc_insertion_point(module_scope)

@@ -90,10 +90,12 @@ class FreeRequest(_message.Message):
     def __init__(self, seq_id: _Optional[int] = ...) -> None: ...
 
 class FreeResponse(_message.Message):
-    __slots__ = ("released_blocks",)
+    __slots__ = ("released_blocks", "cost_usd")
     RELEASED_BLOCKS_FIELD_NUMBER: _ClassVar[int]
+    COST_USD_FIELD_NUMBER: _ClassVar[int]
     released_blocks: int
-    def __init__(self, released_blocks: _Optional[int] = ...) -> None: ...
+    cost_usd: float
+    def __init__(self, released_blocks: _Optional[int] = ..., cost_usd: _Optional[float] = ...) -> None: ...
 
 class StatsRequest(_message.Message):
     __slots__ = ()

@@ -25,7 +25,7 @@ _sym_db = _symbol_database.Default()
 from disagg.v1 import placement_pb2 as disagg_dot_v1_dot_placement__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x16\x64isagg/v1/decode.proto\x12\tdisagg.v1\x1a\x19\x64isagg/v1/placement.proto\"\xad\x01\n\x0eSamplingParams\x12\x12\n\nmax_tokens\x18\x01 \x01(\r\x12\x13\n\x0btemperature\x18\x02 \x01(\x02\x12\r\n\x05top_p\x18\x03 \x01(\x02\x12\r\n\x05top_k\x18\x04 \x01(\r\x12\x11\n\x04seed\x18\x05 \x01(\x04H\x00\x88\x01\x01\x12\x0c\n\x04stop\x18\x06 \x03(\t\x12\x16\n\x0estop_token_ids\x18\x07 \x03(\r\x12\x12\n\nignore_eos\x18\x08 \x01(\x08\x42\x07\n\x05_seed\"\xde\x01\n\x0fGenerateRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x12\n\nprompt_ids\x18\x02 \x03(\r\x12+\n\x08sampling\x18\x03 \x01(\x0b\x32\x19.disagg.v1.SamplingParams\x12\'\n\tplacement\x18\x04 \x01(\x0b\x32\x14.disagg.v1.Placement\x12\x17\n\x0fprefill_address\x18\x05 \x01(\t\x12\x34\n\x10\x61ttention_policy\x18\x06 \x01(\x0b\x32\x1a.disagg.v1.AttentionPolicy\"P\n\x0f\x41ttentionPolicy\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x13\n\x06\x62udget\x18\x02 \x01(\x02H\x00\x88\x01\x01\x12\x0f\n\x07scoring\x18\x03 \x01(\tB\t\n\x07_budget\"c\n\x10GenerateResponse\x12\x11\n\ttoken_ids\x18\x01 \x03(\r\x12\x0c\n\x04text\x18\x02 \x01(\t\x12\x15\n\rfinish_reason\x18\x03 \x01(\t\x12\x17\n\x0fprefill_seconds\x18\x04 \x01(\x01\"#\n\rCancelRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\"#\n\x0e\x43\x61ncelResponse\x12\x11\n\tcancelled\x18\x01 \x01(\x08\"\x14\n\x12\x44\x65\x63odeStatsRequest\"l\n\x13\x44\x65\x63odeStatsResponse\x12\x0e\n\x06pod_id\x18\x01 \x01(\t\x12\x0f\n\x07running\x18\x02 \x01(\x04\x12\x0f\n\x07waiting\x18\x03 \x01(\x04\x12\r\n\x05steps\x18\x04 \x01(\x04\x12\x14\n\x0cmax_num_seqs\x18\x05 \x01(\x04\x32\xd6\x01\n\x06\x44\x65\x63ode\x12\x45\n\x08Generate\x12\x1a.disagg.v1.GenerateRequest\x1a\x1b.disagg.v1.GenerateResponse0\x01\x12=\n\x06\x43\x61ncel\x12\x18.disagg.v1.CancelRequest\x1a\x19.disagg.v1.CancelResponse\x12\x46\n\x05Stats\x12\x1d.disagg.v1.DecodeStatsRequest\x1a\x1e.disagg.v1.DecodeStatsResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x16\x64isagg/v1/decode.proto\x12\tdisagg.v1\x1a\x19\x64isagg/v1/placement.proto\"\xad\x01\n\x0eSamplingParams\x12\x12\n\nmax_tokens\x18\x01 \x01(\r\x12\x13\n\x0btemperature\x18\x02 \x01(\x02\x12\r\n\x05top_p\x18\x03 \x01(\x02\x12\r\n\x05top_k\x18\x04 \x01(\r\x12\x11\n\x04seed\x18\x05 \x01(\x04H\x00\x88\x01\x01\x12\x0c\n\x04stop\x18\x06 \x03(\t\x12\x16\n\x0estop_token_ids\x18\x07 \x03(\r\x12\x12\n\nignore_eos\x18\x08 \x01(\x08\x42\x07\n\x05_seed\"\xde\x01\n\x0fGenerateRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x12\n\nprompt_ids\x18\x02 \x03(\r\x12+\n\x08sampling\x18\x03 \x01(\x0b\x32\x19.disagg.v1.SamplingParams\x12\'\n\tplacement\x18\x04 \x01(\x0b\x32\x14.disagg.v1.Placement\x12\x17\n\x0fprefill_address\x18\x05 \x01(\t\x12\x34\n\x10\x61ttention_policy\x18\x06 \x01(\x0b\x32\x1a.disagg.v1.AttentionPolicy\"P\n\x0f\x41ttentionPolicy\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x13\n\x06\x62udget\x18\x02 \x01(\x02H\x00\x88\x01\x01\x12\x0f\n\x07scoring\x18\x03 \x01(\tB\t\n\x07_budget\"\x89\x01\n\x10GenerateResponse\x12\x11\n\ttoken_ids\x18\x01 \x03(\r\x12\x0c\n\x04text\x18\x02 \x01(\t\x12\x15\n\rfinish_reason\x18\x03 \x01(\t\x12\x17\n\x0fprefill_seconds\x18\x04 \x01(\x01\x12$\n\x04\x63ost\x18\x05 \x01(\x0b\x32\x16.disagg.v1.RequestCost\"M\n\x0bRequestCost\x12\x13\n\x0bprefill_usd\x18\x01 \x01(\x01\x12\x12\n\ndecode_usd\x18\x02 \x01(\x01\x12\x15\n\rattention_usd\x18\x03 \x01(\x01\"#\n\rCancelRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\"#\n\x0e\x43\x61ncelResponse\x12\x11\n\tcancelled\x18\x01 \x01(\x08\"\x14\n\x12\x44\x65\x63odeStatsRequest\"l\n\x13\x44\x65\x63odeStatsResponse\x12\x0e\n\x06pod_id\x18\x01 \x01(\t\x12\x0f\n\x07running\x18\x02 \x01(\x04\x12\x0f\n\x07waiting\x18\x03 \x01(\x04\x12\r\n\x05steps\x18\x04 \x01(\x04\x12\x14\n\x0cmax_num_seqs\x18\x05 \x01(\x04\x32\xd6\x01\n\x06\x44\x65\x63ode\x12\x45\n\x08Generate\x12\x1a.disagg.v1.GenerateRequest\x1a\x1b.disagg.v1.GenerateResponse0\x01\x12=\n\x06\x43\x61ncel\x12\x18.disagg.v1.CancelRequest\x1a\x19.disagg.v1.CancelResponse\x12\x46\n\x05Stats\x12\x1d.disagg.v1.DecodeStatsRequest\x1a\x1e.disagg.v1.DecodeStatsResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -38,16 +38,18 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_GENERATEREQUEST']._serialized_end=463
   _globals['_ATTENTIONPOLICY']._serialized_start=465
   _globals['_ATTENTIONPOLICY']._serialized_end=545
-  _globals['_GENERATERESPONSE']._serialized_start=547
-  _globals['_GENERATERESPONSE']._serialized_end=646
-  _globals['_CANCELREQUEST']._serialized_start=648
-  _globals['_CANCELREQUEST']._serialized_end=683
-  _globals['_CANCELRESPONSE']._serialized_start=685
-  _globals['_CANCELRESPONSE']._serialized_end=720
-  _globals['_DECODESTATSREQUEST']._serialized_start=722
-  _globals['_DECODESTATSREQUEST']._serialized_end=742
-  _globals['_DECODESTATSRESPONSE']._serialized_start=744
-  _globals['_DECODESTATSRESPONSE']._serialized_end=852
-  _globals['_DECODE']._serialized_start=855
-  _globals['_DECODE']._serialized_end=1069
+  _globals['_GENERATERESPONSE']._serialized_start=548
+  _globals['_GENERATERESPONSE']._serialized_end=685
+  _globals['_REQUESTCOST']._serialized_start=687
+  _globals['_REQUESTCOST']._serialized_end=764
+  _globals['_CANCELREQUEST']._serialized_start=766
+  _globals['_CANCELREQUEST']._serialized_end=801
+  _globals['_CANCELRESPONSE']._serialized_start=803
+  _globals['_CANCELRESPONSE']._serialized_end=838
+  _globals['_DECODESTATSREQUEST']._serialized_start=840
+  _globals['_DECODESTATSREQUEST']._serialized_end=860
+  _globals['_DECODESTATSRESPONSE']._serialized_start=862
+  _globals['_DECODESTATSRESPONSE']._serialized_end=970
+  _globals['_DECODE']._serialized_start=973
+  _globals['_DECODE']._serialized_end=1187
 # @@protoc_insertion_point(module_scope)

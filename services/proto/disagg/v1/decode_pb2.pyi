@@ -54,16 +54,28 @@ class AttentionPolicy(_message.Message):
     def __init__(self, name: _Optional[str] = ..., budget: _Optional[float] = ..., scoring: _Optional[str] = ...) -> None: ...
 
 class GenerateResponse(_message.Message):
-    __slots__ = ("token_ids", "text", "finish_reason", "prefill_seconds")
+    __slots__ = ("token_ids", "text", "finish_reason", "prefill_seconds", "cost")
     TOKEN_IDS_FIELD_NUMBER: _ClassVar[int]
     TEXT_FIELD_NUMBER: _ClassVar[int]
     FINISH_REASON_FIELD_NUMBER: _ClassVar[int]
     PREFILL_SECONDS_FIELD_NUMBER: _ClassVar[int]
+    COST_FIELD_NUMBER: _ClassVar[int]
     token_ids: _containers.RepeatedScalarFieldContainer[int]
     text: str
     finish_reason: str
     prefill_seconds: float
-    def __init__(self, token_ids: _Optional[_Iterable[int]] = ..., text: _Optional[str] = ..., finish_reason: _Optional[str] = ..., prefill_seconds: _Optional[float] = ...) -> None: ...
+    cost: RequestCost
+    def __init__(self, token_ids: _Optional[_Iterable[int]] = ..., text: _Optional[str] = ..., finish_reason: _Optional[str] = ..., prefill_seconds: _Optional[float] = ..., cost: _Optional[_Union[RequestCost, _Mapping]] = ...) -> None: ...
+
+class RequestCost(_message.Message):
+    __slots__ = ("prefill_usd", "decode_usd", "attention_usd")
+    PREFILL_USD_FIELD_NUMBER: _ClassVar[int]
+    DECODE_USD_FIELD_NUMBER: _ClassVar[int]
+    ATTENTION_USD_FIELD_NUMBER: _ClassVar[int]
+    prefill_usd: float
+    decode_usd: float
+    attention_usd: float
+    def __init__(self, prefill_usd: _Optional[float] = ..., decode_usd: _Optional[float] = ..., attention_usd: _Optional[float] = ...) -> None: ...
 
 class CancelRequest(_message.Message):
     __slots__ = ("request_id",)

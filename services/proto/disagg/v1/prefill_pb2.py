@@ -25,7 +25,7 @@ _sym_db = _symbol_database.Default()
 from disagg.v1 import placement_pb2 as disagg_dot_v1_dot_placement__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x17\x64isagg/v1/prefill.proto\x12\tdisagg.v1\x1a\x19\x64isagg/v1/placement.proto\"p\n\x0ePrefillRequest\x12\x0e\n\x06seq_id\x18\x01 \x01(\x04\x12\x11\n\ttoken_ids\x18\x02 \x03(\r\x12\'\n\tplacement\x18\x03 \x01(\x0b\x32\x14.disagg.v1.Placement\x12\x12\n\nrequest_id\x18\x04 \x01(\t\"c\n\x0fPrefillResponse\x12\x0e\n\x06tokens\x18\x01 \x01(\x04\x12\x10\n\x08kv_bytes\x18\x02 \x01(\x04\x12\x15\n\rqueue_seconds\x18\x03 \x01(\x01\x12\x17\n\x0f\x63ompute_seconds\x18\x04 \x01(\x01\"\x15\n\x13PrefillStatsRequest\"\x98\x01\n\x14PrefillStatsResponse\x12\x0e\n\x06pod_id\x18\x01 \x01(\t\x12\x17\n\x0fqueued_requests\x18\x02 \x01(\x04\x12\x15\n\rqueued_tokens\x18\x03 \x01(\x04\x12\x16\n\x0emax_num_tokens\x18\x04 \x01(\x04\x12\x15\n\rmax_model_len\x18\x05 \x01(\x04\x12\x11\n\tcompleted\x18\x06 \x01(\x04\x32\x95\x01\n\x07Prefill\x12@\n\x07Prefill\x12\x19.disagg.v1.PrefillRequest\x1a\x1a.disagg.v1.PrefillResponse\x12H\n\x05Stats\x12\x1e.disagg.v1.PrefillStatsRequest\x1a\x1f.disagg.v1.PrefillStatsResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x17\x64isagg/v1/prefill.proto\x12\tdisagg.v1\x1a\x19\x64isagg/v1/placement.proto\"p\n\x0ePrefillRequest\x12\x0e\n\x06seq_id\x18\x01 \x01(\x04\x12\x11\n\ttoken_ids\x18\x02 \x03(\r\x12\'\n\tplacement\x18\x03 \x01(\x0b\x32\x14.disagg.v1.Placement\x12\x12\n\nrequest_id\x18\x04 \x01(\t\"u\n\x0fPrefillResponse\x12\x0e\n\x06tokens\x18\x01 \x01(\x04\x12\x10\n\x08kv_bytes\x18\x02 \x01(\x04\x12\x15\n\rqueue_seconds\x18\x03 \x01(\x01\x12\x17\n\x0f\x63ompute_seconds\x18\x04 \x01(\x01\x12\x10\n\x08\x63ost_usd\x18\x05 \x01(\x01\"\x15\n\x13PrefillStatsRequest\"\x98\x01\n\x14PrefillStatsResponse\x12\x0e\n\x06pod_id\x18\x01 \x01(\t\x12\x17\n\x0fqueued_requests\x18\x02 \x01(\x04\x12\x15\n\rqueued_tokens\x18\x03 \x01(\x04\x12\x16\n\x0emax_num_tokens\x18\x04 \x01(\x04\x12\x15\n\rmax_model_len\x18\x05 \x01(\x04\x12\x11\n\tcompleted\x18\x06 \x01(\x04\x32\x95\x01\n\x07Prefill\x12@\n\x07Prefill\x12\x19.disagg.v1.PrefillRequest\x1a\x1a.disagg.v1.PrefillResponse\x12H\n\x05Stats\x12\x1e.disagg.v1.PrefillStatsRequest\x1a\x1f.disagg.v1.PrefillStatsResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -35,11 +35,11 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_PREFILLREQUEST']._serialized_start=65
   _globals['_PREFILLREQUEST']._serialized_end=177
   _globals['_PREFILLRESPONSE']._serialized_start=179
-  _globals['_PREFILLRESPONSE']._serialized_end=278
-  _globals['_PREFILLSTATSREQUEST']._serialized_start=280
-  _globals['_PREFILLSTATSREQUEST']._serialized_end=301
-  _globals['_PREFILLSTATSRESPONSE']._serialized_start=304
-  _globals['_PREFILLSTATSRESPONSE']._serialized_end=456
-  _globals['_PREFILL']._serialized_start=459
-  _globals['_PREFILL']._serialized_end=608
+  _globals['_PREFILLRESPONSE']._serialized_end=296
+  _globals['_PREFILLSTATSREQUEST']._serialized_start=298
+  _globals['_PREFILLSTATSREQUEST']._serialized_end=319
+  _globals['_PREFILLSTATSRESPONSE']._serialized_start=322
+  _globals['_PREFILLSTATSRESPONSE']._serialized_end=474
+  _globals['_PREFILL']._serialized_start=477
+  _globals['_PREFILL']._serialized_end=626
 # @@protoc_insertion_point(module_scope)

@@ -20,16 +20,18 @@ class PrefillRequest(_message.Message):
     def __init__(self, seq_id: _Optional[int] = ..., token_ids: _Optional[_Iterable[int]] = ..., placement: _Optional[_Union[_placement_pb2.Placement, _Mapping]] = ..., request_id: _Optional[str] = ...) -> None: ...
 
 class PrefillResponse(_message.Message):
-    __slots__ = ("tokens", "kv_bytes", "queue_seconds", "compute_seconds")
+    __slots__ = ("tokens", "kv_bytes", "queue_seconds", "compute_seconds", "cost_usd")
     TOKENS_FIELD_NUMBER: _ClassVar[int]
     KV_BYTES_FIELD_NUMBER: _ClassVar[int]
     QUEUE_SECONDS_FIELD_NUMBER: _ClassVar[int]
     COMPUTE_SECONDS_FIELD_NUMBER: _ClassVar[int]
+    COST_USD_FIELD_NUMBER: _ClassVar[int]
     tokens: int
     kv_bytes: int
     queue_seconds: float
     compute_seconds: float
-    def __init__(self, tokens: _Optional[int] = ..., kv_bytes: _Optional[int] = ..., queue_seconds: _Optional[float] = ..., compute_seconds: _Optional[float] = ...) -> None: ...
+    cost_usd: float
+    def __init__(self, tokens: _Optional[int] = ..., kv_bytes: _Optional[int] = ..., queue_seconds: _Optional[float] = ..., compute_seconds: _Optional[float] = ..., cost_usd: _Optional[float] = ...) -> None: ...
 
 class PrefillStatsRequest(_message.Message):
     __slots__ = ()
