@@ -31,18 +31,21 @@ from services.core.model.load import load_model
 ROOT = Path(__file__).resolve().parent.parent
 
 
-def bars(results: list[evaluate.PolicyResult]) -> list[tuple[str, bool, str]]:
-    """(bar, met, measured) for each acceptance bar of the issue."""
+def bars(results: list[evaluate.PolicyResult], comparisons: int) -> list[tuple[str, bool, str]]:
+    """(bar, met, measured) for each acceptance bar of the issue; agreements with their binomial
+    standard error over `comparisons` greedy steps."""
     by = {(r.policy, r.budget): r for r in results if r.scoring is None}
     out: list[tuple[str, bool, str]] = []
+
+    def agree(r: evaluate.PolicyResult) -> str:
+        p = r.top1_agreement
+        return f"{p:.3f} ± {(p * (1 - p) / comparisons) ** 0.5:.3f}"
 
     def ppl(r: evaluate.PolicyResult) -> float:
         return r.perplexity / r.dense_perplexity
 
     if (s := by.get(("sparq", 0.125))) is not None:
-        out.append(
-            ("sparq 1/8: top-1 agreement >= 0.90", s.top1_agreement >= 0.90, f"{s.top1_agreement:.3f}")
-        )
+        out.append(("sparq 1/8: top-1 agreement >= 0.90", s.top1_agreement >= 0.90, agree(s)))
         out.append(("sparq 1/8: perplexity <= 1.05x dense", ppl(s) <= 1.05, f"{ppl(s):.3f}x"))
         out.append(("sparq 1/8: bytes <= 0.20x dense", s.bytes_ratio <= 0.20, f"{s.bytes_ratio:.3f}x"))
         key = "2048"
@@ -54,29 +57,43 @@ def bars(results: list[evaluate.PolicyResult]) -> list[tuple[str, bool, str]]:
         out.append(("sparq 1/8: attention step at 4K >= 2x faster than dense", speed >= 2, f"{speed:.2f}x"))
     for name in ("sparq", "quest"):
         if (r := by.get((name, 0.25))) is not None:
-            out.append(
-                (f"{name} 1/4: top-1 agreement >= 0.95", r.top1_agreement >= 0.95, f"{r.top1_agreement:.3f}")
-            )
+            out.append((f"{name} 1/4: top-1 agreement >= 0.95", r.top1_agreement >= 0.95, agree(r)))
             out.append((f"{name} 1/4: perplexity <= 1.02x dense", ppl(r) <= 1.02, f"{ppl(r):.3f}x"))
     for h in (r for r in results if r.policy == "heavy_hitter" and r.budget == 0.5):
         bar = f"heavy_hitter ({h.scoring}) 1/2: top-1 agreement >= 0.90"
-        out.append((bar, h.top1_agreement >= 0.90, f"{h.top1_agreement:.3f}"))
+        out.append((bar, h.top1_agreement >= 0.90, agree(h)))
     return out
 
 
-def markdown(results: list[evaluate.PolicyResult], command: str, seconds: float, plot: Path) -> str:
+def describe(config: evaluate.EvalConfig, dense_perplexity: float) -> str:
+    c = config
+    return (
+        f"Text: {c.windows} windows of {c.context} tokens prefilled + {c.scored} teacher-forced (perplexity; "
+        f"dense {dense_perplexity:.3f}); top-1 agreement over {c.windows * c.agreement_steps} greedy steps; "
+        f"passkey: {c.passkey_trials} prompts per length, dense in parentheses. Bytes: K/V bytes each policy "
+        "counted as read over the teacher-forced text, over dense's. Attention time: the attention part's "
+        f"median time per decode step (all layers, {c.passkey_trials} prompts at {max(c.passkey_lengths)} "
+        f"tokens, {c.timing_threads} torch thread as attention pods run in `disagg up`, {c.timing_rounds} "
+        "steps after a warm-up), dense and the policy alternately, so both see the same load (dense's time "
+        "varies between rows with the machine's load; the ratio is paired)."
+    )
+
+
+def markdown(
+    results: list[evaluate.PolicyResult], saved: dict[str, Any], config: evaluate.EvalConfig, plot: Path
+) -> str:
     lengths = list(results[0].passkey_accuracy)
     head = ["policy", "budget", "top-1 agree", "ppl / dense", "mass recall"]
     head += [f"passkey {n}" for n in lengths] + ["bytes / dense", "attn ms/step (dense)", "attn time / dense"]
     lines = [
         "## Attention policies (issue 5)",
         "",
-        f"`{command}` — {seconds / 60:.1f} min on {os.cpu_count()} CPUs, torch {torch.__version__}.",
+        f"`{saved['command']}`: the sweep took {saved['seconds'] / 60:.1f} min on {os.cpu_count()} CPUs "
+        f"(shared with other work), torch {torch.__version__}; raw results in "
+        "`bench/attention_policies.json`, rendered here by "
+        "`python bench/attention_policies.py --from-json bench/attention_policies.json`.",
         "",
-        f"Dense perplexity {results[0].dense_perplexity:.3f}; passkey in parentheses: dense. "
-        "Bytes: K/V bytes each policy counted as read over the teacher-forced text, over dense's. Attention "
-        "time: the attention part's median time per decode step at the longest passkey length, dense and the "
-        "policy measured alternately in the same run.",
+        describe(config, results[0].dense_perplexity),
         "",
         "| " + " | ".join(head) + " |",
         "|" + "---|" * len(head),
@@ -93,7 +110,8 @@ def markdown(results: list[evaluate.PolicyResult], command: str, seconds: float,
         lines.append("| " + " | ".join(row) + " |")
     lines += ["", f"![quality vs bytes]({os.path.relpath(plot, ROOT / 'bench')})", "", "Acceptance bars:", ""]
     lines += [
-        f"- {'met' if ok else '**not met**'}: {bar} (measured {value})" for bar, ok, value in bars(results)
+        f"- {'met' if ok else '**not met**'}: {bar} (measured {value})"
+        for bar, ok, value in bars(results, config.windows * config.agreement_steps)
     ]
     return "\n".join(lines)
 
@@ -135,9 +153,9 @@ def main(argv: list[str] | None = None) -> int:
     results = [evaluate.PolicyResult(**r) for r in saved["results"]]
     short = [evaluate.PolicyResult(**r) for r in saved["short_results"]]
     evaluate.plot(results, args.plot)
-    body = markdown(results, saved["command"], saved["seconds"], args.plot)
+    body = markdown(results, saved, evaluate.EvalConfig(**saved["config"]), args.plot)
     body += "\n\n" + short_markdown(short, evaluate.EvalConfig(**saved["short_config"]))
-    console.print(body)
+    console.print(body, markup=False, highlight=False)
     if not args.no_write:
         write_section("attention-policies", body)
     return 0
@@ -156,6 +174,7 @@ def run_all(scoring: Scoring, console: Console) -> dict[str, Any]:
     short_results = evaluate.run(model, short_specs, short, console)
     return {
         "seconds": seconds,
+        "config": dataclasses.asdict(evaluate.EvalConfig()),
         "results": [r.to_json() for r in results],
         "short_results": [r.to_json() for r in short_results],
         "short_config": dataclasses.asdict(short) | {"passkey_lengths": []},

@@ -44,6 +44,7 @@ RAW_PROMPTS = [
     "Paris is the capital of",
     "1, 2, 3, 5, 8, 13,",
 ]
+LONG_TEXT = (ROOT / "tests" / "data" / "alice_ch1.txt").read_text()[:1500]  # ~350 tokens
 CHAT_PROMPTS = [
     "What is the capital of France?",
     "Write a haiku about the sea.",
@@ -277,6 +278,36 @@ def test_sixteen_concurrent_requests(client: openai.OpenAI, gateway: Gateway, ca
     assert results == [case.text for case, _ in jobs]
     print(f"16 concurrent requests of {NEW_TOKENS} tokens: {elapsed:.1f} s")
     gateway.wait_idle()
+
+
+@pytest.fixture(scope="module")
+def sink_window_reference(model: Any) -> tuple[list[int], str, str]:
+    """(prompt ids, dense text, sink_window text) from the engine in this process."""
+    from services.core.attention import PolicyName, PolicySpec
+    from services.decode.colocated import build_engine
+    from services.decode.sampling import SamplingParams
+
+    ids = model.tokenizer.encode(LONG_TEXT)
+    texts = []
+    for policy in (None, PolicySpec(PolicyName.SINK_WINDOW, 0.05)):
+        params = SamplingParams(max_tokens=NEW_TOKENS, temperature=0, attention_policy=policy)
+        texts.append(build_engine(model).generate([ids], params)[0].text)
+    return ids, texts[0], texts[1]
+
+
+def test_an_attention_policy_travels_with_the_request(
+    client: openai.OpenAI, sink_window_reference: tuple[list[int], str, str]
+) -> None:
+    """The API field reaches the attention part on every path (colocated, through decode pods to
+    attention pods): sink_window, whose reads depend on positions only, gives the in-process
+    engine's text, which differs from dense's for this prompt."""
+    ids, dense_text, sink_text = sink_window_reference
+    assert sink_text != dense_text  # else this prompt could not tell the policy was applied
+    policy = {"attention_policy": {"name": "sink_window", "budget": 0.05}}
+    completion = client.completions.create(
+        model=MODEL, prompt=ids, max_tokens=NEW_TOKENS, temperature=0, extra_body=policy
+    )
+    assert completion.choices[0].text == sink_text
 
 
 def test_models_and_health(client: openai.OpenAI, gateway: Gateway) -> None:

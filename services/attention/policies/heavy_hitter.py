@@ -69,16 +69,19 @@ class HeavyHitterPolicy(AttentionPolicy):
 
     def __init__(self, pool: KVPool, group: int, scale: float, lock: threading.Lock) -> None:
         super().__init__(pool, group, scale, lock)
-        shape = (pool.allocator.num_blocks, pool.block_size)
-        device = pool.config.device
-        self.acc = [torch.zeros(shape, dtype=torch.float32, device=device) for _ in pool.k]
-        self.pos = [torch.zeros(shape, dtype=torch.int32, device=device) for _ in pool.k]
+        # Per layer [num_blocks, bs], allocated on first use; entries are set before they are read.
+        self.acc: list[torch.Tensor] = []  # scores (fp32)
+        self.pos: list[torch.Tensor] = []  # positions of the stored tokens (int32)
         self._scored: dict[int, int] = {}  # seq -> stored tokens whose score and position are set
 
     def covers(self, lane: DecodeLane) -> bool:
         return False  # below budget 1 every step accumulates scores for the evictions to come
 
     def begin_sparse(self, lanes: Sequence[DecodeLane]) -> PolicyStep:
+        if not self.acc:
+            shape, device = (self.pool.allocator.num_blocks, self.pool.block_size), self.pool.config.device
+            self.acc = [torch.empty(shape, dtype=torch.float32, device=device) for _ in self.pool.k]
+            self.pos = [torch.empty(shape, dtype=torch.int32, device=device) for _ in self.pool.k]
         return HeavyHitterStep(self, lanes)
 
     def forget(self, seq_id: int) -> None:

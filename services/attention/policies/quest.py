@@ -61,16 +61,20 @@ class QuestPolicy(AttentionPolicy):
 
     def __init__(self, pool: KVPool, group: int, scale: float, lock: threading.Lock) -> None:
         super().__init__(pool, group, scale, lock)
-        config, n = pool.config, pool.allocator.num_blocks
-        shape = (n, config.head_dim)
-        self.kmin = [torch.zeros(shape, dtype=config.dtype, device=config.device) for _ in self.pool.k]
-        self.kmax = [torch.zeros(shape, dtype=config.dtype, device=config.device) for _ in self.pool.k]
-        self.mirror = BlockMirror(self.pool.block_size, config.device)
+        # Per layer [num_blocks, D], allocated on first use; a block's bounds are derived before read.
+        self.kmin: list[torch.Tensor] = []
+        self.kmax: list[torch.Tensor] = []
+        self.mirror = BlockMirror(pool.block_size, pool.config.device)
 
     def covers(self, lane: DecodeLane) -> bool:
         return pages_for(lane, self.pool.block_size) >= -(-lane.length // self.pool.block_size)
 
     def begin_sparse(self, lanes: Sequence[DecodeLane]) -> PolicyStep:
+        if not self.kmin:
+            config = self.pool.config
+            shape = (self.pool.allocator.num_blocks, config.head_dim)
+            self.kmin = [torch.empty(shape, dtype=config.dtype, device=config.device) for _ in self.pool.k]
+            self.kmax = [torch.empty(shape, dtype=config.dtype, device=config.device) for _ in self.pool.k]
         return QuestStep(self, lanes)
 
     def forget(self, seq_id: int) -> None:

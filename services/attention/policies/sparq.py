@@ -17,7 +17,7 @@ window) and each group is one vectorized call.
 Phase 1 reads a transposed copy of K, `kt[layer]: [num_blocks, D, bs]` (kernels.sparq.kt_from_k's
 layout), so the r components of a block's keys are r contiguous rows. It is derived from the pool
 lazily (common.BlockMirror): a block once full, the lane's last block at every step. It costs as much
-memory as K itself (allocated when the pod first serves a sparq request). Bytes read per step:
+memory as K itself (allocated when the pod first runs a sparq step below full budget). Bytes read per step:
 the kernel's count (r · n + 2 · min(k, n) · D per lane) plus the K rows read to refresh kt.
 """
 
@@ -66,10 +66,10 @@ class SparqPolicy(AttentionPolicy):
 
     def __init__(self, pool: KVPool, group: int, scale: float, lock: threading.Lock) -> None:
         super().__init__(pool, group, scale, lock)
-        config, bs = pool.config, pool.block_size
-        shape = (pool.allocator.num_blocks, config.head_dim, bs)
-        self.kt = [torch.zeros(shape, dtype=config.dtype, device=config.device) for _ in pool.k]
-        self.mirror = BlockMirror(bs, config.device)
+        # Per layer [num_blocks, D, bs], allocated on first use (as much memory as K); a block is
+        # transposed into it before phase 1 reads it.
+        self.kt: list[torch.Tensor] = []
+        self.mirror = BlockMirror(pool.block_size, pool.config.device)
 
     def params(self, lane: DecodeLane) -> SparqParams:
         return SparqParams.for_lane(lane, self.pool.config.head_dim, self.pool.block_size)
@@ -78,6 +78,10 @@ class SparqPolicy(AttentionPolicy):
         return not self.params(lane).saves(lane.length, self.pool.config.head_dim)
 
     def begin_sparse(self, lanes: Sequence[DecodeLane]) -> PolicyStep:
+        if not self.kt:
+            config = self.pool.config
+            shape = (self.pool.allocator.num_blocks, config.head_dim, self.pool.block_size)
+            self.kt = [torch.empty(shape, dtype=config.dtype, device=config.device) for _ in self.pool.k]
         return SparqStep(self, lanes)
 
     def forget(self, seq_id: int) -> None:

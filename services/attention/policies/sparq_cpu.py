@@ -11,8 +11,8 @@ to the widest lane; masks are skipped when every lane is that wide):
 The top-k is a numpy partition (`top_positions`), the same set as `torch.topk` without its sort.
 Phase 2 gathers the k selected K and V rows with `index_select` as well. Positions past a lane's
 length (its last partial block, and other lanes' longer tables) are masked exactly as the reference
-masks them, so the selection and the output are the reference's (tests/unit/test_sparq_cpu.py; ties at
-the k-th score may be broken differently, as the reference allows).
+masks them, so the selection and the output are the reference's (tests/unit/test_attention_policies.py;
+ties at the k-th score may be broken differently, as the reference allows).
 """
 
 from __future__ import annotations
