@@ -108,14 +108,28 @@ def sparq_decode_reference(
     score = score.masked_fill(valid & (pos >= length - local_window), float("inf"))
     score = score.masked_fill(~valid, float("-inf"))
     sel = score.topk(min(k, width), dim=1, sorted=False).indices  # [n_lanes, kk]
-
-    slots = table.gather(1, sel // bs) * bs + sel % bs  # [n_lanes, kk] flat pool rows
-    keys = k_cache.reshape(-1, head_dim)[slots].float()  # [n_lanes, kk, D]
-    values = v_cache.reshape(-1, head_dim)[slots].float()
-    s = torch.bmm(q.float(), keys.transpose(1, 2)) * scale  # [n_lanes, G, kk]
-    s = s.masked_fill(~(sel < length)[:, None, :], float("-inf"))
-    out = torch.bmm(s.softmax(dim=-1), values).to(q.dtype)  # [n_lanes, G, D]
+    out = attend_selected(q, k_cache, v_cache, table, lanes, sel, scale)
     return SparqOutput(out, sparq_bytes(lengths, r, k, head_dim, k_cache.element_size()))
+
+
+def attend_selected(
+    q: torch.Tensor,  # [n_lanes, G, D]
+    k_cache: torch.Tensor,  # [num_blocks, bs, D]
+    v_cache: torch.Tensor,  # [num_blocks, bs, D]
+    table: torch.Tensor,  # [n_lanes, MB] padded block ids (PagedLanes.padded_table)
+    lanes: PagedLanes,
+    sel: torch.Tensor,  # [n_lanes, kk] positions; those past a lane's length are masked
+    scale: float,
+) -> torch.Tensor:  # [n_lanes, G, D], q's dtype
+    """Phase 2 in torch: exact attention with the full q over the selected K/V rows."""
+    n_lanes, kk = sel.shape
+    head_dim, bs = q.shape[-1], lanes.block_size
+    slots = (table.gather(1, sel // bs) * bs + sel % bs).reshape(-1)  # [n_lanes · kk] flat pool rows
+    keys = k_cache.reshape(-1, head_dim).index_select(0, slots).view(n_lanes, kk, head_dim).float()
+    values = v_cache.reshape(-1, head_dim).index_select(0, slots).view(n_lanes, kk, head_dim).float()
+    s = torch.bmm(q.float(), keys.transpose(1, 2)) * scale  # [n_lanes, G, kk]
+    s.masked_fill_(~(sel < lanes.lane_len.long()[:, None])[:, None, :], float("-inf"))
+    return torch.bmm(s.softmax(dim=-1), values).to(q.dtype)
 
 
 def sparq_decode_triton(

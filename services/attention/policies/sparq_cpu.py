@@ -21,7 +21,13 @@ import numpy as np
 import torch
 
 from services.attention.kernels import PagedLanes
-from services.attention.kernels.sparq import SparqOutput, _check, select_components, sparq_bytes
+from services.attention.kernels.sparq import (
+    SparqOutput,
+    _check,
+    attend_selected,
+    select_components,
+    sparq_bytes,
+)
 
 
 def sparq_positions(
@@ -79,12 +85,5 @@ def sparq_decode_cpu(
 ) -> SparqOutput:
     """Same contract as `kernels.sparq.sparq_decode_reference`."""
     sel, table = sparq_positions(q, kt_cache, lanes, r, k, local_window, scale)
-    n, kk = sel.shape
-    head_dim, bs = q.shape[-1], lanes.block_size
-    slots = (table.gather(1, sel // bs) * bs + sel % bs).reshape(-1)  # [n · kk] flat pool rows
-    keys = k_cache.view(-1, head_dim).index_select(0, slots).view(n, kk, head_dim).float()
-    values = v_cache.view(-1, head_dim).index_select(0, slots).view(n, kk, head_dim).float()
-    s = torch.bmm(q.float(), keys.transpose(1, 2)) * scale  # [n, G, kk]
-    s.masked_fill_(~(sel < lanes.lane_len.long()[:, None])[:, None, :], float("-inf"))
-    out = torch.bmm(s.softmax(dim=-1), values).to(q.dtype)  # [n, G, D]
-    return SparqOutput(out, sparq_bytes(lanes.lengths(), r, k, head_dim, k_cache.element_size()))
+    out = attend_selected(q, k_cache, v_cache, table, lanes, sel, scale)
+    return SparqOutput(out, sparq_bytes(lanes.lengths(), r, k, q.shape[-1], k_cache.element_size()))
