@@ -2,9 +2,10 @@
 
 Same messages as the gRPC Step stream (`disagg.v1.StepRequest` / `StepResponse`, protobuf), carried
 in length-prefixed frames instead of HTTP/2. Why: on the decode pod's hot path a frame goes out and
-its answer comes back 30 × micro-batches times per decode step, and grpcio's Python stream costs
-~100 µs of CPU per side per round trip in thread handoffs (bench/layer_rtt.py measures it), while a
-blocking socket costs ~15 µs. The gRPC stream stays as the fallback and the reference.
+its answer comes back 30 × micro-batches times per decode step, and grpcio's Python stream spends
+its CPU in thread handoffs: `python bench/layer_rtt.py` measures both carriers against one real
+attention pod (p50 and CPU per round trip on each side).
+The gRPC stream stays as the fallback and the reference.
 
 Frame, both directions (network byte order):
 
