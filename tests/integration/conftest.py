@@ -12,8 +12,10 @@ from collections.abc import Iterator
 import pytest
 import redis
 
+from services.core.api_keys import ApiKeyStore
 from services.core.redis_server import RedisServer
 from services.core.registry import RedisSettings, connect
+from services.core.tenants import TenantStore
 
 
 @pytest.fixture(scope="session")
@@ -33,3 +35,13 @@ def redis_client(redis_settings: RedisSettings) -> Iterator[redis.Redis]:
     client = connect(redis_settings)
     yield client
     client.close()
+
+
+@pytest.fixture
+def keys(redis_client: redis.Redis, redis_settings: RedisSettings) -> ApiKeyStore:
+    return ApiKeyStore(redis_client, redis_settings)
+
+
+@pytest.fixture
+def store(redis_client: redis.Redis, redis_settings: RedisSettings) -> TenantStore:
+    return TenantStore(redis_client, redis_settings)

@@ -70,16 +70,6 @@ class ScriptedBackend(Backend):
             yield TokenEvent(0, 1, f"w{i} ", FinishReason.LENGTH if last else None)
 
 
-@pytest.fixture
-def keys(redis_client: redis.Redis, redis_settings: RedisSettings) -> ApiKeyStore:
-    return ApiKeyStore(redis_client, redis_settings)
-
-
-@pytest.fixture
-def store(redis_client: redis.Redis, redis_settings: RedisSettings) -> TenantStore:
-    return TenantStore(redis_client, redis_settings)
-
-
 def tenancy_for(settings: RedisSettings, cache_s: float = 0.0, **kwargs: Any) -> Tenancy:
     client = connect(settings)
     return Tenancy(

@@ -31,16 +31,6 @@ pytestmark = pytest.mark.timeout(60)
 ROOT = Path(__file__).resolve().parents[2]
 
 
-@pytest.fixture
-def keys(redis_client: redis.Redis, redis_settings: RedisSettings) -> ApiKeyStore:
-    return ApiKeyStore(redis_client, redis_settings)
-
-
-@pytest.fixture
-def store(redis_client: redis.Redis, redis_settings: RedisSettings) -> TenantStore:
-    return TenantStore(redis_client, redis_settings)
-
-
 def everything_under(client: redis.Redis, prefix: str) -> str:
     """Every key name and value under `prefix`, as one string."""
     dump = []
