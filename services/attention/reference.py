@@ -11,9 +11,8 @@ batched matmuls and one masked softmax:
     o              [n, G, D]       softmax(scores) @ v
 
 Buckets keep the padding bounded (`BUCKET_SLACK`: padded blocks ≤ 1.25× real ones, or a few
-blocks), so a long lane does not pad a batch of short ones. Against the block-wise scoring with
-scatter reductions it replaced: 0.35 ms vs 0.86 ms for 96 lanes × 150 tokens (D = 64, fp32, 2
-threads; a one-off measurement on the 2-core build machine), with fewer, larger ops.
+blocks), so a long lane does not pad a batch of short ones. It replaced block-wise scoring with
+scatter reductions (about twice as many, smaller ops); bench/engine.py measures the engine it serves.
 GPUs use the Triton kernels instead (kernels/), which read the pool in place.
 
 Prefill: per sequence, causal over the prompt with SDPA (GQA), queries offset by `start`.
