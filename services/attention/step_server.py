@@ -61,6 +61,7 @@ class StepSocketServer:
         self.port: int = self._listener.getsockname()[1]
         self._lock = threading.Lock()
         self._connections: set[socket.socket] = set()
+        self._threads: set[threading.Thread] = set()  # one per connection, joined by stop()
         self._stopped = threading.Event()
         self._thread = threading.Thread(target=self._accept, name="step-accept", daemon=True)
 
@@ -72,10 +73,14 @@ class StepSocketServer:
         self._stopped.set()
         _close(self._listener)  # shutdown() wakes the accept() blocked in the accept thread
         with self._lock:
-            connections = list(self._connections)
+            connections, threads = list(self._connections), list(self._threads)
         for conn in connections:  # their threads see the reset and end
             _close(conn)
         self._thread.join(5)
+        # Join them before the interpreter exits: a daemon thread still inside a torch op at exit
+        # aborts the process ("terminate called without an active exception").
+        for thread in threads:
+            thread.join(5)
 
     def _accept(self) -> None:
         while not self._stopped.is_set():
@@ -92,7 +97,10 @@ class StepSocketServer:
                 _refuse(conn, f"the pod serves at most {self.max_connections} Step connections")
                 continue
             name = f"step-{peer[0]}:{peer[1]}"
-            threading.Thread(target=self._serve, args=(conn,), name=name, daemon=True).start()
+            thread = threading.Thread(target=self._serve, args=(conn,), name=name, daemon=True)
+            with self._lock:
+                self._threads.add(thread)
+            thread.start()
 
     def _serve(self, conn: socket.socket) -> None:
         session = self.engine.session()
@@ -119,6 +127,7 @@ class StepSocketServer:
             session.close()  # steps left open are abandoned (their compute so far stays charged)
             with self._lock:
                 self._connections.discard(conn)
+                self._threads.discard(threading.current_thread())
             _close(conn)
 
 
