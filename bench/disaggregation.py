@@ -1,8 +1,9 @@
 """Does disaggregation pay on this machine? Every number of bench/RESULTS.md's issue-4 sections, one run.
 
-    .venv/bin/python bench/disaggregation.py [--quick] [--sections a,b,c,d] [--no-write]
+    .venv/bin/python bench/disaggregation.py [--quick] [--sections a,b,c,d,e] [--no-write]
 
-(a) `disagg up` (1 prefill, 1 decode, 2 attention pods, request placement, 2 micro-batches) vs
+(a) `disagg up` (1 prefill, 1 decode, 2 attention pods, request placement, 2 micro-batches; prompts
+    under 512 tokens prefilled by the decode pod, the default: only context 2048 uses the prefill pod) vs
     `disagg up --colocated` vs transformers `generate`, at batch 1, 8, 32 and context 256 and 2048.
     The servers get B concurrent streaming requests through the OpenAI API (`services.loadgen`, the
     code behind `disagg bench`), greedy, `ignore_eos`, NEW tokens each; transformers gets the same
@@ -13,6 +14,9 @@
     the NIXL activation path is not built, docs/architecture.md says why).
 (d) Micro-batches 1 vs 2 vs 3: `disagg up --micro-batches M`, 16 concurrent ~1,000-token prompts;
     decode tok/s = tokens that arrive after every request has its first token / time from then on.
+(e) Conditional disaggregation: 32 concurrent 192-token prompts, 64 new tokens, every prompt sent to
+    the prefill pod (`--remote-prefill-min-tokens 2`) vs prefilled by the decode pod (the default,
+    512): output tok/s, TTFT p50 and the CPU seconds all of the cluster's processes spent (/proc).
 
 All processes share this machine's cores; ratios are taken within the run.
 """
@@ -34,6 +38,7 @@ from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import httpx
 import torch
@@ -51,8 +56,9 @@ console = Console(stderr=True)
 
 # ---- servers -------------------------------------------------------------------------------------
 @contextmanager
-def served(flags: list[str], log_dir: Path, name: str) -> Iterator[str]:
-    """`disagg up --port 0 FLAGS` in a subprocess until the block ends; yields the gateway URL."""
+def served(flags: list[str], log_dir: Path, name: str, on_pid: bool = False) -> Iterator[Any]:
+    """`disagg up --port 0 FLAGS` in a subprocess until the block ends; yields the gateway URL
+    (with `on_pid`: the URL and the process id)."""
     log, out = log_dir / f"{name}.log", log_dir / f"{name}.out"
     argv = [sys.executable, "-m", "services.cli", "up", "--port", "0", *flags]
     with log.open("w") as err, out.open("w") as stdout:
@@ -63,7 +69,8 @@ def served(flags: list[str], log_dir: Path, name: str) -> Iterator[str]:
             if proc.poll() is not None or time.monotonic() > deadline:
                 raise SystemExit(f"{name} did not start; see {log}:\n{log.read_text()[-3000:]}")
             time.sleep(0.2)
-        yield lines[0].removeprefix("ready: ").strip()
+        url = lines[0].removeprefix("ready: ").strip()
+        yield (url, proc.pid) if on_pid else url
     finally:
         proc.send_signal(signal.SIGTERM)
         try:
@@ -218,6 +225,58 @@ def section_d(plan: Plan, logs: Path, progress: Progress) -> str:
     )
 
 
+def cluster_cpu_seconds(root: int) -> float:
+    """CPU seconds (user + system) of `root`'s descendants, from /proc: what the cluster's pods spent."""
+    children: dict[int, list[int]] = {}
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            children.setdefault(int(stat.read_text().rsplit(")", 1)[1].split()[1]), []).append(
+                int(stat.parent.name)
+            )
+        except (OSError, ValueError):
+            continue
+    total, todo = 0.0, list(children.get(root, []))
+    while todo:
+        pid = todo.pop()
+        todo += children.get(pid, [])
+        try:
+            fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        total += (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+    return total
+
+
+def section_e(plan: Plan, logs: Path, progress: Progress) -> str:
+    task = progress.add_task("(e) conditional prefill", total=2)
+    streams, prompt, new = (32, 192, 64) if plan is FULL else (4, 64, 8)
+    prompts = build_prompts(streams, prompt, seed=288)
+    rows = []
+    for label, threshold in (("prefill pod", 2), ("decode pod (default)", 512)):
+        flags = [*DISAGG, "--micro-batches", "2", "--remote-prefill-min-tokens", str(threshold)]
+        with served(flags, logs, f"prefill-{threshold}", on_pid=True) as (url, pid):
+            load(url, build_prompts(2, 16, seed=1), 2, 16, 4)  # warm-up
+            before = cluster_cpu_seconds(pid)
+            summary = load(url, prompts, streams, prompt, new)
+            cpu = cluster_cpu_seconds(pid) - before
+        ttft = summary.ttft_s.p50 if summary.ttft_s else float("nan")
+        rows.append((label, threshold, summary.output_tokens_per_s, ttft, cpu))
+        progress.advance(task)
+    base = rows[0]
+    lines = [
+        "| prompts prefilled by | --remote-prefill-min-tokens | output tok/s | vs prefill pod | TTFT p50 s "
+        "| cluster CPU s |",
+        "|---|---|---|---|---|---|",
+    ]
+    lines += [
+        f"| {label} | {t} | {tps:.1f} | **{tps / base[2]:.2f}×** | {ttft:.2f} | {cpu:.1f} |"
+        for label, t, tps, ttft, cpu in rows
+    ]
+    return f"{streams} concurrent streams, {prompt}-token prompts, {new} new tokens each.\n\n" + "\n".join(
+        lines
+    )
+
+
 def table_section(rows: list[dict[str, object]]) -> str:
     keys = [k for k, v in rows[0].items() if not isinstance(v, list | tuple)]  # raw runs stay out
     lines = ["| " + " | ".join(keys) + " |", "|" + "---|" * len(keys)]
@@ -248,6 +307,7 @@ SECTIONS: dict[str, tuple[str, Callable[..., str]]] = {
     "d": ("(d) Ping-pong micro-batches", section_d),
     "b": ("(b) KV shipping, 2048-token prompt", section_b),
     "c": ("(c) Per-layer round trip", section_c),
+    "e": ("(e) Conditional disaggregation: short prompts prefilled by the decode pod", section_e),
 }
 
 
@@ -258,8 +318,8 @@ def main() -> None:
     parser.add_argument("--quick", action="store_true", help="small sizes: checks the script, not the claims")
     parser.add_argument(
         "--sections",
-        default="a,d,b,c",
-        help="sections to run, of a,b,c,d (default a,d,b,c)",
+        default="a,d,b,c,e",
+        help="sections to run, of a,b,c,d,e (default a,d,b,c,e)",
     )
     parser.add_argument("--batches", help="section (a) batch sizes, comma-separated (default 1,8,32)")
     parser.add_argument("--contexts", help="section (a) contexts, comma-separated (default 256,2048)")
@@ -275,7 +335,7 @@ def main() -> None:
     with tempfile.TemporaryDirectory(prefix="disagg-bench-") as logs, Progress(console=console) as progress:
         for key in args.sections.split(","):
             title, run = SECTIONS[key]
-            body = run(plan, Path(logs), progress) if key in "ad" else run(args.quick)
+            body = run(plan, Path(logs), progress) if key in "ade" else run(args.quick)
             bodies.append(f"### {title}\n\n{body}\n")
             Console().print(f"[bold]{title}[/bold]\n{body}\n")
     minutes = (time.perf_counter() - started) / 60

@@ -217,6 +217,13 @@ def _add_up(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     )
     p.add_argument("--max-num-seqs", type=int, default=64, help="running batch per decode pod (default 64)")
     p.add_argument(
+        "--remote-prefill-min-tokens",
+        type=int,
+        default=512,
+        help="prompts of at least this many tokens are prefilled on a prefill pod; shorter ones by their "
+        "decode pod, inside its running batch (conditional disaggregation; default 512, 2 = every prompt)",
+    )
+    p.add_argument(
         "--micro-batches",
         type=int,
         default=2,
@@ -309,6 +316,7 @@ def cmd_up(args: argparse.Namespace) -> int:
         device=args.device,
         attention_kv_gb=args.kv_budget_gb / args.attention,
         max_num_seqs=args.max_num_seqs,
+        remote_prefill_min_tokens=args.remote_prefill_min_tokens,
         micro_batches=args.micro_batches,
         transport=args.transport,
         prices=parse_prices(args.cost_usd_per_hour),

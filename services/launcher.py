@@ -64,6 +64,7 @@ class ClusterPlan:
     attention_kv_gb: float = 1.0  # KV pool of each attention pod
     max_num_seqs: int = 64  # running batch of each decode pod
     micro_batches: int = 2  # ping-pong micro-batches of each decode pod
+    remote_prefill_min_tokens: int = 512  # shorter prompts are prefilled by their decode pod
     transport: str = "grpc"  # bulk KV from prefill to attention pods: grpc (ImportKV) or nixl
     attention_policy: str = "dense"  # the attention pods' default policy (requests may name their own)
     attention_budget: float = DEFAULT_BUDGET  # their default budget
@@ -87,6 +88,8 @@ class ClusterPlan:
             raise DisaggError(f"--step-transport must be tcp or grpc, got {self.step_transport!r}")
         if self.attention_kv_gb <= 0:
             raise DisaggError("--attention-kv-gb must be > 0")
+        if self.remote_prefill_min_tokens < 2:
+            raise DisaggError("--remote-prefill-min-tokens must be at least 2")
         roles = (GATEWAY, PREFILL, DECODE, ATTENTION)
         for role, price in self.prices.items():
             if role not in roles or price < 0:
@@ -176,6 +179,7 @@ class LocalCluster:
             step = ["--step-transport", plan.step_transport]
             self._spawn(f"decode-{i}", "decode", [*pod_flags, *batching, *step])
         gateway_flags = [*common, "--placement", plan.placement.value, "--host", plan.host]
+        gateway_flags += ["--remote-prefill-min-tokens", str(plan.remote_prefill_min_tokens)]
         gateway = self._spawn("gateway", "gateway", [*gateway_flags, "--port", str(plan.port)])
         self.url = self._wait_ready(gateway)
         if plan.prometheus:

@@ -21,6 +21,12 @@ A consumer that stops iterating (client gone, deadline) cancels the gRPC call; t
 aborts the request and frees its KV. Redis calls are short and blocking, so they run on the default
 executor; gRPC uses grpc.aio on the gateway's event loop.
 
+Conditional disaggregation: only prompts of at least `remote_prefill_min_tokens` go to a prefill
+pod. A shorter prompt is prefilled by its decode pod, in chunks inside its running batch: the hop to
+a prefill pod and the K/V shipping cost more than they save for a short prompt, whose prefill costs
+about what a few decode steps of the batch cost (NVIDIA Dynamo makes the same choice; the threshold
+and the measurement are in docs/architecture.md).
+
 When every attention pod is full, a request waits in the gateway's FIFO admission queue
 (admission.py) until KV comes back, up to `admission_timeout_s`; the queue is bounded by
 `max_waiting_requests`, past which requests get 503 at once.
@@ -87,6 +93,12 @@ class ClusterSettings(BaseSettings):
     )
     max_waiting_requests: int = Field(
         1024, ge=0, description="requests waiting for KV room at once; more get 503 at once (backpressure)"
+    )
+    remote_prefill_min_tokens: int = Field(
+        512,
+        ge=2,
+        description="prompts of at least this many tokens go to a prefill pod; shorter ones are prefilled "
+        "by their decode pod, in its batch (conditional disaggregation, docs/architecture.md)",
     )
 
 
@@ -226,7 +238,7 @@ class ClusterBackend(Backend):
                 self.model_name,
                 self.config.num_kv_heads,
                 num_tokens,
-                prefill=len(prompt_ids) > 1,
+                prefill=len(prompt_ids) >= self.settings.remote_prefill_min_tokens,
                 pending=pending,
             )
         except redis.RedisError as exc:

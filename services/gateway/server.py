@@ -188,6 +188,12 @@ def build_parser() -> argparse.ArgumentParser:
         help="KV placement: all heads of a request on one attention pod (default), or split across pods",
     )
     p.add_argument("--max-attention-pods", type=int, help="attention pods one request's heads spread over")
+    p.add_argument(
+        "--remote-prefill-min-tokens",
+        type=int,
+        help="prompts of at least this many tokens go to a prefill pod, shorter ones are prefilled by "
+        "their decode pod (default 512; 2 sends every prompt to a prefill pod)",
+    )
     p.add_argument("--model", default=DEFAULT_MODEL, help=f"model name or folder (default {DEFAULT_MODEL})")
     p.add_argument("--served-model-name", action="append", help="model id clients send (repeatable)")
     p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
@@ -263,7 +269,7 @@ def cluster_backend(args: argparse.Namespace) -> ClusterBackend:
 
     overrides = {
         name: value
-        for name in ("redis_url", "placement", "max_attention_pods")
+        for name in ("redis_url", "placement", "max_attention_pods", "remote_prefill_min_tokens")
         if (value := getattr(args, name)) is not None
     }
     folder = resolve_model(args.model, show_progress=False)

@@ -31,7 +31,10 @@ SHORT = {"model": MODEL, "prompt": "The capital of France is", "max_tokens": 4, 
 
 @pytest.fixture(scope="module")
 def cluster(model_folder: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Gateway]:
-    server = Gateway(model_folder.parent, tmp_path_factory.mktemp("cluster"), mode="request")
+    # Every prompt goes to the prefill pod, so killing it is felt by in-flight prompts.
+    server = Gateway(
+        model_folder.parent, tmp_path_factory.mktemp("cluster"), mode="request", remote_prefill_min_tokens=2
+    )
     try:
         yield server
     finally:

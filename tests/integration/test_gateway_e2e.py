@@ -44,6 +44,9 @@ RAW_PROMPTS = [
     "Paris is the capital of",
     "1, 2, 3, 5, 8, 13,",
 ]
+# Cluster modes: the raw prompts (< 16 tokens) are prefilled by the decode pod, the chat prompts and
+# LONG_TEXT (system prompt included, > 16) by the prefill pod, so the exactness tests cover both paths.
+REMOTE_PREFILL_MIN_TOKENS = 16
 LONG_TEXT = (ROOT / "tests" / "data" / "alice_ch1.txt").read_text()[:1500]  # ~350 tokens
 CHAT_PROMPTS = [
     "What is the capital of France?",
@@ -67,7 +70,12 @@ class Gateway:
     over NIXL) as a subprocess; stdout and stderr go to files so that no pipe can fill up and block it."""
 
     def __init__(
-        self, cache: Path, logs: Path, env: dict[str, str] | None = None, mode: str = "colocated"
+        self,
+        cache: Path,
+        logs: Path,
+        env: dict[str, str] | None = None,
+        mode: str = "colocated",
+        remote_prefill_min_tokens: int = REMOTE_PREFILL_MIN_TOKENS,
     ) -> None:
         self.mode = mode
         self.stdout, self.stderr = logs / f"{mode}.out", logs / f"{mode}.err"
@@ -87,6 +95,8 @@ class Gateway:
                 "1",
                 "--kv-budget-gb",
                 "0.5",
+                "--remote-prefill-min-tokens",
+                str(remote_prefill_min_tokens),
             ]
         with self.stdout.open("w") as out, self.stderr.open("w") as err:
             self.process = subprocess.Popen(
@@ -140,8 +150,23 @@ class Gateway:
         raise AssertionError("no pod was started with --redis-url")
 
     def attention_pods(self) -> list[str]:
+        return [p.info.address for p in self.live_pods(Role.ATTENTION)]
+
+    def live_pods(self, role: Role) -> list[Any]:
         settings = RedisSettings(url=self.redis_url())
-        return [p.info.address for p in PodRegistry(connect(settings), settings).live_pods(Role.ATTENTION)]
+        return PodRegistry(connect(settings), settings).live_pods(role)
+
+    def prompts_prefilled(self) -> float:
+        """Prompts the cluster's prefill pods prefilled successfully, from their /metrics."""
+        total = 0.0
+        for pod in self.live_pods(Role.PREFILL):
+            text = httpx.get(f"http://{pod.info.metrics_address}/metrics", timeout=10).text
+            total += sum(
+                float(line.rsplit(" ", 1)[1])
+                for line in text.splitlines()
+                if line.startswith("disagg_prefill_requests_total{") and 'status="ok"' in line
+            )
+        return total
 
     def kv_blocks_used(self) -> int:
         """KV blocks held on every live attention pod, from their Stats RPC."""
@@ -266,6 +291,25 @@ def test_greedy_outputs_equal_transformers(client: openai.OpenAI, cases: list[Ca
             assert usage.prompt_tokens == len(case.prompt_ids)
             assert usage.completion_tokens == len(case.reference_ids)  # the EOS counts
             assert usage.total_tokens == len(case.prompt_ids) + len(case.reference_ids)
+
+
+def test_short_prompts_are_prefilled_by_the_decode_pod(
+    client: openai.OpenAI, gateway: Gateway, cases: list[Case]
+) -> None:
+    """Conditional disaggregation: a prompt under --remote-prefill-min-tokens never reaches the
+    prefill pod, a longer one does (both are exact: test_greedy_outputs_equal_transformers)."""
+    if gateway.mode == "colocated":
+        pytest.skip("no prefill pod")
+    short = [c for c in cases if len(c.prompt_ids) < REMOTE_PREFILL_MIN_TOKENS]
+    long = [c for c in cases if len(c.prompt_ids) >= REMOTE_PREFILL_MIN_TOKENS]
+    assert short and long  # else the case list no longer tells the paths apart
+    before = gateway.prompts_prefilled()
+    for case in short:
+        assert generate(client, case, stream=False)[0] == case.text
+    assert gateway.prompts_prefilled() == before
+    for case in long:
+        assert generate(client, case, stream=False)[0] == case.text
+    assert gateway.prompts_prefilled() == before + len(long)
 
 
 def test_sixteen_concurrent_requests(client: openai.OpenAI, gateway: Gateway, cases: list[Case]) -> None:

@@ -117,6 +117,7 @@ def cluster(model_folder: Path, tmp_path_factory: pytest.TempPathFactory) -> Ite
     out, err = logs / "up.out", logs / "up.err"
     argv = [sys.executable, "-m", "services.cli", "up", "--port", "0", "--model", MODEL, "--prometheus"]
     argv += ["--scrape-interval", "1", "--kv-budget-gb", "0.5", "--max-num-seqs", "16"]
+    argv += ["--remote-prefill-min-tokens", "2"]  # every prompt through the prefill pod: its metrics move
     for role, price in PRICES.items():
         argv += ["--cost-usd-per-hour", f"{role}={price}"]
     env = {**os.environ, "DISAGG_CACHE_DIR": str(model_folder.parent)}
