@@ -185,7 +185,9 @@ def test_each_pod_accrues_price_times_uptime(cluster: Cluster) -> None:
         price = prices[instance][1]
         assert price == pytest.approx(PRICES[labels["role"]])
         uptime = scraped_at[instance][1] - started_at[instance][1]  # at the scrape that read `usd`
-        assert usd == pytest.approx(price / 3600 * uptime, rel=0.02), (labels["role"], instance)
+        # Within 1.5 s of uptime: the pod accounts on its monotonic clock, Prometheus stamps a scrape
+        # when it starts, in wall-clock time; on a loaded 2-core VM the two were seen 0.8 s apart.
+        assert usd == pytest.approx(price / 3600 * uptime, abs=price / 3600 * 1.5), (labels["role"], instance)
 
 
 def test_request_costs_at_the_gateway_equal_the_pods_request_costs(cluster: Cluster) -> None:
