@@ -46,6 +46,7 @@ from rich.console import Console
 from rich.progress import Progress
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+from bench._pods import descendants_cpu_seconds
 from bench._results import write_section
 from services.core.model.sources import DEFAULT_MODEL
 from services.loadgen import BenchSettings, BenchSummary, RequestRecord, build_prompts, run_load
@@ -157,10 +158,13 @@ class Plan:
     mb_streams: int
     mb_prompt: int
     mb_new_tokens: int
+    cp_streams: int  # section (e)
+    cp_prompt: int
+    cp_new_tokens: int
 
 
-FULL = Plan((1, 8, 32), (256, 2048), 64, 16, 1000, 64)
-QUICK = Plan((1, 8), (256,), 16, 4, 200, 16)
+FULL = Plan((1, 8, 32), (256, 2048), 64, 16, 1000, 64, 32, 192, 64)
+QUICK = Plan((1, 8), (256,), 16, 4, 200, 16, 4, 64, 8)
 KV = ["--kv-budget-gb", "4"]  # both servers: room for 32 x 2048 tokens (3 GiB) without queueing
 DISAGG = [*KV, "--prefill", "1", "--decode", "1", "--attention", "2", "--placement", "request"]
 
@@ -225,40 +229,18 @@ def section_d(plan: Plan, logs: Path, progress: Progress) -> str:
     )
 
 
-def cluster_cpu_seconds(root: int) -> float:
-    """CPU seconds (user + system) of `root`'s descendants, from /proc: what the cluster's pods spent."""
-    children: dict[int, list[int]] = {}
-    for stat in Path("/proc").glob("[0-9]*/stat"):
-        try:
-            children.setdefault(int(stat.read_text().rsplit(")", 1)[1].split()[1]), []).append(
-                int(stat.parent.name)
-            )
-        except (OSError, ValueError):
-            continue
-    total, todo = 0.0, list(children.get(root, []))
-    while todo:
-        pid = todo.pop()
-        todo += children.get(pid, [])
-        try:
-            fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-        except OSError:
-            continue
-        total += (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
-    return total
-
-
 def section_e(plan: Plan, logs: Path, progress: Progress) -> str:
     task = progress.add_task("(e) conditional prefill", total=2)
-    streams, prompt, new = (32, 192, 64) if plan is FULL else (4, 64, 8)
+    streams, prompt, new = plan.cp_streams, plan.cp_prompt, plan.cp_new_tokens
     prompts = build_prompts(streams, prompt, seed=288)
     rows = []
     for label, threshold in (("prefill pod", 2), ("decode pod (default)", 512)):
         flags = [*DISAGG, "--micro-batches", "2", "--remote-prefill-min-tokens", str(threshold)]
         with served(flags, logs, f"prefill-{threshold}", on_pid=True) as (url, pid):
             load(url, build_prompts(2, 16, seed=1), 2, 16, 4)  # warm-up
-            before = cluster_cpu_seconds(pid)
+            before = descendants_cpu_seconds(pid)
             summary = load(url, prompts, streams, prompt, new)
-            cpu = cluster_cpu_seconds(pid) - before
+            cpu = descendants_cpu_seconds(pid) - before
         ttft = summary.ttft_s.p50 if summary.ttft_s else float("nan")
         rows.append((label, threshold, summary.output_tokens_per_s, ttft, cpu))
         progress.advance(task)

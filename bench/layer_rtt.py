@@ -37,7 +37,7 @@ from rich.progress import Progress
 from rich.table import Table
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from bench._pods import attention_pod, geometry_folder
+from bench._pods import attention_pod, cpu_seconds, geometry_folder
 from bench._results import write_section
 from services.attention.kv_pool import KVPool, KVPoolConfig
 from services.attention.local import LocalAttention
@@ -48,11 +48,6 @@ from services.decode.attention_link import StepTransport
 from services.decode.remote_attention import RemoteAttention, RemoteAttentionOptions
 
 LAYERS, HQ, HKV, D = 30, 9, 3, 64
-
-
-def cpu_seconds(pid: int) -> float:
-    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
 @dataclass(slots=True)

@@ -22,10 +22,9 @@ aborts the request and frees its KV. Redis calls are short and blocking, so they
 executor; gRPC uses grpc.aio on the gateway's event loop.
 
 Conditional disaggregation: only prompts of at least `remote_prefill_min_tokens` go to a prefill
-pod. A shorter prompt is prefilled by its decode pod, in chunks inside its running batch: the hop to
-a prefill pod and the K/V shipping cost more than they save for a short prompt, whose prefill costs
-about what a few decode steps of the batch cost (NVIDIA Dynamo makes the same choice; the threshold
-and the measurement are in docs/architecture.md).
+pod. A shorter prompt is prefilled by its decode pod, in chunks inside its running batch, which
+spares it the hop to a prefill pod and the K/V shipping (NVIDIA Dynamo makes the same choice; why,
+and the bench that measures both paths: docs/architecture.md "Remote prefill").
 
 When every attention pod is full, a request waits in the gateway's FIFO admission queue
 (admission.py) until KV comes back, up to `admission_timeout_s`; the queue is bounded by
