@@ -37,6 +37,7 @@ from rich.table import Table
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from services.attention.kernels import PagedLanes, decode_bytes
+from services.attention.kernels.sparq_pick import PickConfig
 from services.attention.reference import DecodeLayout, DecodeWorkspace, paged_decode_attention
 
 if TYPE_CHECKING:
@@ -244,6 +245,22 @@ STAGE_CASES = [
 ]
 
 
+PICK_VARIANTS = {  # --stages: the sampled selection's launch settings against its defaults
+    "acq_rel counters": PickConfig(sem="acq_rel"),
+    "scan slots per tile": PickConfig(atomic_slots=False),
+    "scan slots, acq_rel (before)": PickConfig(atomic_slots=False, sem="acq_rel"),
+    "band 2048 keys / 4 warps": PickConfig(band_tile=2048),
+    "band 2048 / 8": PickConfig(band_tile=2048, band_warps=8),
+    "band 4096 / 8": PickConfig(band_tile=4096, band_warps=8),
+    "band 512 / 2": PickConfig(band_tile=512, band_warps=2),
+    "bounds 2 warps": PickConfig(bounds_warps=2),
+    "bounds 4 warps": PickConfig(bounds_warps=4),
+    "finish 1 warp": PickConfig(finish_warps=1),
+    "finish 2 warps": PickConfig(finish_warps=2),
+    "finish 8 warps": PickConfig(finish_warps=8),
+}
+
+
 def _try_ms(name: str, fn: Callable[[], object], nbytes: int = 0) -> float:
     try:
         ms = bench_ms(fn)
@@ -270,24 +287,32 @@ def _stage_case(case: Case) -> None:
     gather_bytes = n_lanes * k * 2 * head_dim * item
     idx, q_sel = sk.sparq_select(q, r, scale)
     e, stats = sk.sparq_logits(q_sel, idx, kt_cache, lanes, context)
-    phase1 = sk.sparq_keys(e, stats, lanes, window)
+    phase1 = sk.sparq_keys(e, stats, lanes, context, window)
     rows = sparq_pick.sparq_pick(phase1, lanes, k, context, window)
     methods = case.methods()
     print(f"== {case.shape} bs={case.block_size} B={case.batch} ctx={context} lanes={n_lanes} r={r} k={k}")
     _try_ms("dense (triton)", methods["triton"], case.dense_bytes())
     _try_ms("sparq step", methods["sparq"], kt_bytes + gather_bytes)
     _try_ms("select components", lambda: sk.sparq_select(q, r, scale))
-    for block_n, warps in ((256, 4), (512, 4), (256, 2)):
+    for block_n, warps in ((256, 2), (256, 4), (512, 2), (512, 4), (1024, 4), (1024, 8)):
         _try_ms(
             f"logits bn={block_n} w={warps} (kt + e)",
             partial(sk.sparq_logits, q_sel, idx, kt_cache, lanes, context, block_n, warps),
             kt_bytes + logit_bytes,
         )
-    _try_ms("keys (e + keys)", lambda: sk.sparq_keys(e, stats, lanes, window), logit_bytes + key_bytes)
+    _try_ms(
+        "keys (e + keys)", lambda: sk.sparq_keys(e, stats, lanes, context, window), logit_bytes + key_bytes
+    )
     for launches in (1, 2, 3, 4):
         _try_ms(
             f"pick, sampled, first {launches} launches",
             partial(sparq_pick.sparq_pick, phase1, lanes, k, context, window, None, True, launches),
+            key_bytes,
+        )
+    for name, config in PICK_VARIANTS.items():
+        _try_ms(
+            f"pick, {name}",
+            partial(sparq_pick.sparq_pick, phase1, lanes, k, context, window, config=config),
             key_bytes,
         )
     _try_ms(
@@ -300,11 +325,41 @@ def _stage_case(case: Case) -> None:
         lambda: paged_decode.gathered_decode_attention(q, k_cache, v_cache, lanes, rows, scale),
         gather_bytes,
     )
+    config = paged_decode.gather_config(head_dim, k_cache.dtype)
+    splits = paged_decode.num_splits_for(n_lanes, k, config, q.device)
+    for n_splits in sorted({max(1, splits // 2), splits * 2} - {splits}):
+        _try_ms(
+            f"phase 2, {n_splits} splits (default {splits})",
+            partial(
+                paged_decode.gathered_decode_attention, q, k_cache, v_cache, lanes, rows, scale, n_splits
+            ),
+            gather_bytes,
+        )
+    ordered = rows.sort(dim=1).values  # neighbouring rows of one block next to each other (-1 first)
+    _try_ms(
+        "phase 2, rows sorted (sort not timed)",
+        lambda: paged_decode.gathered_decode_attention(q, k_cache, v_cache, lanes, ordered, scale),
+        gather_bytes,
+    )
+    _try_ms("sort rows per lane (torch)", lambda: rows.sort(dim=1), 2 * rows.numel() * 4)
 
 
-def stages(dtype: torch.dtype) -> None:
-    """Time each launch of the SparQ step and its variants (phase-1 tiles, pick warps)."""
-    for shape, block_size, batch, context in STAGE_CASES:
+def parse_stage_cases(text: str | None) -> list[tuple[str, int, int, int]]:
+    """`shape:bs:batch:context,...` (e.g. llama8b:128:64:32768); None: STAGE_CASES."""
+    if not text:
+        return STAGE_CASES
+    cases = []
+    for item in text.split(","):
+        shape, bs, batch, context = item.split(":")
+        if shape not in SHAPES:
+            raise SystemExit(f"--stage-cases: unknown shape {shape!r}; pick from {', '.join(SHAPES)}")
+        cases.append((shape, int(bs), int(batch), int(context)))
+    return cases
+
+
+def stages(dtype: torch.dtype, cases: list[tuple[str, int, int, int]]) -> None:
+    """Time each launch of the SparQ step and its variants (phase-1 tiles, pick warps, phase-2 splits)."""
+    for shape, block_size, batch, context in cases:
         _stage_case(Case.make(shape, block_size, batch, context, dtype))
         torch.cuda.empty_cache()
 
@@ -345,13 +400,16 @@ def main() -> None:
     parser.add_argument(
         "--stages", action="store_true", help="time each SparQ launch and variants, then exit"
     )
+    parser.add_argument(
+        "--stage-cases", help="with --stages: shape:bs:batch:context,... (default: the STAGE_CASES list)"
+    )
     parser.add_argument("--json", type=Path, help="write the rows (and the copy bandwidth) to this file")
     args = parser.parse_args()
     if not torch.cuda.is_available():
         raise SystemExit("bench/gpu_attention.py needs a CUDA GPU (the kernels are timed on the device)")
     dtype = getattr(torch, args.dtype)
     if args.tune or args.stages:
-        tune(dtype) if args.tune else stages(dtype)
+        tune(dtype) if args.tune else stages(dtype, parse_stage_cases(args.stage_cases))
         return
     batches = [1, 64] if args.quick else [int(x) for x in args.batches.split(",")]
     contexts = [4096, 16384] if args.quick else [int(x) for x in args.contexts.split(",")]

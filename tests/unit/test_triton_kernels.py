@@ -184,7 +184,7 @@ def test_sparq_scores_match_the_reference_score(device: str) -> None:
 
 
 @pytest.mark.parametrize("device", DEVICES)
-@pytest.mark.parametrize("path", ["sampled", "one_cta", "torch"])
+@pytest.mark.parametrize("path", ["sampled", "sampled_scan", "one_cta", "torch"])
 def test_sparq_pick_is_exact(device: str, path: str, monkeypatch: pytest.MonkeyPatch) -> None:
     """The selection = torch.topk of the keys, on each path: ties across the k-th value, a crowded
     threshold bin (lanes 4 and 5: every score equal; lane 5's band exceeds BAND, so the sampled path
@@ -204,9 +204,12 @@ def test_sparq_pick_is_exact(device: str, path: str, monkeypatch: pytest.MonkeyP
         score[lane, max(0, n - 4) : n] = float("inf")
     keys = score.view(torch.int32).clone()
     keys[torch.arange(wpad)[None, :] >= torch.tensor(lengths)[:, None]] = -1
-    phase1 = sparq_kernels.Phase1(keys.to(device), wpad)
+    phase1 = sparq_kernels.Phase1.of_keys(keys.to(device), width)
     for k in (64, 1500):
-        rows = sparq_pick.sparq_pick(phase1, paged, k, width, 4, sampled=path != "one_cta").cpu()
+        config = sparq_pick.PickConfig(atomic_slots=path != "sampled_scan")
+        rows = sparq_pick.sparq_pick(
+            phase1, paged, k, width, 4, sampled=path != "one_cta", config=config
+        ).cpu()
         assert rows.shape == (len(lengths), k) and rows.dtype == torch.int32
         for lane, ((table, n), got) in enumerate(zip(pool, rows.tolist(), strict=True)):
             at = {block: i for i, block in enumerate(table)}

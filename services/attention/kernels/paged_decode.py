@@ -17,7 +17,7 @@ each step issues one dependent load (row -> K/V) instead of two (position -> blo
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from functools import cache
 
 import torch
@@ -46,6 +46,14 @@ def decode_config(head_dim: int, dtype: torch.dtype) -> DecodeConfig:
     if head_dim <= 64:
         return DecodeConfig(block_n=64, num_warps=4, num_stages=4, programs_per_sm=4, min_split=256)
     return DecodeConfig(block_n=64, num_warps=4, num_stages=3, programs_per_sm=2, min_split=256)
+
+
+def gather_config(head_dim: int, dtype: torch.dtype) -> DecodeConfig:
+    """Gather mode (SparQ phase 2): at least 4 programs per SM. Each step's rows are scattered, so
+    more programs in flight pay (H200, llama8b shape, 512 lanes x 2048 rows: 2 splits 163 us, 1 split
+    190 us; bench/gpu_attention.py --stages)."""
+    config = decode_config(head_dim, dtype)
+    return replace(config, programs_per_sm=max(config.programs_per_sm, 4))
 
 
 @cache
@@ -282,4 +290,5 @@ def gathered_decode_attention(
     if rows.dim() != 2 or rows.shape[0] != q.shape[0] or rows.stride(1) != 1 or rows.dtype != torch.int32:
         raise ValueError(f"rows must be a row-contiguous int32 [n_lanes, n_sel]; got {tuple(rows.shape)}")
     n_sel = rows.shape[1]
+    config = config or gather_config(q.shape[-1], k_cache.dtype)
     return _launch_decode(q, k_cache, v_cache, lanes, scale, rows, n_sel, num_splits, config)

@@ -180,8 +180,9 @@ def _sparq_keys(
     lane_len_ptr,
     keys_ptr,  # [n_lanes, wpad] int32 out: fp32 bits of the score (>= 0, window +inf); -1 or unwritten past
     # the length
+    sample_ptr,  # [n_lanes, NS] int32 out: the keys at positions 0, SS, 2·SS, ... (the selection's sample)
     wpad, local_window,
-    G: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_T: tl.constexpr,
+    G: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_T: tl.constexpr, SS: tl.constexpr, NS: tl.constexpr,
 ):  # fmt: skip
     """score = Σ_g e_g · exp(m_tile_g - M_g) / Σ_tiles l · exp(m - M_g) = Σ_g softmax_g(logits)."""
     lane = tl.program_id(0)
@@ -205,6 +206,10 @@ def _sparq_keys(
         score = tl.where(ok & (offs_n >= length - local_window), float("inf"), score)
         key = tl.where(ok, score.to(tl.int32, bitcast=True), -1)
         tl.store(keys_ptr + lane.to(tl.int64) * wpad + offs_n, key)
+        # A compact copy of the strided sample: read from `keys` it would cost a DRAM burst per sample
+        # key, i.e. the whole array at SS = 16 (ncu, H200: 2.2 TB/s for 32 us at 512 lanes x 32K).
+        on_grid = (offs_n % SS == 0) & (offs_n // SS < NS)
+        tl.store(sample_ptr + lane * NS + offs_n // SS, key, mask=on_grid)
 
 
 def sparq_select(
@@ -224,14 +229,46 @@ def sparq_select(
     return idx, q_sel
 
 
+MAX_SAMPLE = 2048  # sample keys per lane (the selection's bounds)
+
+
+def sample_stride(width: int) -> int:
+    """Positions per sampled key: the expected band, 2·δ·SS ~ 2.5·sqrt(width·SS) keys at k = width/16,
+    stays under 45 % of sparq_pick.BAND, and the sample under MAX_SAMPLE (SS 32 at 16K: 512 samples,
+    band ~1.8K; 16 at 32K: 2048 samples, band ~1.8K). Interpreter check, 16K keys, SS 32 and BAND 2048:
+    a band of 2065 keys (too many), hence BAND 4096."""
+    stride = 1
+    while stride * 2 * width <= 966_000 and stride < width:
+        stride *= 2
+    while triton.cdiv(width, stride) > MAX_SAMPLE:
+        stride *= 2
+    return stride
+
+
 @dataclass(slots=True, frozen=True)
 class Phase1:
     """SparQ phase 1 of one step: every position's score as an int32 key (the fp32 bits, >= 0; the window
-    +inf), wpad >= the longest lane. Entries at or past a lane's length are unspecified: readers mask them
-    with lane_len."""
+    +inf), wpad >= the longest lane, and every `stride`-th key again in `sample`. Entries at or past a
+    lane's length are unspecified: readers mask them with lane_len."""
 
     keys: torch.Tensor  # [n_lanes, wpad] int32
     wpad: int
+    sample: torch.Tensor  # [n_lanes, NS] int32: keys[:, ::stride], NS a power of two
+    stride: int
+
+    @classmethod
+    def of_keys(cls, keys: torch.Tensor, width: int) -> Phase1:
+        """From keys made elsewhere (tests): the sample taken in torch."""
+        stride = sample_stride(width)
+        strided = keys[:, ::stride][:, : triton.cdiv(width, stride)]
+        sample = torch.full(
+            (keys.shape[0], triton.next_power_of_2(strided.shape[1])),
+            -1,
+            dtype=torch.int32,
+            device=keys.device,
+        )
+        sample[:, : strided.shape[1]] = strided
+        return cls(keys, keys.shape[1], sample, stride)
 
 
 def sparq_logits(
@@ -266,17 +303,23 @@ def sparq_keys(
     e: torch.Tensor,  # [n_lanes, G, wpad] from sparq_logits
     stats: torch.Tensor,  # [2, n_lanes, n_tiles, G]
     lanes: PagedLanes,
+    width: int,  # longest lane
     local_window: int,
 ) -> Phase1:
-    """Phase 1, scoring: Σ_g softmax_g from e and the tile stats, as int32 keys."""
+    """Phase 1, scoring: Σ_g softmax_g from e and the tile stats, as int32 keys (and their sample)."""
     n_lanes, group, wpad = e.shape
     n_tiles = stats.shape[2]
+    stride = sample_stride(width)
     keys = torch.empty((n_lanes, wpad), dtype=torch.int32, device=e.device)
+    sample = torch.empty(
+        (n_lanes, triton.next_power_of_2(triton.cdiv(width, stride))), dtype=torch.int32, device=e.device
+    )
     _sparq_keys[(n_lanes, n_tiles)](
-        e, stats[0], stats[1], lanes.lane_len, keys, wpad, local_window,
-        G=group, BLOCK_N=wpad // n_tiles, BLOCK_T=triton.next_power_of_2(n_tiles), num_warps=4,
+        e, stats[0], stats[1], lanes.lane_len, keys, sample, wpad, local_window,
+        G=group, BLOCK_N=wpad // n_tiles, BLOCK_T=triton.next_power_of_2(n_tiles), SS=stride,
+        NS=sample.shape[1], num_warps=4,
     )  # fmt: skip
-    return Phase1(keys, wpad)
+    return Phase1(keys, wpad, sample, stride)
 
 
 def sparq_scores(
@@ -291,4 +334,4 @@ def sparq_scores(
 ) -> Phase1:
     """Score = Σ_g softmax_g(approximate logits): one pass over kt, then the keys."""
     e, stats = sparq_logits(q_sel, idx, kt_cache, lanes, width, block_n, num_warps)
-    return sparq_keys(e, stats, lanes, local_window)
+    return sparq_keys(e, stats, lanes, width, local_window)

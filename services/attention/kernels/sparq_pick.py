@@ -27,6 +27,8 @@ Lanes longer than PICK_MAX_WIDTH go to torch.topk over the same keys.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 import triton
 import triton.language as tl
@@ -37,16 +39,27 @@ from services.attention.kernels.sparq_kernels import Phase1
 PICK_MAX_WIDTH = 32768  # longest lane the Triton selection serves; longer: torch.topk
 BAND = 4096  # band keys _sparq_finish selects among (32 per thread of its 4 warps)
 BAND_TILE = 1024  # keys per _sparq_band program
-MAX_SAMPLE = 2048
+
+
+@dataclass(slots=True, frozen=True)
+class PickConfig:
+    """Launch settings of the sampled selection (bench/gpu_attention.py --stages sweeps them)."""
+
+    band_tile: int = BAND_TILE  # keys per _sparq_band program
+    band_warps: int = 4
+    bounds_warps: int = 1
+    finish_warps: int = 4
+    sem: str = "relaxed"  # memory order of _sparq_band's counter adds ("acq_rel": Triton's default)
+    atomic_slots: bool = True  # _sparq_band: one counter add per key taken (False: a scan per tile)
 
 
 @triton.jit
 def _sparq_bounds(
-    keys_ptr,  # [n_lanes, wpad] int32
+    sample_ptr,  # [n_lanes, NS] int32: the keys at positions 0, SS, 2·SS, ... (Phase1.sample)
     lane_len_ptr,
     bounds_ptr,  # meta[:, 1:3] (lane stride 5) int32 out: L, U (U = -2: take every position)
     counts_ptr,  # meta[:, 3:5] int32 out: zeroed (selected above U, band)
-    wpad, k, local_window,
+    k, local_window,
     SS: tl.constexpr, NS: tl.constexpr,
 ):  # fmt: skip
     """The window's keys are +inf: always above U (finite), never in the band, so L and U share their
@@ -58,7 +71,7 @@ def _sparq_bounds(
     finite = length - n_win
     offs = tl.arange(0, NS)
     ok = offs * SS < finite
-    sample = tl.load(keys_ptr + lane.to(tl.int64) * wpad + offs * SS, mask=ok, other=-1)
+    sample = tl.load(sample_ptr + lane * NS + offs, mask=ok, other=-1)
     n_s = tl.sum(ok.to(tl.int32), 0)
     rho = (need - n_win).to(tl.float32) * n_s.to(tl.float32) / tl.maximum(finite, 1).to(tl.float32)
     delta = 5.0 * tl.sqrt(rho) + 2.0
@@ -85,7 +98,7 @@ def _sparq_band(
     band_key_ptr, band_pos_ptr,  # [n_lanes, BAND] int32 out
     rows_ptr,  # [n_lanes, k] int32 out: the rows of the keys above U, from slot 0
     wpad, k,
-    BS: tl.constexpr, BAND: tl.constexpr, BLOCK: tl.constexpr,
+    BS: tl.constexpr, BAND: tl.constexpr, BLOCK: tl.constexpr, SEM: tl.constexpr, ATOMIC: tl.constexpr,
 ):  # fmt: skip
     lane = tl.program_id(0)
     tile = tl.program_id(1)
@@ -97,14 +110,30 @@ def _sparq_band(
         offs = tile * BLOCK + tl.arange(0, BLOCK)
         ok = offs < length
         key = tl.load(keys_ptr + lane.to(tl.int64) * wpad + offs, mask=ok, other=-1)
-        above = (ok & (key > upper)).to(tl.int32)
-        band = (ok & (key >= lower) & (key <= upper)).to(tl.int32)
-        slot = tl.atomic_add(counts_ptr + lane * 5, tl.sum(above, 0)) + tl.cumsum(above, 0) - 1
-        take = (above > 0) & (slot < k)  # slot >= k: a bad sample, _sparq_pick redoes the lane
+        above = ok & (key > upper)
+        band = ok & (key >= lower) & (key <= upper)
+        # Relaxed: nothing in this launch reads the counters back (acq_rel adds a memory fence per add).
+        if ATOMIC:  # one add per key taken: no scan of the tile (its layout cost 123 registers)
+            counter = counts_ptr + lane * 5 + tl.zeros([BLOCK], tl.int32)
+            slot = tl.atomic_add(counter, 1, mask=above, sem=SEM)
+        else:
+            above_i = above.to(tl.int32)
+            slot = (
+                tl.atomic_add(counts_ptr + lane * 5, tl.sum(above_i, 0), sem=SEM) + tl.cumsum(above_i, 0) - 1
+            )
+        take = above & (slot < k)  # slot >= k: a bad sample, _sparq_pick redoes the lane
         blk = tl.load(blocks_ptr + start + offs // BS, mask=take, other=0)
         tl.store(rows_ptr + lane * k + slot, blk * BS + offs % BS, mask=take)
-        slot = tl.atomic_add(counts_ptr + lane * 5 + 1, tl.sum(band, 0)) + tl.cumsum(band, 0) - 1
-        keep = (band > 0) & (slot < BAND)
+        if ATOMIC:
+            slot = tl.atomic_add(counter + 1, 1, mask=band, sem=SEM)
+        else:
+            band_i = band.to(tl.int32)
+            slot = (
+                tl.atomic_add(counts_ptr + lane * 5 + 1, tl.sum(band_i, 0), sem=SEM)
+                + tl.cumsum(band_i, 0)
+                - 1
+            )
+        keep = band & (slot < BAND)
         tl.store(band_key_ptr + lane * BAND + slot, key, mask=keep)
         tl.store(band_pos_ptr + lane * BAND + slot, offs, mask=keep)
 
@@ -266,19 +295,6 @@ def pick_warps(width: int) -> int:
     return max(4, min(32, triton.next_power_of_2(width) // 1024))
 
 
-def sample_stride(width: int) -> int:
-    """Positions per sampled key: the expected band, 2·δ·SS ~ 2.5·sqrt(width·SS) keys at k = width/16,
-    stays under 45 % of BAND, and the sample under MAX_SAMPLE (SS 32 at 16K: 512 samples, band ~1.8K;
-    16 at 32K: 2048 samples, band ~1.8K). Interpreter check, 16K keys, SS 32 and BAND 2048: a band of
-    2065 keys (too many), hence BAND 4096."""
-    stride = 1
-    while stride * 2 * width <= 966_000 and stride < width:
-        stride *= 2
-    while triton.cdiv(width, stride) > MAX_SAMPLE:
-        stride *= 2
-    return stride
-
-
 def sparq_pick(
     phase1: Phase1,
     lanes: PagedLanes,
@@ -288,6 +304,7 @@ def sparq_pick(
     num_warps: int | None = None,  # of the fallback kernel; None: pick_warps(width)
     sampled: bool = True,  # False: every lane through the one-CTA kernel (bench, tests)
     launches: int = 4,  # bench only: run the first `launches` kernels (the stage timings)
+    config: PickConfig = PickConfig(),
 ) -> torch.Tensor:  # [n_lanes, k] int32 pool rows (block * bs + row), any order; -1: unused
     """Selection: the top-k positions of the score (window included), ties by lowest position."""
     keys = phase1.keys
@@ -300,21 +317,22 @@ def sparq_pick(
     meta = torch.empty((n_lanes, 5), dtype=torch.int32, device=device)  # done, L, U, n_above, n_band
     done, bounds, counts = meta[:, 0], meta[:, 1:3], meta[:, 3:5]  # kernels index lane * 5 + ...
     if sampled:
-        stride = sample_stride(width)
         _sparq_bounds[(n_lanes,)](
-            keys, lanes.lane_len, bounds, counts, phase1.wpad, k, local_window,
-            SS=stride, NS=triton.next_power_of_2(triton.cdiv(width, stride)), num_warps=1,
+            phase1.sample, lanes.lane_len, bounds, counts, k, local_window,
+            SS=phase1.stride, NS=phase1.sample.shape[1], num_warps=config.bounds_warps,
         )  # fmt: skip
         if launches > 1:
-            _sparq_band[(n_lanes, triton.cdiv(width, BAND_TILE))](
+            _sparq_band[(n_lanes, triton.cdiv(width, config.band_tile))](
                 keys, lanes.blocks, lanes.lane_start, lanes.lane_len, bounds, counts, band[0], band[1],
-                rows, phase1.wpad, k, BS=bs, BAND=BAND, BLOCK=BAND_TILE, num_warps=4,
+                rows, phase1.wpad, k, BS=bs, BAND=BAND, BLOCK=config.band_tile, SEM=config.sem,
+                ATOMIC=config.atomic_slots,
+                num_warps=config.band_warps,
             )  # fmt: skip
         if launches > 2:
             _sparq_finish[(n_lanes,)](
                 lanes.blocks, lanes.lane_start, lanes.lane_len, counts, band[0], band[1], rows, done, k,
                 BS=bs, BAND=BAND, POS_BITS=block.bit_length(), BLOCK_K=triton.next_power_of_2(k),
-                num_warps=4,
+                num_warps=config.finish_warps,
             )  # fmt: skip
     else:
         done.zero_()
