@@ -248,6 +248,7 @@ STAGE_CASES = [
 PICK_VARIANTS = {  # --stages: the sampled selection's launch settings against its defaults
     "acq_rel counters": PickConfig(sem="acq_rel"),
     "scan slots per tile": PickConfig(atomic_slots=False),
+    "atomic slots": PickConfig(atomic_slots=True),
     "scan slots, acq_rel (before)": PickConfig(atomic_slots=False, sem="acq_rel"),
     "band 2048 keys / 4 warps": PickConfig(band_tile=2048),
     "band 2048 / 8": PickConfig(band_tile=2048, band_warps=8),
@@ -325,8 +326,8 @@ def _stage_case(case: Case) -> None:
         lambda: paged_decode.gathered_decode_attention(q, k_cache, v_cache, lanes, rows, scale),
         gather_bytes,
     )
-    config = paged_decode.gather_config(head_dim, k_cache.dtype)
-    splits = paged_decode.num_splits_for(n_lanes, k, config, q.device)
+    gather = paged_decode.gather_config(head_dim, k_cache.dtype)
+    splits = paged_decode.num_splits_for(n_lanes, k, gather, q.device)
     for n_splits in sorted({max(1, splits // 2), splits * 2} - {splits}):
         _try_ms(
             f"phase 2, {n_splits} splits (default {splits})",

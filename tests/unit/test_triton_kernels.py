@@ -184,7 +184,7 @@ def test_sparq_scores_match_the_reference_score(device: str) -> None:
 
 
 @pytest.mark.parametrize("device", DEVICES)
-@pytest.mark.parametrize("path", ["sampled", "sampled_scan", "one_cta", "torch"])
+@pytest.mark.parametrize("path", ["sampled_atomic", "sampled_scan", "one_cta", "torch"])
 def test_sparq_pick_is_exact(device: str, path: str, monkeypatch: pytest.MonkeyPatch) -> None:
     """The selection = torch.topk of the keys, on each path: ties across the k-th value, a crowded
     threshold bin (lanes 4 and 5: every score equal; lane 5's band exceeds BAND, so the sampled path
@@ -206,7 +206,7 @@ def test_sparq_pick_is_exact(device: str, path: str, monkeypatch: pytest.MonkeyP
     keys[torch.arange(wpad)[None, :] >= torch.tensor(lengths)[:, None]] = -1
     phase1 = sparq_kernels.Phase1.of_keys(keys.to(device), width)
     for k in (64, 1500):
-        config = sparq_pick.PickConfig(atomic_slots=path != "sampled_scan")
+        config = sparq_pick.PickConfig(atomic_slots=path == "sampled_atomic")
         rows = sparq_pick.sparq_pick(
             phase1, paged, k, width, 4, sampled=path != "one_cta", config=config
         ).cpu()

@@ -147,8 +147,9 @@ def sparq_decode_triton(
     """Same function as sparq_decode_reference, in Triton (ties at the k-th score broken by position).
 
     Components, logits (one pass over kt) and scores (sparq_kernels.py), the selection (sparq_pick.py,
-    four launches), phase 2 and its merge (paged_decode.py). No host sync once the lengths are known
-    on the host (PagedLanes.build), so a step can be captured in a CUDA graph."""
+    four launches; the last works only on lanes the sampled path left), phase 2 and its merge
+    (paged_decode.py). No host sync once the lengths are known on the host (PagedLanes.build), so a
+    step can be captured in a CUDA graph."""
     from services.attention.kernels import paged_decode, sparq_kernels, sparq_pick
 
     lengths = lanes.lengths()

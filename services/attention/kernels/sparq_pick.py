@@ -1,11 +1,14 @@
 """SparQ selection: the top-k positions of each lane's score keys (sparq_kernels.Phase1) as pool rows.
 
-    _sparq_bounds  grid [n_lanes], 1 warp   a strided sample of the lane's keys (every SS-th position,
-                                            NS <= 2048) gives two order statistics around the k-th
+    _sparq_bounds  grid [n_lanes], 1 warp   the sample of the lane's keys (every SS-th position, NS <=
+                                            2048, written compactly by _sparq_keys: Phase1.sample)
+                                            gives two order statistics around the k-th
                                             score: upper U (ρ - δ-th largest sample key) and lower L
                                             (ρ + δ), ρ = k·NS/len, δ = 5·sqrt(ρ) + 2; zeroes the counters
-    _sparq_band    grid [n_lanes, tiles]    keys > U: selected, their rows written at once (atomic slot
-                                            per tile); L <= key <= U: the band, compacted (key, position)
+    _sparq_band    grid [n_lanes, tiles]    keys > U: selected, their rows written at once; L <= key <=
+                                            U: the band, compacted (key, position). Slots from relaxed
+                                            counter adds: one per key from ATOMIC_MIN_LANES lanes, one
+                                            per tile plus a scan below (PickConfig.atomic_slots)
     _sparq_finish  grid [n_lanes], 4 warps  checks count(> U) <= need <= count(> U) + band <= BAND;
                                             then the exact threshold inside the band by bisection, ties
                                             by lowest position, their rows; sets done[lane]
@@ -39,6 +42,7 @@ from services.attention.kernels.sparq_kernels import Phase1
 PICK_MAX_WIDTH = 32768  # longest lane the Triton selection serves; longer: torch.topk
 BAND = 4096  # band keys _sparq_finish selects among (32 per thread of its 4 warps)
 BAND_TILE = 1024  # keys per _sparq_band program
+ATOMIC_MIN_LANES = 128  # PickConfig.atomic_slots None: per-key counter adds from this many lanes
 
 
 @dataclass(slots=True, frozen=True)
@@ -50,7 +54,11 @@ class PickConfig:
     bounds_warps: int = 1
     finish_warps: int = 4
     sem: str = "relaxed"  # memory order of _sparq_band's counter adds ("acq_rel": Triton's default)
-    atomic_slots: bool = True  # _sparq_band: one counter add per key taken (False: a scan per tile)
+    # _sparq_band's slots: one counter add per key taken (True), or one add per tile and a scan (False);
+    # None: atomic from ATOMIC_MIN_LANES lanes. Adds to one lane's counter serialize, so with few lanes
+    # the scan wins (H200, 32K: 48 lanes, the whole step 116 us with scans, 134 us with adds); with many
+    # the scan's registers cost more (512 lanes: pick 140 us with adds, 180 us with scans; 128: 41 / 45).
+    atomic_slots: bool | None = None
 
 
 @triton.jit
@@ -316,6 +324,7 @@ def sparq_pick(
     band = torch.empty((2, n_lanes, BAND), dtype=torch.int32, device=device)  # keys, positions
     meta = torch.empty((n_lanes, 5), dtype=torch.int32, device=device)  # done, L, U, n_above, n_band
     done, bounds, counts = meta[:, 0], meta[:, 1:3], meta[:, 3:5]  # kernels index lane * 5 + ...
+    atomic = config.atomic_slots if config.atomic_slots is not None else n_lanes >= ATOMIC_MIN_LANES
     if sampled:
         _sparq_bounds[(n_lanes,)](
             phase1.sample, lanes.lane_len, bounds, counts, k, local_window,
@@ -325,7 +334,7 @@ def sparq_pick(
             _sparq_band[(n_lanes, triton.cdiv(width, config.band_tile))](
                 keys, lanes.blocks, lanes.lane_start, lanes.lane_len, bounds, counts, band[0], band[1],
                 rows, phase1.wpad, k, BS=bs, BAND=BAND, BLOCK=config.band_tile, SEM=config.sem,
-                ATOMIC=config.atomic_slots,
+                ATOMIC=atomic,
                 num_warps=config.band_warps,
             )  # fmt: skip
         if launches > 2:
