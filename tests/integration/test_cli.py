@@ -84,3 +84,15 @@ def test_bad_sampling_flags(model_folder: Path, flags: list[str], needle: str) -
 def test_prompt_longer_than_the_context_window(model_folder: Path) -> None:
     result = run_cli("generate", "word " * 9000, cache=model_folder.parent)
     assert_clean_error(result, "prompt", "shorten")
+
+
+def test_help_and_light_commands_do_not_import_torch() -> None:
+    """`disagg --help` (and the parser every command builds first) stays fast: torch, gguf and
+    safetensors load only when a model is resolved or run."""
+    code = (
+        "import sys; from services.cli import build_parser; build_parser(); "
+        "heavy = [m for m in ('torch', 'gguf', 'safetensors') if m in sys.modules]; "
+        "print(','.join(heavy))"
+    )
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert done.stdout.strip() == "", f"imported at parse time: {done.stdout.strip()}"

@@ -24,11 +24,24 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from services.core.errors import ModelLoadError, ModelNotFoundError
-from services.core.model.gguf_convert import convert_gguf, is_conversion_current
 
 DEFAULT_MODEL = "smollm2-135m"
 CACHE_DIR_ENV = "DISAGG_CACHE_DIR"
 REQUIRED_FILES = ("config.json", "tokenizer.json")  # plus at least one *.safetensors
+
+
+def convert_gguf(gguf_path: Path, out_dir: Path, *, show_progress: bool = True) -> Path:
+    """gguf_convert.convert_gguf, imported on first use: it pulls in torch, gguf and safetensors, which
+    `disagg --help`, `disagg bench` and `disagg keys` never need (importing torch takes ~1.5 s)."""
+    from services.core.model import gguf_convert
+
+    return gguf_convert.convert_gguf(gguf_path, out_dir, show_progress=show_progress)
+
+
+def is_conversion_current(out_dir: Path, gguf_path: Path) -> bool:
+    from services.core.model import gguf_convert
+
+    return gguf_convert.is_conversion_current(out_dir, gguf_path)
 
 
 @dataclass(slots=True, frozen=True)
