@@ -47,7 +47,7 @@ from dataclasses import dataclass
 
 import grpc
 import redis
-from pydantic import Field
+from pydantic import AliasChoices, Field
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from services.core.cost import RequestCost
@@ -78,7 +78,13 @@ class ClusterSettings(BaseSettings):
 
     model_config = SettingsConfigDict(env_prefix="DISAGG_CLUSTER_", extra="forbid")
 
-    redis_url: str = Field("redis://127.0.0.1:6379/0", description="the cluster's Redis")
+    # DISAGG_REDIS_URL is what every pod and `disagg keys/tenants` read; the gateway takes it too, so one
+    # variable points a whole deployment at its Redis (DISAGG_CLUSTER_REDIS_URL wins when both are set).
+    redis_url: str = Field(
+        "redis://127.0.0.1:6379/0",
+        validation_alias=AliasChoices("redis_url", "DISAGG_CLUSTER_REDIS_URL", "DISAGG_REDIS_URL"),
+        description="the cluster's Redis",
+    )
     placement: PlacementMode = Field(
         PlacementMode.REQUEST,
         description="request | head (Lamina) partitioning; request is the default because a decode "

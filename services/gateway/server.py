@@ -173,7 +173,8 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument(
         "--redis-url",
-        help="the cluster's Redis (default: DISAGG_CLUSTER_REDIS_URL or redis://127.0.0.1:6379/0), which "
+        help="the cluster's Redis (default: DISAGG_CLUSTER_REDIS_URL, else DISAGG_REDIS_URL, else "
+        "redis://127.0.0.1:6379/0), which "
         "also holds tenants and API keys; with --colocated: a Redis for tenants and API keys only",
     )
     p.add_argument(

@@ -201,6 +201,17 @@ def test_gateway_command_is_what_disagg_serve_accepts(variant: str, monkeypatch:
         assert cluster.redis_url.endswith(".svc.cluster.local:6379/0")
 
 
+def test_gateway_reads_the_redis_url_every_pod_reads(monkeypatch: pytest.MonkeyPatch) -> None:
+    """DISAGG_REDIS_URL (the pods', `disagg keys`') points the gateway too; DISAGG_CLUSTER_REDIS_URL wins."""
+    no_overrides: dict[str, Any] = {}
+    monkeypatch.delenv("DISAGG_CLUSTER_REDIS_URL", raising=False)
+    monkeypatch.setenv("DISAGG_REDIS_URL", "redis://shared:6379/1")
+    assert ClusterSettings(**no_overrides).redis_url == "redis://shared:6379/1"
+    monkeypatch.setenv("DISAGG_CLUSTER_REDIS_URL", "redis://gateway:6379/2")
+    assert ClusterSettings(**no_overrides).redis_url == "redis://gateway:6379/2"
+    assert ClusterSettings(redis_url="redis://given:6379/3").redis_url == "redis://given:6379/3"
+
+
 # ---- the image -----------------------------------------------------------------------------------
 def _dockerignored(path: str, patterns: list[str]) -> bool:
     """Docker's rule: the last pattern matching the path or one of its parents decides."""
