@@ -27,6 +27,7 @@ from services.core.errors import BackendUnavailableError
 from services.core.metrics import COLOCATED, GATEWAY, PodMetrics
 from services.core.model.load import LoadedModel
 from services.core.model.tokenizer import Tokenizer
+from services.core.tenants import DEFAULT_TENANT
 from services.decode.colocated import DEFAULT_KV_BUDGET_BYTES, build_engine
 from services.decode.engine import TokenEvent
 from services.decode.loop import EngineLoop, EngineStoppedError
@@ -84,8 +85,10 @@ class Backend(ABC):
         """Current load, for GET /health and tests."""
 
     @abstractmethod
-    def generate(self, prompt_ids: list[int], params: SamplingParams) -> AsyncIterator[TokenEvent]:
-        """The events of one request; see the class docstring for errors and cancellation."""
+    def generate(
+        self, prompt_ids: list[int], params: SamplingParams, *, tenant: str = DEFAULT_TENANT
+    ) -> AsyncIterator[TokenEvent]:
+        """The events of one request of `tenant`; see the class docstring for errors and cancellation."""
 
 
 class ColocatedBackend(Backend):
@@ -144,7 +147,9 @@ class ColocatedBackend(Backend):
     def cost_sources(self) -> Sequence[CostSource]:
         return (self._meter.cost,)
 
-    async def generate(self, prompt_ids: list[int], params: SamplingParams) -> AsyncIterator[TokenEvent]:
+    async def generate(
+        self, prompt_ids: list[int], params: SamplingParams, *, tenant: str = DEFAULT_TENANT
+    ) -> AsyncIterator[TokenEvent]:
         try:
             stream = self._loop.submit(prompt_ids, params)  # PromptTooLongError and the like raise here
         except EngineStoppedError as exc:

@@ -59,6 +59,7 @@ from services.core.registry import PodRegistry, RedisSettings, Role, connect
 from services.core.request_records import RequestState, RequestStore, new_record
 from services.core.reservations import KvReservations
 from services.core.router import PlacementMode, Route, Router
+from services.core.tenants import DEFAULT_TENANT
 from services.core.wire import grpc_message_options
 from services.decode.engine import TokenEvent
 from services.decode.sampling import SamplingParams
@@ -68,9 +69,6 @@ from services.gateway.backend import Backend, BackendLoad
 from services.proto import decode_pb2, decode_pb2_grpc
 
 log = logging.getLogger(__name__)
-
-# Request records do not carry the caller's tenant yet (Backend.generate takes none; docs/tenants.md).
-TENANT = "default"
 
 
 class ClusterSettings(BaseSettings):
@@ -169,7 +167,9 @@ class ClusterBackend(Backend):
             return BackendLoad(running=len(self._active), waiting=self._admission.waiting)
 
     # ---- one request ---------------------------------------------------------------------------
-    async def generate(self, prompt_ids: list[int], params: SamplingParams) -> AsyncIterator[TokenEvent]:
+    async def generate(
+        self, prompt_ids: list[int], params: SamplingParams, *, tenant: str = DEFAULT_TENANT
+    ) -> AsyncIterator[TokenEvent]:
         request_id = f"req-{uuid.uuid4().hex}"
         route = await self._admission.admit(
             lambda: self._place(request_id, prompt_ids, params), self.settings.admission_timeout_s
@@ -177,7 +177,7 @@ class ClusterBackend(Backend):
         finished, first = False, True
         call = None
         try:
-            await asyncio.to_thread(self._store_record, route)
+            await asyncio.to_thread(self._store_record, route, tenant)
             call = self._stub(route.decode.info.address).Generate(
                 self._generate_request(request_id, route, prompt_ids, params)
             )
@@ -266,11 +266,11 @@ class ClusterBackend(Backend):
         self._release_quietly(route.request_id)
         self._record_state(route.request_id, state)
 
-    def _store_record(self, route: Route) -> None:
+    def _store_record(self, route: Route, tenant: str) -> None:
         """QUEUED, then PREFILLING at once: the decode pod starts the prefill as soon as it has it."""
         try:
             self._records.put(
-                new_record(route.request_id, TENANT, self.model_name, route.attention.placement)
+                new_record(route.request_id, tenant, self.model_name, route.attention.placement)
             )
             self._records.update_state(route.request_id, RequestState.PREFILLING)
         except redis.RedisError as exc:  # the record is for recovery; serving goes on without it

@@ -27,7 +27,7 @@ from services.core.api_keys import ApiKeyStore
 from services.core.errors import DisaggError
 from services.core.model.tokenizer import Tokenizer
 from services.core.registry import RedisSettings, connect
-from services.core.tenants import TenantLimits, TenantStore
+from services.core.tenants import DEFAULT_TENANT, TenantLimits, TenantStore
 from services.decode.engine import TokenEvent
 from services.decode.sampling import SamplingParams
 from services.decode.scheduler import FinishReason
@@ -51,6 +51,7 @@ class ScriptedBackend(Backend):
         self.tokenizer = Tokenizer(hf, special_tokens={}, chat_template=None, eos_token_ids=())
         self.model_name = "scripted"
         self.max_model_len = 4096
+        self.tenants: list[str] = []  # the tenant of every request, as the gateway hands it over
 
     def start(self) -> None:
         pass
@@ -64,7 +65,10 @@ class ScriptedBackend(Backend):
     def load(self) -> BackendLoad:
         return BackendLoad(0, 0)
 
-    async def generate(self, prompt_ids: list[int], params: SamplingParams) -> AsyncIterator[TokenEvent]:
+    async def generate(
+        self, prompt_ids: list[int], params: SamplingParams, *, tenant: str = DEFAULT_TENANT
+    ) -> AsyncIterator[TokenEvent]:
+        self.tenants.append(tenant)
         for i in range(params.max_tokens):
             last = i == params.max_tokens - 1
             yield TokenEvent(0, 1, f"w{i} ", FinishReason.LENGTH if last else None)
@@ -228,14 +232,15 @@ def test_over_the_request_rate_is_429_with_retry_after(
 def test_requests_are_metered_and_charged_under_their_keys_tenant(
     redis_settings: RedisSettings, keys: ApiKeyStore, store: TenantStore
 ) -> None:
-    """The gateway's metrics carry the key's tenant, and a tenant's spend is its responses' cost."""
+    """The gateway's metrics carry the key's tenant, and a tenant's spend is its responses' cost; the
+    backend gets the tenant with each request (the cluster writes it into the request record)."""
     acme, _ = keys.create("acme")
     globex, _ = keys.create("globex")
     store.set_limits("globex", TenantLimits(requests_per_minute=1))
     tenancy = tenancy_for(redis_settings)
 
     async def scenario() -> list[httpx.Response]:
-        app = create_app(ScriptedBackend(), GatewaySettings(cost_usd_per_hour=3600.0), tenancy)
+        app = create_app(backend, GatewaySettings(cost_usd_per_hour=3600.0), tenancy)
         transport = httpx.ASGITransport(app=app)
         async with httpx.AsyncClient(transport=transport, base_url="http://gateway") as client:
             calls = [completion(acme), completion(acme), completion(globex), completion(globex)]
@@ -244,8 +249,10 @@ def test_requests_are_metered_and_charged_under_their_keys_tenant(
         await tenancy.flush()
         return responses
 
+    backend = ScriptedBackend()
     *answers, metrics = asyncio.run(scenario())
     assert [r.status_code for r in answers] == [200, 200, 200, 429]
+    assert backend.tenants == ["acme", "acme", "globex"]  # the rate-limited request never reached it
     costs = [r.json()["usage"]["cost_usd"] for r in answers[:3]]
     assert all(c > 0 for c in costs)  # the gateway's own share: the scripted backend reports no pods
     assert store.usage("acme").cost_usd == pytest.approx(costs[0] + costs[1])

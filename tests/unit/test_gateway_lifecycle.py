@@ -13,6 +13,7 @@ import pytest
 
 from services.core.errors import BackendUnavailableError
 from services.core.model.load import LoadedModel
+from services.core.tenants import DEFAULT_TENANT
 from services.decode.engine import TokenEvent
 from services.decode.sampling import SamplingParams
 from services.gateway.app import Gateway, create_app
@@ -227,7 +228,9 @@ class BrokenBackend(Backend):
     def load(self) -> BackendLoad:
         return BackendLoad(0, 0)
 
-    async def generate(self, prompt_ids: list[int], params: SamplingParams) -> AsyncIterator[TokenEvent]:
+    async def generate(
+        self, prompt_ids: list[int], params: SamplingParams, *, tenant: str = DEFAULT_TENANT
+    ) -> AsyncIterator[TokenEvent]:
         for i in range(self._after):
             yield TokenEvent(0, 100 + i, f"t{i}", None)
         raise self._error
