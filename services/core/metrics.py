@@ -98,8 +98,8 @@ REQUESTS = _spec(
     "disagg_requests_total",
     C,
     GATEWAYS,
-    "Requests ended, by status: ok, invalid, rate_limited, over_budget, no_capacity, unavailable, "
-    "timeout, cancelled, error.",
+    "Requests ended, by status: ok, unauthorized, invalid, rate_limited, over_budget, no_capacity, "
+    'unavailable, timeout, cancelled, error. Turned away at authentication: tenant "-".',
     "tenant",
     "status",
 )

@@ -229,9 +229,21 @@ def _bearer_key(authorization: str | None) -> str:
     return key
 
 
+UNAUTHENTICATED = "-"  # the tenant label of requests turned away before a tenant is known (no tenant id
+# can be "-": check_tenant)
+
+
 async def authenticate(request: Request) -> str:
-    """FastAPI dependency of the authenticated routes: sets `request.state.tenant` (a str)."""
-    tenant: str = await request.app.state.gateway.tenancy.authenticate(request.headers.get("authorization"))
+    """FastAPI dependency of the authenticated routes: sets `request.state.tenant` (a str). A request
+    turned away here (401, or 503 when Redis cannot say) is counted under tenant "-"."""
+    gateway = request.app.state.gateway
+    try:
+        tenant: str = await gateway.tenancy.authenticate(request.headers.get("authorization"))
+    except DisaggError as exc:
+        meter = gateway.metering.begin(UNAUTHENTICATED)
+        meter.fail(exc)
+        meter.finish()
+        raise
     request.state.tenant = tenant
     return tenant
 

@@ -46,6 +46,7 @@ from services.core.metrics import (
 )
 from services.core.tenants import DEFAULT_TENANT, BudgetExceededError, RateLimitedError
 from services.decode.engine import TokenEvent
+from services.gateway.auth import InvalidApiKeyError
 from services.gateway.backend import BackendLoad
 from services.gateway.errors import ClientDisconnectedError, DeadlineExceededError, ModelNotServedError
 
@@ -54,6 +55,7 @@ COMPONENTS = ("prefill", "decode", "attention", "gateway")  # the keys of usage.
 
 class Status(StrEnum):
     OK = "ok"
+    UNAUTHORIZED = "unauthorized"  # 401: no, an unknown or a revoked API key (tenant label "-")
     INVALID = "invalid"  # 400 / 404: the request's fault
     RATE_LIMITED = "rate_limited"  # 429: the tenant's requests or tokens per minute
     OVER_BUDGET = "over_budget"  # 402: the tenant's monthly budget is spent
@@ -67,6 +69,8 @@ class Status(StrEnum):
 def status_of(exc: BaseException) -> Status:
     """The status label of a request that ended with `exc` (the same classes as errors.describe)."""
     match exc:
+        case InvalidApiKeyError():
+            return Status.UNAUTHORIZED
         case InvalidRequestError() | ModelNotServedError():
             return Status.INVALID
         case RateLimitedError():

@@ -134,7 +134,7 @@ def test_keys_exist_so_a_key_is_required(
     redis_settings: RedisSettings, keys: ApiKeyStore, store: TenantStore
 ) -> None:
     key, _ = keys.create("acme")
-    missing, wrong, malformed, valid, stream, models, models_ok, health = serve(
+    missing, wrong, malformed, valid, stream, models, models_ok, health, metrics = serve(
         tenancy_for(redis_settings),
         completion(),
         completion("sk-disagg-not-a-real-key-0000000000000000000000"),
@@ -144,6 +144,7 @@ def test_keys_exist_so_a_key_is_required(
         ("GET", "/v1/models", {}),
         ("GET", "/v1/models", {"headers": {"Authorization": f"Bearer {key}"}}),
         ("GET", "/health", {}),
+        ("GET", "/metrics", {}),
     )
     assert "didn't provide an API key" in error_of(missing, 401, "invalid_api_key")
     assert missing.headers["WWW-Authenticate"] == "Bearer"
@@ -158,6 +159,19 @@ def test_keys_exist_so_a_key_is_required(
     assert (usage.requests, usage.completion_tokens) == (2, 6) and store.usage("default").requests == 0
     for response in (missing, wrong, malformed, valid):
         assert key not in response.text
+
+    # The four 401s (three completions, one model list) are counted, under no tenant's name.
+    def requests(tenant: str, status: str) -> float:
+        labels = (f'tenant="{tenant}"', f'status="{status}"')
+        lines = [ln for ln in metrics.text.splitlines() if ln.startswith("disagg_requests_total{")]
+        return sum(float(ln.rsplit(" ", 1)[1]) for ln in lines if all(x in ln for x in labels))
+
+    # The four 401s (three completions, one model list) are counted, under no tenant's name.
+    assert (requests("-", "unauthorized"), requests("acme", "ok"), requests("acme", "unauthorized")) == (
+        4,
+        2,
+        0,
+    )
 
 
 def test_a_revoked_key_stops_working_within_the_cache_time(
