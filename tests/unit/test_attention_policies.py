@@ -15,7 +15,7 @@ from services.attention.kv_pool import KVPool, KVPoolConfig
 from services.attention.local import EvictedPrefillError, LocalAttention
 from services.attention.policies import RECENT_TOKENS, SINK_TOKENS
 from services.attention.policies.heavy_hitter import HeavyHitterPolicy
-from services.attention.policies.quest import page_upper_bounds
+from services.attention.policies.quest import page_upper_bounds, round_outward
 from services.attention.policies.sparq_cpu import sparq_decode_cpu
 from services.attention.reference import DecodeLayout, paged_decode_attention
 from services.core.attention import DENSE, PolicyName, PolicySpec, Scoring, SeqChunk
@@ -66,6 +66,17 @@ def test_quest_page_bound_is_never_below_the_true_max(
     bound = page_upper_bounds(q, keys.amin(dim=2), keys.amax(dim=2))  # [n, G, P]
     true_max = torch.einsum("ngd,nptd->ngpt", q, keys).amax(dim=-1)
     assert torch.all(bound >= true_max - 1e-4 * (1 + true_max.abs()))
+
+
+@settings(max_examples=60, deadline=None)
+@given(st.integers(0, 2**31 - 1), st.floats(0.01, 100))
+def test_quest_bf16_bounds_round_outward(seed: int, spread: float) -> None:
+    """Bounds stored in bfloat16 (half the bytes of fp32 ones) still contain every fp32 key."""
+    keys = torch.randn(64, D, generator=torch.Generator().manual_seed(seed)) * spread
+    low = round_outward(keys, torch.bfloat16, down=True)
+    high = round_outward(keys, torch.bfloat16, down=False)
+    assert low.dtype == high.dtype == torch.bfloat16
+    assert torch.all(low.float() <= keys) and torch.all(high.float() >= keys)
 
 
 def _lanes(lengths: list[int], gen: torch.Generator, blocks: int) -> PagedLanes:
