@@ -15,7 +15,8 @@ from services.attention.kv_pool import KVPool, KVPoolConfig
 from services.attention.local import EvictedPrefillError, LocalAttention
 from services.attention.policies import RECENT_TOKENS, SINK_TOKENS
 from services.attention.policies.heavy_hitter import HeavyHitterPolicy
-from services.attention.policies.quest import page_upper_bounds, round_outward
+from services.attention.policies.quest import PAGE_SIZE, QuestPolicy
+from services.attention.policies.quest_bounds import page_upper_bounds, round_outward
 from services.attention.policies.sparq_cpu import sparq_decode_cpu
 from services.attention.reference import DecodeLayout, paged_decode_attention
 from services.core.attention import DENSE, PolicyName, PolicySpec, Scoring, SeqChunk
@@ -69,14 +70,49 @@ def test_quest_page_bound_is_never_below_the_true_max(
 
 
 @settings(max_examples=60, deadline=None)
-@given(st.integers(0, 2**31 - 1), st.floats(0.01, 100))
-def test_quest_bf16_bounds_round_outward(seed: int, spread: float) -> None:
-    """Bounds stored in bfloat16 (half the bytes of fp32 ones) still contain every fp32 key."""
-    keys = torch.randn(64, D, generator=torch.Generator().manual_seed(seed)) * spread
-    low = round_outward(keys, torch.bfloat16, down=True)
-    high = round_outward(keys, torch.bfloat16, down=False)
-    assert low.dtype == high.dtype == torch.bfloat16
-    assert torch.all(low.float() <= keys) and torch.all(high.float() >= keys)
+@given(
+    st.sampled_from([torch.bfloat16, torch.float8_e4m3fn]),
+    st.integers(0, 2**31 - 1),
+    st.floats(0.001, 1000),
+)
+def test_quest_narrow_bounds_round_outward(dtype: torch.dtype, seed: int, spread: float) -> None:
+    """Bounds stored narrow (bf16, float8) still contain every fp32 key; past float8's range they
+    saturate, and a saturated page's bound is +inf (so never below the true max)."""
+    keys = torch.randn(2, 8, 4, D, generator=torch.Generator().manual_seed(seed)) * spread  # [n, P, t, D]
+    low = round_outward(keys.amin(dim=2), dtype, down=True)
+    high = round_outward(keys.amax(dim=2), dtype, down=False)
+    assert low.dtype == high.dtype == dtype
+    top = torch.finfo(dtype).max
+    inside = keys.abs().amax(dim=(2, 3)) < top  # [n, P] pages whose keys the dtype can hold
+    assert torch.all((low.float() <= keys.amin(dim=2)) | ~inside[..., None])
+    assert torch.all((high.float() >= keys.amax(dim=2)) | ~inside[..., None])
+    q = torch.randn(2, G, D, generator=torch.Generator().manual_seed(seed + 1)) * spread
+    bound = page_upper_bounds(q, low, high)  # [n, G, P]
+    true_max = torch.einsum("ngd,nptd->ngpt", q, keys).amax(dim=-1)
+    assert torch.all(bound >= true_max - 1e-4 * (1 + true_max.abs()))
+    assert torch.all(bound.isposinf() | inside[:, None, :])
+
+
+@settings(max_examples=10, deadline=None)
+@given(st.lists(st.integers(120, 200), min_size=1, max_size=3), st.integers(0, 2**31 - 1))
+def test_quest_sub_block_pages_bound_their_keys(lengths: list[int], seed: int) -> None:
+    """Pages of PAGE_SIZE positions inside 16-position blocks: each page's stored bounds contain
+    the keys of exactly its positions."""
+    part = LocalAttention(KVPool(KVPoolConfig(LAYERS, D, 16), 200), HKV, HKV * G)
+    _run(part, [PolicySpec(PolicyName.QUEST, 0.3)] * len(lengths), lengths, 3, seed)
+    policy = part.policy(PolicyName.QUEST)
+    assert isinstance(policy, QuestPolicy) and policy.page_size == PAGE_SIZE < 16
+    per_block = 16 // PAGE_SIZE
+    for seq, n in enumerate(lengths):
+        stored = n + 3  # every decode step derives its lane's last block, its new token included
+        for table in part.pool.allocator.block_table(seq):
+            for page in range(stored // PAGE_SIZE):
+                block, j = table[page // per_block], page % per_block
+                for layer in range(LAYERS):
+                    keys = part.pool.k[layer][block, j * PAGE_SIZE : (j + 1) * PAGE_SIZE]  # [ps, D]
+                    row = block * per_block + j
+                    assert torch.all(policy.kmin[layer][row].float() <= keys.amin(dim=0))
+                    assert torch.all(policy.kmax[layer][row].float() >= keys.amax(dim=0))
 
 
 def _lanes(lengths: list[int], gen: torch.Generator, blocks: int) -> PagedLanes:
