@@ -12,7 +12,8 @@ by that score are read exactly, always with page 0 (the sink tokens) and the pag
 64 positions.
 
 Bounds are stored in float8 (quest_bounds.py: rounded outward, so they still bound every key; a
-component past float8's range makes its page unbounded, and such a page is always read). Small pages
+component past float8's range makes its page unbounded, and such a page is always read), the two
+of a page packed in one row, so one gather and one bmm give every page's bound. Small pages
 make the selection fine-grained, narrow bounds pay for them: at budget 1/4 the bounds of 4-position
 pages cost 1/16 of dense in float8 (1/8 in bf16), and the other 3/16 buy pages. Measured at 1/4 and
 1/8 (2K contexts, SmolLM2-135M, text and agreement only; top-1 agreement / ppl vs dense / mass
@@ -23,9 +24,10 @@ recall):
     16, bf16           0.883 / 1.037 / 0.871  0.820 / 1.126 / 0.736
      8, bf16           0.930 / 1.035 / 0.880  0.797 / 1.136 / 0.714
      4, bf16           0.961 / 1.027 / 0.865  0.766 / 1.494 / 0.597  (bounds alone 1/8: floors only)
-    16, float8         0.922 / 1.031 / 0.879  0.828 / 1.085 / 0.760
-     8, float8         0.930 / 1.027 / 0.895  0.844 / 1.086 / 0.788
-     4, float8         0.969 / 1.014 / 0.901  0.820 / 1.099 / 0.773  (kept)
+    16, float8 e4m3    0.922 / 1.031 / 0.879  0.828 / 1.085 / 0.760
+     8, float8 e4m3    0.930 / 1.027 / 0.895  0.844 / 1.086 / 0.788
+     4, float8 e4m3    0.969 / 1.014 / 0.901  0.820 / 1.099 / 0.773
+     4, float8 e5m2    0.961 / 1.015 / 0.900  0.820 / 1.087 / 0.769  (kept: quest_bounds.py says why)
 
 Budget b of dense bytes, per lane with n positions in np pages of ps positions: the bounds cost
 2 · D · s per page (kmin and kmax, s = bound itemsize / K/V itemsize: s · np / n of the dense
@@ -80,10 +82,9 @@ class QuestPolicy(AttentionPolicy):
 
     def __init__(self, pool: KVPool, group: int, scale: float, lock: threading.Lock) -> None:
         super().__init__(pool, group, scale, lock)
-        # Per layer [num_blocks · pages per block, D]: page j of block b is row b · per_block + j.
-        # Allocated on first use; a block's bounds are derived before they are read.
-        self.kmin: list[torch.Tensor] = []
-        self.kmax: list[torch.Tensor] = []
+        # Per layer [num_blocks · pages per block, 2, D] (kmax, kmin): page j of block b is row
+        # b · per_block + j. Allocated on first use; a block's bounds are derived before they are read.
+        self.bounds: list[torch.Tensor] = []
         self.mirror = BlockMirror(pool.block_size, pool.config.device)
         self.page_size = page_size_for(pool.block_size)
         self.bound_dtype = (
@@ -96,13 +97,12 @@ class QuestPolicy(AttentionPolicy):
         return pages >= -(-lane.length // self.page_size)
 
     def begin_sparse(self, lanes: Sequence[DecodeLane]) -> PolicyStep:
-        if not self.kmin:
+        if not self.bounds:
             config = self.pool.config
             per_block = self.pool.block_size // self.page_size
-            shape = (self.pool.allocator.num_blocks * per_block, config.head_dim)
+            shape = (self.pool.allocator.num_blocks * per_block, 2, config.head_dim)
             dtype = self.bound_dtype
-            self.kmin = [torch.empty(shape, dtype=dtype, device=config.device) for _ in self.pool.k]
-            self.kmax = [torch.empty(shape, dtype=dtype, device=config.device) for _ in self.pool.k]
+            self.bounds = [torch.empty(shape, dtype=dtype, device=config.device) for _ in self.pool.k]
         return QuestStep(self, lanes)
 
     def forget(self, seq_id: int) -> None:
@@ -147,16 +147,16 @@ class QuestStep(PolicyStep):
         kmax = keys.masked_fill(~holds, float("-inf")).view(paged).amax(dim=2).flatten(0, 1)
         within = torch.arange(bs // ps, device=keys.device)
         rows = (self.refresh_blocks[:, None] * (bs // ps) + within).flatten()  # [X · per_block]
-        policy.kmin[layer][rows] = round_outward(kmin, policy.bound_dtype, down=True)
-        policy.kmax[layer][rows] = round_outward(kmax, policy.bound_dtype, down=False)
+        bounds = policy.bounds[layer]
+        bounds[rows, 0] = round_outward(kmax, policy.bound_dtype, down=False)
+        bounds[rows, 1] = round_outward(kmin, policy.bound_dtype, down=True)
 
     def _select(self, layer: int, q: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """(stored indices [n, P·ps] of the chosen pages' rows, valid [n, P·ps])."""
         self._refresh(layer)
         policy, t, ps = self.policy, self.t, self.policy.page_size
-        kmin = policy.kmin[layer][self.page_rows]  # [n, MP, D]
-        kmax = policy.kmax[layer][self.page_rows]
-        bound = page_upper_bounds(q, kmin, kmax) * policy.scale  # [n, G, MP]
+        bounds = policy.bounds[layer][self.page_rows]  # [n, MP, 2, D]
+        bound = page_upper_bounds(q, bounds) * policy.scale  # [n, G, MP]
         unbounded = bound[:, 0, :].isposinf()  # [n, MP] a saturated bound: such pages are forced
         bound.masked_fill_(~(self.page_valid & ~unbounded)[:, None, :], float("-inf"))
         score = bound.softmax(dim=-1).sum(dim=1).masked_fill(self.forced | unbounded, float("inf"))
