@@ -15,7 +15,8 @@ from services.attention.kv_pool import KVPool, KVPoolConfig
 from services.attention.local import EvictedPrefillError, LocalAttention
 from services.attention.policies import RECENT_TOKENS, SINK_TOKENS
 from services.attention.policies.heavy_hitter import HeavyHitterPolicy
-from services.attention.policies.quest import page_upper_bounds
+from services.attention.policies.quest import PAGE_SIZE, QuestPolicy
+from services.attention.policies.quest_bounds import page_upper_bounds, round_outward
 from services.attention.policies.sparq_cpu import sparq_decode_cpu
 from services.attention.reference import DecodeLayout, paged_decode_attention
 from services.core.attention import DENSE, PolicyName, PolicySpec, Scoring, SeqChunk
@@ -63,9 +64,55 @@ def test_quest_page_bound_is_never_below_the_true_max(
     gen = torch.Generator().manual_seed(seed)
     q = torch.randn(2, G, D, generator=gen) * spread
     keys = torch.randn(2, pages, size, D, generator=gen) * spread  # [n, P, tokens, D]
-    bound = page_upper_bounds(q, keys.amin(dim=2), keys.amax(dim=2))  # [n, G, P]
+    bound = page_upper_bounds(q, torch.stack([keys.amax(dim=2), keys.amin(dim=2)], dim=2))  # [n, G, P]
     true_max = torch.einsum("ngd,nptd->ngpt", q, keys).amax(dim=-1)
     assert torch.all(bound >= true_max - 1e-4 * (1 + true_max.abs()))
+
+
+@settings(max_examples=60, deadline=None)
+@given(
+    st.sampled_from([torch.bfloat16, torch.float8_e4m3fn, torch.float8_e5m2]),
+    st.integers(0, 2**31 - 1),
+    st.floats(0.001, 1000),
+)
+def test_quest_narrow_bounds_round_outward(dtype: torch.dtype, seed: int, spread: float) -> None:
+    """Bounds stored narrow (bf16, float8) still contain every fp32 key; a component past the
+    dtype's range is stored as NaN, and that page's bound is +inf (so never below the true max)."""
+    keys = torch.randn(2, 8, 4, D, generator=torch.Generator().manual_seed(seed)) * spread  # [n, P, t, D]
+    low = round_outward(keys.amin(dim=2), dtype, down=True)
+    high = round_outward(keys.amax(dim=2), dtype, down=False)
+    assert low.dtype == high.dtype == dtype
+    top = torch.finfo(dtype).max
+    inside = keys.abs().amax(dim=(2, 3)) < top  # [n, P] pages whose keys the dtype can hold
+    assert torch.all((low.float() <= keys.amin(dim=2)) | ~inside[..., None])
+    assert torch.all((high.float() >= keys.amax(dim=2)) | ~inside[..., None])
+    q = torch.randn(2, G, D, generator=torch.Generator().manual_seed(seed + 1)) * spread
+    bound = page_upper_bounds(q, torch.stack([high, low], dim=2))  # [n, G, P]
+    true_max = torch.einsum("ngd,nptd->ngpt", q, keys).amax(dim=-1)
+    assert torch.all(bound >= true_max - 1e-4 * (1 + true_max.abs()))
+    assert torch.all(bound.isposinf() | inside[:, None, :])
+
+
+@settings(max_examples=10, deadline=None)
+@given(st.lists(st.integers(120, 200), min_size=1, max_size=3), st.integers(0, 2**31 - 1))
+def test_quest_sub_block_pages_bound_their_keys(lengths: list[int], seed: int) -> None:
+    """Pages of PAGE_SIZE positions inside 16-position blocks: each page's stored bounds contain
+    the keys of exactly its positions."""
+    part = LocalAttention(KVPool(KVPoolConfig(LAYERS, D, 16), 200), HKV, HKV * G)
+    _run(part, [PolicySpec(PolicyName.QUEST, 0.3)] * len(lengths), lengths, 3, seed)
+    policy = part.policy(PolicyName.QUEST)
+    assert isinstance(policy, QuestPolicy) and policy.page_size == PAGE_SIZE < 16
+    per_block = 16 // PAGE_SIZE
+    for seq, n in enumerate(lengths):
+        stored = n + 3  # every decode step derives its lane's last block, its new token included
+        for table in part.pool.allocator.block_table(seq):
+            for page in range(stored // PAGE_SIZE):
+                block, j = table[page // per_block], page % per_block
+                for layer in range(LAYERS):
+                    keys = part.pool.k[layer][block, j * PAGE_SIZE : (j + 1) * PAGE_SIZE]  # [ps, D]
+                    row = block * per_block + j
+                    high, low = policy.bounds[layer][row].float()  # [D] each
+                    assert torch.all(low <= keys.amin(dim=0)) and torch.all(high >= keys.amax(dim=0))
 
 
 def _lanes(lengths: list[int], gen: torch.Generator, blocks: int) -> PagedLanes:
