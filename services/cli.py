@@ -348,7 +348,7 @@ def _add_eval_attention(sub: argparse._SubParsersAction[argparse.ArgumentParser]
     p.add_argument("--windows", type=int, default=2, help="text windows decoded as one batch (default 2)")
     p.add_argument("--context", type=int, default=2048, help="exactly prefilled tokens per window (2048)")
     p.add_argument("--scored", type=int, default=384, help="teacher-forced tokens per window (384)")
-    p.add_argument("--agreement-steps", type=int, default=64, help="greedy steps compared per window (64)")
+    p.add_argument("--agreement-steps", type=int, default=128, help="greedy steps compared per window (128)")
     p.add_argument(
         "--passkey-lengths", default="1024,2048,4096", help="comma-separated prompt lengths in tokens"
     )
