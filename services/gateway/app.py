@@ -136,7 +136,6 @@ class Gateway:
                 prepared.params,
                 timeout_s=self.settings.request_timeout_seconds,
                 meter=meter,
-                tenant=request.state.tenant,
                 disconnected=functools.partial(_wait_for_disconnect, request),
                 on_close=finish,
             )

@@ -29,7 +29,6 @@ import dataclasses
 from collections.abc import AsyncIterator, Awaitable, Callable
 
 from services.core.errors import NoCapacityError
-from services.core.tenants import DEFAULT_TENANT
 from services.decode.engine import TokenEvent
 from services.decode.sampling import SamplingParams
 from services.decode.scheduler import FinishReason
@@ -147,7 +146,6 @@ class Admission:
         *,
         timeout_s: float,
         meter: RequestMeter,
-        tenant: str = DEFAULT_TENANT,
         disconnected: WaitForDisconnect | None = None,
         on_close: Callable[[], None] | None = None,
     ) -> Generation:
@@ -166,7 +164,7 @@ class Admission:
                 on_close()
 
         generation = Generation(
-            backend.generate(prompt_ids, params, tenant=tenant),
+            backend.generate(prompt_ids, params, tenant=meter.tenant),
             timeout_s=timeout_s,
             disconnected=disconnected,
             on_close=closed,

@@ -207,7 +207,8 @@ def _sparq_keys(
         key = tl.where(ok, score.to(tl.int32, bitcast=True), -1)
         tl.store(keys_ptr + lane.to(tl.int64) * wpad + offs_n, key)
         # A compact copy of the strided sample: read from `keys` it would cost a DRAM burst per sample
-        # key, i.e. the whole array at SS = 16 (ncu, H200: 2.2 TB/s for 32 us at 512 lanes x 32K).
+        # key, i.e. the whole array at SS = 16 (bench/RESULTS-gpu.md: bounds 39 -> 21 us at 512 lanes
+        # x 32K, `bench/gpu_attention.py --stages`).
         on_grid = (offs_n % SS == 0) & (offs_n // SS < NS)
         tl.store(sample_ptr + lane * NS + offs_n // SS, key, mask=on_grid)
 
@@ -245,6 +246,12 @@ def sample_stride(width: int) -> int:
     return stride
 
 
+def sample_shape(width: int) -> tuple[int, int]:
+    """(stride, NS): the sample's stride and its row length (a power of two >= its keys)."""
+    stride = sample_stride(width)
+    return stride, triton.next_power_of_2(triton.cdiv(width, stride))
+
+
 @dataclass(slots=True, frozen=True)
 class Phase1:
     """SparQ phase 1 of one step: every position's score as an int32 key (the fp32 bits, >= 0; the window
@@ -259,14 +266,9 @@ class Phase1:
     @classmethod
     def of_keys(cls, keys: torch.Tensor, width: int) -> Phase1:
         """From keys made elsewhere (tests): the sample taken in torch."""
-        stride = sample_stride(width)
+        stride, ns = sample_shape(width)
         strided = keys[:, ::stride][:, : triton.cdiv(width, stride)]
-        sample = torch.full(
-            (keys.shape[0], triton.next_power_of_2(strided.shape[1])),
-            -1,
-            dtype=torch.int32,
-            device=keys.device,
-        )
+        sample = torch.full((keys.shape[0], ns), -1, dtype=torch.int32, device=keys.device)
         sample[:, : strided.shape[1]] = strided
         return cls(keys, keys.shape[1], sample, stride)
 
@@ -309,11 +311,9 @@ def sparq_keys(
     """Phase 1, scoring: Σ_g softmax_g from e and the tile stats, as int32 keys (and their sample)."""
     n_lanes, group, wpad = e.shape
     n_tiles = stats.shape[2]
-    stride = sample_stride(width)
+    stride, ns = sample_shape(width)
     keys = torch.empty((n_lanes, wpad), dtype=torch.int32, device=e.device)
-    sample = torch.empty(
-        (n_lanes, triton.next_power_of_2(triton.cdiv(width, stride))), dtype=torch.int32, device=e.device
-    )
+    sample = torch.empty((n_lanes, ns), dtype=torch.int32, device=e.device)
     _sparq_keys[(n_lanes, n_tiles)](
         e, stats[0], stats[1], lanes.lane_len, keys, sample, wpad, local_window,
         G=group, BLOCK_N=wpad // n_tiles, BLOCK_T=triton.next_power_of_2(n_tiles), SS=stride,

@@ -16,8 +16,10 @@ component past float8's range makes its page unbounded, and such a page is alway
 of a page packed in one row, so one gather and one bmm give every page's bound. Small pages
 make the selection fine-grained, narrow bounds pay for them: at budget 1/4 the bounds of 4-position
 pages cost 1/16 of dense in float8 (1/8 in bf16), and the other 3/16 buy pages. Measured at 1/4 and
-1/8 (2K contexts, SmolLM2-135M, text and agreement only; top-1 agreement / ppl vs dense / mass
-recall):
+1/8 (2K contexts, SmolLM2-135M; top-1 agreement over 64 greedy steps per window, the evaluation's
+earlier default / ppl vs dense / mass recall), each row with PAGE_SIZE and BOUNDS_DTYPE set as it says:
+`disagg eval-attention --policy quest --budget B --agreement-steps 64` (its passkey and timing
+columns aside; the 1/4 row kept gives 0.961 / 1.0148 / 0.8995 there):
 
     pages, bounds      1/4                    1/8
     16, fp32 (before)  0.883 / 1.056 / 0.850  0.781 / 1.239 / 0.670  (the recorded sweep)
@@ -49,7 +51,7 @@ import torch
 from services.attention.kv_pool import KVPool
 from services.attention.policies import RECENT_TOKENS, AttentionPolicy, DecodeLane, PolicyStep
 from services.attention.policies.common import BlockMirror, LaneTensors, gathered_attention, row_bytes
-from services.attention.policies.quest_bounds import BOUNDS_DTYPE, itemsize, page_upper_bounds, round_outward
+from services.attention.policies.quest_bounds import BOUNDS_DTYPE, page_upper_bounds, round_outward
 from services.core.attention import PolicyName
 
 PAGE_SIZE = 4  # positions per page; pages tile the pool's blocks (see the module docstring)
@@ -62,6 +64,13 @@ def pages_for(lane: DecodeLane, page_size: int, bound_share: float) -> int:
     pages = -(-lane.length // page_size)
     forced = 1 + _recent_pages(lane.length, page_size)
     return max(forced, int((budget * lane.positions - pages * bound_share) // page_size))
+
+
+def page_rows(blocks: torch.Tensor, per_block: int) -> torch.Tensor:
+    """[n, B] block ids -> [n, B · per_block] rows of their pages in the bounds (page j of block b is
+    row b · per_block + j)."""
+    within = torch.arange(per_block, device=blocks.device)
+    return (blocks[:, :, None] * per_block + within).flatten(1)
 
 
 def page_size_for(block_size: int) -> int:
@@ -88,9 +97,9 @@ class QuestPolicy(AttentionPolicy):
         self.mirror = BlockMirror(pool.block_size, pool.config.device)
         self.page_size = page_size_for(pool.block_size)
         self.bound_dtype = (
-            BOUNDS_DTYPE if itemsize(BOUNDS_DTYPE) < itemsize(pool.config.dtype) else pool.config.dtype
+            BOUNDS_DTYPE if BOUNDS_DTYPE.itemsize < pool.config.dtype.itemsize else pool.config.dtype
         )
-        self.bound_share = itemsize(self.bound_dtype) / itemsize(pool.config.dtype)
+        self.bound_share = self.bound_dtype.itemsize / pool.config.dtype.itemsize
 
     def covers(self, lane: DecodeLane) -> bool:
         pages = pages_for(lane, self.page_size, self.bound_share)
@@ -118,8 +127,7 @@ class QuestStep(PolicyStep):
         self.lanes = list(lanes)
         self.t = LaneTensors.build(lanes, bs, device)
         self.refresh_blocks, self.refresh_filled = policy.mirror.refresh(lanes)
-        within = torch.arange(per_block, device=device)
-        self.page_rows = (self.t.table[:, :, None] * per_block + within).flatten(1)  # [n, MB · per_block]
+        self.page_rows = page_rows(self.t.table, per_block)  # [n, MB · per_block]
         n_pages = (self.t.length + ps - 1) // ps  # [n]
         page = torch.arange(self.page_rows.shape[1], device=device)[None, :]  # [1, MP]
         self.page_valid = page < n_pages[:, None]
@@ -127,9 +135,9 @@ class QuestStep(PolicyStep):
         self.forced = self.page_valid & ((page == 0) | (page >= first_recent[:, None]))
         pages = [pages_for(lane, ps, policy.bound_share) for lane in lanes]
         self.pages = torch.tensor(pages, device=device).minimum(n_pages)
-        kv_itemsize = itemsize(pool.config.dtype)
+        kv_itemsize = pool.config.dtype.itemsize
         d = pool.config.head_dim
-        bounds = 2 * int(n_pages.sum()) * d * itemsize(policy.bound_dtype)
+        bounds = 2 * int(n_pages.sum()) * d * policy.bound_dtype.itemsize
         refresh = int(self.refresh_filled.sum()) * d * kv_itemsize
         self.layer_bytes = bounds + refresh + row_bytes(int(self.pages.sum()) * ps, d, kv_itemsize)
         self.bytes_read = 0
@@ -145,8 +153,7 @@ class QuestStep(PolicyStep):
         paged = (-1, bs // ps, ps, keys.shape[-1])  # [X, per_block, ps, D]; empty pages: ±inf
         kmin = keys.masked_fill(~holds, float("inf")).view(paged).amin(dim=2).flatten(0, 1)
         kmax = keys.masked_fill(~holds, float("-inf")).view(paged).amax(dim=2).flatten(0, 1)
-        within = torch.arange(bs // ps, device=keys.device)
-        rows = (self.refresh_blocks[:, None] * (bs // ps) + within).flatten()  # [X · per_block]
+        rows = page_rows(self.refresh_blocks[:, None], bs // ps).flatten()  # [X · per_block]
         bounds = policy.bounds[layer]
         bounds[rows, 0] = round_outward(kmax, policy.bound_dtype, down=False)
         bounds[rows, 1] = round_outward(kmin, policy.bound_dtype, down=True)

@@ -11,7 +11,7 @@ and kmin rounded down, so the stored box still contains every key of the page:
 Float8 has no `nextafter` in torch, so the outward step moves the sign-magnitude bits by one.
 
 Why e5m2 rather than e4m3 (one more mantissa bit): at 4-position pages and budget 1/4 (2K contexts,
-SmolLM2-135M, text and agreement only) they select alike (top-1 agreement / ppl vs dense / mass
+SmolLM2-135M, the command in quest.py's docstring) they select alike (top-1 agreement / ppl vs dense / mass
 recall 0.961 / 1.015 / 0.900 against e4m3's 0.969 / 1.014 / 0.901), e5m2's range (±57344) holds any
 key a float16 holds, and e5m2 is the top byte of a float16, so widening it is one shift and a
 float16 conversion (`widen`), several times faster on CPUs than torch's float8 conversion, which
@@ -25,10 +25,6 @@ import torch
 BOUNDS_DTYPE = torch.float8_e5m2  # 1 byte per component: 2 mantissa bits, range ±57344, inf and NaN
 
 
-def itemsize(dtype: torch.dtype) -> int:
-    return torch.empty((), dtype=dtype).element_size()
-
-
 def round_outward(x: torch.Tensor, dtype: torch.dtype, down: bool) -> torch.Tensor:
     """x in `dtype`, rounded down (kmin) or up (kmax), so the stored bounds still bound every key;
     a value past the dtype's range is stored as NaN (read back as unbounded)."""
@@ -38,7 +34,7 @@ def round_outward(x: torch.Tensor, dtype: torch.dtype, down: bool) -> torch.Tens
     y = x.clamp(-top, top).to(dtype)
     wrong = y.to(x.dtype) > x if down else y.to(x.dtype) < x
     past = x.abs() > top
-    if itemsize(dtype) > 1:
+    if dtype.itemsize > 1:
         toward = torch.full_like(y, float("-inf") if down else float("inf"))
         return torch.where(wrong, torch.nextafter(y, toward), y).masked_fill(past, float("nan"))
     y = torch.where(wrong, _step_float8(y, down), y)
