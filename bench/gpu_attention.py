@@ -262,6 +262,19 @@ PICK_VARIANTS = {  # --stages: the sampled selection's launch settings against i
 }
 
 
+# --stages: _sparq_logits launch settings (positions per tile, warps, tiles per program, pipeline stages)
+LOGITS_VARIANTS = [
+    (512, 4, 1, 1), (256, 2, 1, 1), (1024, 4, 1, 1), (512, 4, 4, 2), (256, 2, 8, 3), (1024, 4, 4, 2),
+    (128, 1, 8, 3), (128, 1, 16, 2), (128, 1, 16, 3), (128, 1, 16, 4), (128, 1, 32, 3), (128, 1, 64, 3),
+    (64, 1, 32, 3), (64, 1, 16, 3), (256, 1, 8, 3), (128, 1, 1, 1), (128, 2, 8, 3),
+]  # fmt: skip
+# --stages: _sparq_keys launch settings (positions per step, steps per program, warps, stages)
+KEYS_VARIANTS = [
+    (512, 1, 4, 1), (1024, 1, 4, 1), (256, 1, 2, 1), (512, 4, 4, 2), (512, 8, 4, 3), (1024, 4, 4, 3),
+    (256, 8, 2, 3), (256, 16, 1, 3), (128, 16, 1, 3), (2048, 2, 8, 2),
+]  # fmt: skip
+
+
 def _try_ms(name: str, fn: Callable[[], object], nbytes: int = 0) -> float:
     try:
         ms = bench_ms(fn)
@@ -295,15 +308,24 @@ def _stage_case(case: Case) -> None:
     _try_ms("dense (triton)", methods["triton"], case.dense_bytes())
     _try_ms("sparq step", methods["sparq"], kt_bytes + gather_bytes)
     _try_ms("select components", lambda: sk.sparq_select(q, r, scale))
-    for block_n, warps in ((256, 2), (256, 4), (512, 2), (512, 4), (1024, 4), (1024, 8)):
+    print(f"  (logits default {sk.logits_config(case.block_size)}, keys default {sk.KeysConfig()})")
+    for block_n, warps, tiles, n_stages in LOGITS_VARIANTS:
+        logits_config = sk.LogitsConfig(block_n, warps, tiles, n_stages)
         _try_ms(
-            f"logits bn={block_n} w={warps} (kt + e)",
-            partial(sk.sparq_logits, q_sel, idx, kt_cache, lanes, context, block_n, warps),
+            f"logits bn={block_n} w={warps} t={tiles} s={n_stages} (kt + e)",
+            partial(sk.sparq_logits, q_sel, idx, kt_cache, lanes, context, logits_config),
             kt_bytes + logit_bytes,
         )
     _try_ms(
         "keys (e + keys)", lambda: sk.sparq_keys(e, stats, lanes, context, window), logit_bytes + key_bytes
     )
+    for block_n, tiles, warps, n_stages in KEYS_VARIANTS:
+        keys_config = sk.KeysConfig(block_n, tiles, warps, n_stages, loop_min_lanes=1)
+        _try_ms(
+            f"keys bn={block_n} t={tiles} w={warps} s={n_stages} (e + keys)",
+            partial(sk.sparq_keys, e, stats, lanes, context, window, keys_config),
+            logit_bytes + key_bytes,
+        )
     for launches in (1, 2, 3, 4):
         _try_ms(
             f"pick, sampled, first {launches} launches",

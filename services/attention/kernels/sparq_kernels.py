@@ -2,11 +2,13 @@
 
     _sparq_select  grid [n_lanes]           top-r components of Σ_g |q|, q at them times each head's
                                             softmax temperature (sparq.select_components, one launch)
-    _sparq_logits  grid [n_lanes, n_tiles]  ONE pass over the r selected rows of kt_cache [num_blocks, D, bs]:
+    _sparq_logits  grid [n_lanes, programs] ONE pass over the r selected rows of kt_cache [num_blocks, D, bs]:
                                             e = exp(logit - tile max) of every head -> [n_lanes, G, wpad]
                                             (coalesced), and per tile the max and Σ e of each head
-    _sparq_keys    grid [n_lanes, n_tiles]  lse per head from the tile stats; score = Σ_g e · exp(m_tile -
-                                            lse) (= Σ_g softmax_g); window +inf -> int32 keys [n_lanes, wpad]
+                                            (LogitsConfig: tile size, warps, tiles per program)
+    _sparq_keys    grid [n_lanes, programs] lse per head from the tile stats, once per program; score =
+                                            Σ_g e · exp(m_tile - lse) (= Σ_g softmax_g); window +inf ->
+                                            int32 keys [n_lanes, wpad] (KeysConfig)
     selection      sparq_pick.py: the top-k keys of each lane -> pool rows [n_lanes, k] int32 (-1 unused)
     phase 2        paged_decode.gathered_decode_attention over `rows` (+ the split-K merge)
 
@@ -17,11 +19,12 @@ histogram radix select (global atomics) or torch.topk; either selection cost abo
 Here kt is read once; the G values e per position are written once and read once, fully coalesced, in
 fp32, which keeps the scores those of the fp32 reference up to rounding. (An fp16 e was tried on the H200:
 slower, because of its conversions, and the selection moved: error against the reference 1-3e-2
-instead of 2e-3.)
+instead of 2e-3. Re-reading kt for the keys instead of the e round trip was slower: bench/RESULTS-gpu.md.)
 """
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import torch
@@ -30,13 +33,27 @@ import triton.language as tl
 
 from services.attention.kernels import PagedLanes
 
-LOGITS_WARPS = 4
+
+@dataclass(slots=True, frozen=True)
+class LogitsConfig:
+    """_sparq_logits launch settings (bench/gpu_attention.py --stages sweeps them)."""
+
+    block_n: int  # positions per tile (a power of two)
+    num_warps: int
+    tiles: int = 1  # tiles per program, a loop the compiler software-pipelines
+    num_stages: int = 1  # that loop's pipeline depth
 
 
-def logits_block_n(block_size: int) -> int:
-    """Positions per _sparq_logits program (H200, bench --stages: bs 16, 256 and 512 equal at 66 us;
-    bs 128, 512 at 42 us against 67 us at 256)."""
-    return 256 if block_size < 64 else 512
+def logits_config(block_size: int) -> LogitsConfig:
+    """H200, bench --stages, 16K-32K contexts. Pool blocks >= 128 positions: one warp per 128-position tile
+    (llama8b bs 128, B 64, 32K: 248 us, 3.25 TB/s, against 354 us for 512 positions on 4 warps, the
+    previous setting; B 16, 16K: 39 vs 53 us; smollm2 B 64, 32K: 61 vs 79 us). Looping 8-16 tiles per
+    program with 2-4 pipeline stages was equal at 512 lanes and 2.2x slower at 128. Smaller blocks (runs
+    of 16): 256 positions on 2 warps (llama8b bs 16, B 16, 16K: 87 us, 512 on 4 warps 89, 128 on 1 warp
+    looping 131; whole step at B 64, 32K: 973 us, with the previous 256 on 4 warps 1079)."""
+    if block_size >= 128:
+        return LogitsConfig(block_n=128, num_warps=1)
+    return LogitsConfig(block_n=256, num_warps=2)
 
 
 @triton.jit
@@ -103,10 +120,14 @@ def _sparq_logits(
     blocks_ptr, lane_start_ptr, lane_len_ptr,  # PagedLanes
     e_ptr,  # [n_lanes, G, wpad] fp32 out: exp(logit - tile max); tiles past the length unwritten
     m_ptr, l_ptr,  # [n_lanes, n_tiles, G] fp32 out: tile max of the logits, tile Σ e
-    wpad, stride_ktb, stride_ktd,
+    wpad, n_tiles, stride_ktb, stride_ktd,
     G: tl.constexpr, R: tl.constexpr, BS: tl.constexpr, SUB: tl.constexpr, BLOCK_N: tl.constexpr,
+    TILES: tl.constexpr,
 ):  # fmt: skip
-    """One tile of BLOCK_N positions = RUNS runs of SUB positions, each inside one pool block, so a
+    """TILES consecutive tiles of one lane, in a loop the compiler software-pipelines (launch num_stages),
+    so one tile's block-id and kt loads are in flight while the previous tile is reduced.
+
+    One tile of BLOCK_N positions = RUNS runs of SUB positions, each inside one pool block, so a
     component's run is contiguous in kt_cache and loads as wide vectors (the block id alone is
     gathered). Every tensor keeps the [RUNS, SUB] layout of those loads: components are an unrolled
     loop, each read once, and each head (up to MAX_GROUP) has its own accumulator updated with a scalar
@@ -114,10 +135,10 @@ def _sparq_logits(
     needed layout conversions through shared memory, 44 barriers per program; re-reading the
     components per head from L1 was slower still for G = 4, R = 16.)"""
     lane = tl.program_id(0)
-    tile = tl.program_id(1)
     length = tl.load(lane_len_ptr + lane)
-    if tile * BLOCK_N < length:
-        start = tl.load(lane_start_ptr + lane)
+    start = tl.load(lane_start_ptr + lane)
+    first_tile = tl.program_id(1) * TILES
+    for tile in range(first_tile, tl.minimum(first_tile + TILES, tl.cdiv(length, BLOCK_N))):
         base = tile * BLOCK_N + tl.arange(0, BLOCK_N // SUB) * SUB  # [RUNS] first position of each run
         run_ok = base < length
         blk = tl.load(blocks_ptr + start + base // BS, mask=run_ok, other=0).to(tl.int64)
@@ -154,7 +175,7 @@ def _sparq_logits(
             if G > 7:
                 s7 += tl.load(q_row + 7 * R + i) * kt
         pos = base[:, None] + offs_sub[None, :]  # [RUNS, SUB]
-        stat = (lane * tl.num_programs(1) + tile) * G
+        stat = (lane * n_tiles + tile) * G
         e_row = (lane * G).to(tl.int64) * wpad
         _tile_out(s0, 0, e_ptr, m_ptr, l_ptr, stat, e_row, pos, length)
         if G > 1:
@@ -176,32 +197,41 @@ def _sparq_logits(
 @triton.jit
 def _sparq_keys(
     e_ptr,  # [n_lanes, G, wpad] from _sparq_logits
-    m_ptr, l_ptr,  # [n_lanes, n_tiles, G]
+    m_ptr, l_ptr,  # [n_lanes, n_stat, G]: per logits tile of STAT_N positions
     lane_len_ptr,
     keys_ptr,  # [n_lanes, wpad] int32 out: fp32 bits of the score (>= 0, window +inf); -1 or unwritten past
     # the length
     sample_ptr,  # [n_lanes, NS] int32 out: the keys at positions 0, SS, 2·SS, ... (the selection's sample)
-    wpad, local_window,
-    G: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_T: tl.constexpr, SS: tl.constexpr, NS: tl.constexpr,
+    wpad, n_stat, local_window,
+    G: tl.constexpr, BLOCK_G: tl.constexpr, STAT_N: tl.constexpr, BLOCK_T: tl.constexpr,
+    BLOCK_N: tl.constexpr, TILES: tl.constexpr, SS: tl.constexpr, NS: tl.constexpr,
 ):  # fmt: skip
-    """score = Σ_g e_g · exp(m_tile_g - M_g) / Σ_tiles l · exp(m - M_g) = Σ_g softmax_g(logits)."""
+    """score = Σ_g e_g · exp(m_tile_g - M_g) / Σ_tiles l · exp(m - M_g) = Σ_g softmax_g(logits).
+
+    Each program scores TILES tiles of BLOCK_N positions of one lane; the lane's M_g and Σ_g come from
+    the tile stats once per program ([BLOCK_T, BLOCK_G]), and each position takes the max of its own
+    logits tile (STAT_N positions: a gather that hits L1)."""
     lane = tl.program_id(0)
-    tile = tl.program_id(1)
-    n_tiles = tl.num_programs(1)
     length = tl.load(lane_len_ptr + lane)
-    if tile * BLOCK_N < length:
-        offs_t = tl.arange(0, BLOCK_T)
-        t_ok = offs_t < tl.cdiv(length, BLOCK_N)
+    offs_g = tl.arange(0, BLOCK_G)
+    g_ok = offs_g < G
+    offs_t = tl.arange(0, BLOCK_T)
+    stat_ok = (offs_t < tl.cdiv(length, STAT_N))[:, None] & g_ok[None, :]
+    stat_at = (lane * n_stat + offs_t[:, None]) * G + offs_g[None, :]  # [BLOCK_T, BLOCK_G]
+    m = tl.load(m_ptr + stat_at, mask=stat_ok, other=float("-inf"))
+    top = tl.max(m, 0)  # [BLOCK_G]; -inf for padding heads
+    top = tl.where(g_ok, top, 0.0)
+    total = tl.sum(tl.load(l_ptr + stat_at, mask=stat_ok, other=0.0) * tl.exp(m - top[None, :]), 0)
+    inv = tl.where(g_ok, 1.0 / tl.where(g_ok, total, 1.0), 0.0)  # [BLOCK_G]
+    first_tile = tl.program_id(1) * TILES
+    e_rows = e_ptr + (lane * G + offs_g).to(tl.int64)[:, None] * wpad  # [BLOCK_G, 1]
+    for tile in range(first_tile, tl.minimum(first_tile + TILES, tl.cdiv(length, BLOCK_N))):
         offs_n = tile * BLOCK_N + tl.arange(0, BLOCK_N)
-        score = tl.zeros([BLOCK_N], tl.float32)
-        for g in tl.static_range(G):
-            m = tl.load(m_ptr + (lane * n_tiles + offs_t) * G + g, mask=t_ok, other=float("-inf"))
-            top = tl.max(m, 0)  # [BLOCK_T] -> scalar, finite
-            total = tl.sum(
-                tl.load(l_ptr + (lane * n_tiles + offs_t) * G + g, mask=t_ok, other=0.0) * tl.exp(m - top), 0
-            )
-            c = tl.exp(tl.load(m_ptr + (lane * n_tiles + tile) * G + g) - top) / total
-            score += c * tl.load(e_ptr + (lane * G + g).to(tl.int64) * wpad + offs_n)
+        at_g = (lane * n_stat + offs_n // STAT_N)[None, :] * G + offs_g[:, None]  # [BLOCK_G, BLOCK_N]
+        m_tile = tl.load(m_ptr + at_g, mask=g_ok[:, None], other=0.0)
+        c = tl.exp(m_tile - top[:, None]) * inv[:, None]
+        e = tl.load(e_rows + offs_n[None, :], mask=g_ok[:, None], other=0.0)
+        score = tl.sum(c * e, 0)  # [BLOCK_N]
         ok = offs_n < length
         score = tl.where(ok & (offs_n >= length - local_window), float("inf"), score)
         key = tl.where(ok, score.to(tl.int32, bitcast=True), -1)
@@ -273,14 +303,26 @@ class Phase1:
         return cls(keys, keys.shape[1], sample, stride)
 
 
+@dataclass(slots=True, frozen=True)
+class KeysConfig:
+    """_sparq_keys launch settings (bench/gpu_attention.py --stages sweeps them)."""
+
+    # H200, bench --stages (llama8b bs 128, B 64, 32K / smollm2 B 64, 32K / llama8b B 16, 16K): 104 / 39 /
+    # 21 us; one 512-position step per program (the previous setting): 116 / 43 / 22 us.
+    block_n: int = 512  # positions per loop step (a power of two; at most the largest dividing wpad)
+    tiles: int = 4  # loop steps per program, from loop_min_lanes lanes (below: 1, more programs in flight)
+    num_warps: int = 4
+    num_stages: int = 2
+    loop_min_lanes: int = 128
+
+
 def sparq_logits(
     q_sel: torch.Tensor,  # [n_lanes, G, r] fp32, temperature folded in
     idx: torch.Tensor,  # [n_lanes, r] int32 selected components
     kt_cache: torch.Tensor,  # [num_blocks, D, bs]
     lanes: PagedLanes,
     width: int,  # longest lane
-    block_n: int | None = None,  # None: logits_block_n(bs)
-    num_warps: int = LOGITS_WARPS,
+    config: LogitsConfig | None = None,  # None: logits_config(bs)
 ) -> tuple[torch.Tensor, torch.Tensor]:  # e [n_lanes, G, wpad] fp32, stats [2, n_lanes, n_tiles, G]
     """Phase 1, pass over kt: e = exp(logit - tile max) of every head, and each tile's max and Σ e."""
     n_lanes, group, r = q_sel.shape
@@ -288,15 +330,16 @@ def sparq_logits(
         raise ValueError(f"kt_cache must be a contiguous [num_blocks, D, {lanes.block_size}]")
     if group > MAX_GROUP:
         raise ValueError(f"the Triton SparQ kernels take up to {MAX_GROUP} query heads per KV head: {group}")
-    block_n = block_n or logits_block_n(lanes.block_size)
+    config = config or logits_config(lanes.block_size)
+    block_n = config.block_n
     n_tiles = triton.cdiv(width, block_n)
     e = torch.empty((n_lanes, group, n_tiles * block_n), dtype=torch.float32, device=q_sel.device)
     stats = torch.empty((2, n_lanes, n_tiles, group), dtype=torch.float32, device=q_sel.device)
-    _sparq_logits[(n_lanes, n_tiles)](
+    _sparq_logits[(n_lanes, triton.cdiv(n_tiles, config.tiles))](
         q_sel.contiguous(), idx.contiguous(), kt_cache, lanes.blocks, lanes.lane_start, lanes.lane_len,
-        e, stats[0], stats[1], e.shape[2], kt_cache.stride(0), kt_cache.stride(1),
+        e, stats[0], stats[1], e.shape[2], n_tiles, kt_cache.stride(0), kt_cache.stride(1),
         G=group, R=r, BS=lanes.block_size, SUB=min(block_n, lanes.block_size & -lanes.block_size),
-        BLOCK_N=block_n, num_warps=num_warps,
+        BLOCK_N=block_n, TILES=config.tiles, num_warps=config.num_warps, num_stages=config.num_stages,
     )  # fmt: skip
     return e, stats
 
@@ -307,17 +350,23 @@ def sparq_keys(
     lanes: PagedLanes,
     width: int,  # longest lane
     local_window: int,
+    config: KeysConfig | None = None,
 ) -> Phase1:
     """Phase 1, scoring: Σ_g softmax_g from e and the tile stats, as int32 keys (and their sample)."""
     n_lanes, group, wpad = e.shape
-    n_tiles = stats.shape[2]
+    n_stat = stats.shape[2]
+    config = config or KeysConfig()
+    block_n = math.gcd(config.block_n, wpad)  # a power of two that divides the rows of e
+    n_tiles = wpad // block_n
     stride, ns = sample_shape(width)
     keys = torch.empty((n_lanes, wpad), dtype=torch.int32, device=e.device)
     sample = torch.empty((n_lanes, ns), dtype=torch.int32, device=e.device)
-    _sparq_keys[(n_lanes, n_tiles)](
-        e, stats[0], stats[1], lanes.lane_len, keys, sample, wpad, local_window,
-        G=group, BLOCK_N=wpad // n_tiles, BLOCK_T=triton.next_power_of_2(n_tiles), SS=stride,
-        NS=sample.shape[1], num_warps=4,
+    tiles = config.tiles if n_lanes >= config.loop_min_lanes else 1
+    _sparq_keys[(n_lanes, triton.cdiv(n_tiles, tiles))](
+        e, stats[0], stats[1], lanes.lane_len, keys, sample, wpad, n_stat, local_window,
+        G=group, BLOCK_G=triton.next_power_of_2(group), STAT_N=wpad // n_stat,
+        BLOCK_T=triton.next_power_of_2(n_stat), BLOCK_N=block_n, TILES=tiles, SS=stride,
+        NS=sample.shape[1], num_warps=config.num_warps, num_stages=config.num_stages,
     )  # fmt: skip
     return Phase1(keys, wpad, sample, stride)
 
@@ -329,9 +378,9 @@ def sparq_scores(
     lanes: PagedLanes,
     width: int,  # longest lane
     local_window: int,
-    block_n: int | None = None,
-    num_warps: int = LOGITS_WARPS,
+    config: LogitsConfig | None = None,
+    keys_config: KeysConfig | None = None,
 ) -> Phase1:
     """Score = Σ_g softmax_g(approximate logits): one pass over kt, then the keys."""
-    e, stats = sparq_logits(q_sel, idx, kt_cache, lanes, width, block_n, num_warps)
-    return sparq_keys(e, stats, lanes, width, local_window)
+    e, stats = sparq_logits(q_sel, idx, kt_cache, lanes, width, config)
+    return sparq_keys(e, stats, lanes, width, local_window, keys_config)
