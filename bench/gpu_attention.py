@@ -262,12 +262,8 @@ PICK_VARIANTS = {  # --stages: the sampled selection's launch settings against i
 }
 
 
-# --stages: _sparq_logits launch settings (positions per tile, warps, tiles per program, pipeline stages)
-LOGITS_VARIANTS = [
-    (512, 4, 1, 1), (256, 2, 1, 1), (1024, 4, 1, 1), (512, 4, 4, 2), (256, 2, 8, 3), (1024, 4, 4, 2),
-    (128, 1, 8, 3), (128, 1, 16, 2), (128, 1, 16, 3), (128, 1, 16, 4), (128, 1, 32, 3), (128, 1, 64, 3),
-    (64, 1, 32, 3), (64, 1, 16, 3), (256, 1, 8, 3), (128, 1, 1, 1), (128, 2, 8, 3),
-]  # fmt: skip
+# --stages: _sparq_logits launch settings (positions per tile, warps)
+LOGITS_VARIANTS = [(512, 4), (256, 2), (256, 4), (1024, 4), (128, 1), (128, 2), (64, 1), (256, 1)]
 # --stages: _sparq_keys launch settings (positions per step, steps per program, warps, stages)
 KEYS_VARIANTS = [
     (512, 1, 4, 1), (1024, 1, 4, 1), (256, 1, 2, 1), (512, 4, 4, 2), (512, 8, 4, 3), (1024, 4, 4, 3),
@@ -309,10 +305,10 @@ def _stage_case(case: Case) -> None:
     _try_ms("sparq step", methods["sparq"], kt_bytes + gather_bytes)
     _try_ms("select components", lambda: sk.sparq_select(q, r, scale))
     print(f"  (logits default {sk.logits_config(case.block_size)}, keys default {sk.KeysConfig()})")
-    for block_n, warps, tiles, n_stages in LOGITS_VARIANTS:
-        logits_config = sk.LogitsConfig(block_n, warps, tiles, n_stages)
+    for block_n, warps in LOGITS_VARIANTS:
+        logits_config = sk.LogitsConfig(block_n, warps)
         _try_ms(
-            f"logits bn={block_n} w={warps} t={tiles} s={n_stages} (kt + e)",
+            f"logits bn={block_n} w={warps} (kt + e)",
             partial(sk.sparq_logits, q_sel, idx, kt_cache, lanes, context, logits_config),
             kt_bytes + logit_bytes,
         )

@@ -2,10 +2,10 @@
 
     _sparq_select  grid [n_lanes]           top-r components of Σ_g |q|, q at them times each head's
                                             softmax temperature (sparq.select_components, one launch)
-    _sparq_logits  grid [n_lanes, programs] ONE pass over the r selected rows of kt_cache [num_blocks, D, bs]:
+    _sparq_logits  grid [n_lanes, n_tiles]  ONE pass over the r selected rows of kt_cache [num_blocks, D, bs]:
                                             e = exp(logit - tile max) of every head -> [n_lanes, G, wpad]
                                             (coalesced), and per tile the max and Σ e of each head
-                                            (LogitsConfig: tile size, warps, tiles per program)
+                                            (LogitsConfig: tile size, warps)
     _sparq_keys    grid [n_lanes, programs] lse per head from the tile stats, once per program; score =
                                             Σ_g e · exp(m_tile - lse) (= Σ_g softmax_g); window +inf ->
                                             int32 keys [n_lanes, wpad] (KeysConfig)
@@ -40,17 +40,16 @@ class LogitsConfig:
 
     block_n: int  # positions per tile (a power of two)
     num_warps: int
-    tiles: int = 1  # tiles per program, a loop the compiler software-pipelines
-    num_stages: int = 1  # that loop's pipeline depth
 
 
 def logits_config(block_size: int) -> LogitsConfig:
     """H200, bench --stages, 16K-32K contexts. Pool blocks >= 128 positions: one warp per 128-position tile
     (llama8b bs 128, B 64, 32K: 248 us, 3.25 TB/s, against 354 us for 512 positions on 4 warps, the
-    previous setting; B 16, 16K: 39 vs 53 us; smollm2 B 64, 32K: 61 vs 79 us). Looping 8-16 tiles per
-    program with 2-4 pipeline stages was equal at 512 lanes and 2.2x slower at 128. Smaller blocks (runs
-    of 16): 256 positions on 2 warps (llama8b bs 16, B 16, 16K: 87 us, 512 on 4 warps 89, 128 on 1 warp
-    looping 131; whole step at B 64, 32K: 973 us, with the previous 256 on 4 warps 1079)."""
+    previous setting; B 16, 16K: 39 vs 53 us; smollm2 B 64, 32K: 61 vs 79 us). Programs looping over
+    8-16 such tiles with 2-4 pipeline stages were equal at 512 lanes and 1.4-2.2x slower at 128
+    (removed). Smaller blocks (runs of 16): 256 positions on 2 warps (llama8b bs 16, B 16, 16K: 87 us,
+    512 on 4 warps 89, 128 on 1 warp looping 131; whole step at B 64, 32K: 973 us, with the previous
+    256 on 4 warps 1079)."""
     if block_size >= 128:
         return LogitsConfig(block_n=128, num_warps=1)
     return LogitsConfig(block_n=256, num_warps=2)
@@ -120,14 +119,10 @@ def _sparq_logits(
     blocks_ptr, lane_start_ptr, lane_len_ptr,  # PagedLanes
     e_ptr,  # [n_lanes, G, wpad] fp32 out: exp(logit - tile max); tiles past the length unwritten
     m_ptr, l_ptr,  # [n_lanes, n_tiles, G] fp32 out: tile max of the logits, tile Σ e
-    wpad, n_tiles, stride_ktb, stride_ktd,
+    wpad, stride_ktb, stride_ktd,
     G: tl.constexpr, R: tl.constexpr, BS: tl.constexpr, SUB: tl.constexpr, BLOCK_N: tl.constexpr,
-    TILES: tl.constexpr,
 ):  # fmt: skip
-    """TILES consecutive tiles of one lane, in a loop the compiler software-pipelines (launch num_stages),
-    so one tile's block-id and kt loads are in flight while the previous tile is reduced.
-
-    One tile of BLOCK_N positions = RUNS runs of SUB positions, each inside one pool block, so a
+    """One tile of BLOCK_N positions = RUNS runs of SUB positions, each inside one pool block, so a
     component's run is contiguous in kt_cache and loads as wide vectors (the block id alone is
     gathered). Every tensor keeps the [RUNS, SUB] layout of those loads: components are an unrolled
     loop, each read once, and each head (up to MAX_GROUP) has its own accumulator updated with a scalar
@@ -135,10 +130,10 @@ def _sparq_logits(
     needed layout conversions through shared memory, 44 barriers per program; re-reading the
     components per head from L1 was slower still for G = 4, R = 16.)"""
     lane = tl.program_id(0)
+    tile = tl.program_id(1)
     length = tl.load(lane_len_ptr + lane)
-    start = tl.load(lane_start_ptr + lane)
-    first_tile = tl.program_id(1) * TILES
-    for tile in range(first_tile, tl.minimum(first_tile + TILES, tl.cdiv(length, BLOCK_N))):
+    if tile * BLOCK_N < length:
+        start = tl.load(lane_start_ptr + lane)
         base = tile * BLOCK_N + tl.arange(0, BLOCK_N // SUB) * SUB  # [RUNS] first position of each run
         run_ok = base < length
         blk = tl.load(blocks_ptr + start + base // BS, mask=run_ok, other=0).to(tl.int64)
@@ -175,7 +170,7 @@ def _sparq_logits(
             if G > 7:
                 s7 += tl.load(q_row + 7 * R + i) * kt
         pos = base[:, None] + offs_sub[None, :]  # [RUNS, SUB]
-        stat = (lane * n_tiles + tile) * G
+        stat = (lane * tl.num_programs(1) + tile) * G
         e_row = (lane * G).to(tl.int64) * wpad
         _tile_out(s0, 0, e_ptr, m_ptr, l_ptr, stat, e_row, pos, length)
         if G > 1:
@@ -335,11 +330,11 @@ def sparq_logits(
     n_tiles = triton.cdiv(width, block_n)
     e = torch.empty((n_lanes, group, n_tiles * block_n), dtype=torch.float32, device=q_sel.device)
     stats = torch.empty((2, n_lanes, n_tiles, group), dtype=torch.float32, device=q_sel.device)
-    _sparq_logits[(n_lanes, triton.cdiv(n_tiles, config.tiles))](
+    _sparq_logits[(n_lanes, n_tiles)](
         q_sel.contiguous(), idx.contiguous(), kt_cache, lanes.blocks, lanes.lane_start, lanes.lane_len,
-        e, stats[0], stats[1], e.shape[2], n_tiles, kt_cache.stride(0), kt_cache.stride(1),
+        e, stats[0], stats[1], e.shape[2], kt_cache.stride(0), kt_cache.stride(1),
         G=group, R=r, BS=lanes.block_size, SUB=min(block_n, lanes.block_size & -lanes.block_size),
-        BLOCK_N=block_n, TILES=config.tiles, num_warps=config.num_warps, num_stages=config.num_stages,
+        BLOCK_N=block_n, num_warps=config.num_warps,
     )  # fmt: skip
     return e, stats
 
