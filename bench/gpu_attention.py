@@ -25,7 +25,7 @@ import argparse
 import json
 import sys
 from collections.abc import Callable
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from functools import partial
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -263,11 +263,27 @@ PICK_VARIANTS = {  # --stages: the sampled selection's launch settings against i
 
 
 # --stages: _sparq_logits launch settings (positions per tile, warps)
-LOGITS_VARIANTS = [(512, 4), (256, 2), (256, 4), (1024, 4), (128, 1), (128, 2), (64, 1), (256, 1)]
+LOGITS_VARIANTS = [
+    (512, 4),
+    (256, 2),
+    (256, 4),
+    (1024, 4),
+    (128, 1),
+    (128, 2),
+    (64, 1),
+    (256, 1),
+    (512, 2),
+    (1024, 8),
+]
 # --stages: _sparq_keys launch settings (positions per step, steps per program, warps, stages)
 KEYS_VARIANTS = [
     (512, 1, 4, 1), (1024, 1, 4, 1), (256, 1, 2, 1), (512, 4, 4, 2), (512, 8, 4, 3), (1024, 4, 4, 3),
     (256, 8, 2, 3), (256, 16, 1, 3), (128, 16, 1, 3), (2048, 2, 8, 2),
+]  # fmt: skip
+# --stages: phase-2 (gather mode) launch settings (rows per step, warps, pipeline stages, programs per SM)
+GATHER_VARIANTS = [
+    (32, 4, 3, 4), (32, 2, 4, 4), (64, 4, 4, 4), (64, 8, 3, 4), (128, 4, 3, 4), (128, 8, 3, 4),
+    (64, 4, 3, 8), (32, 4, 3, 8), (64, 2, 3, 8),
 ]  # fmt: skip
 
 
@@ -351,6 +367,17 @@ def _stage_case(case: Case) -> None:
             f"phase 2, {n_splits} splits (default {splits})",
             partial(
                 paged_decode.gathered_decode_attention, q, k_cache, v_cache, lanes, rows, scale, n_splits
+            ),
+            gather_bytes,
+        )
+    for block_n, warps, n_stages, per_sm in GATHER_VARIANTS:
+        variant = replace(
+            gather, block_n=block_n, num_warps=warps, num_stages=n_stages, programs_per_sm=per_sm
+        )
+        _try_ms(
+            f"phase 2 bn={block_n} w={warps} s={n_stages} p/sm={per_sm}",
+            partial(
+                paged_decode.gathered_decode_attention, q, k_cache, v_cache, lanes, rows, scale, None, variant
             ),
             gather_bytes,
         )

@@ -97,17 +97,30 @@ def _sparq_select(
     tl.store(qs_ptrs, qs, mask=(offs_g[:, None] < G) & chosen[None, :])
 
 
+PER_RUN_MIN = 128  # runs this long keep their own stats (keys loads [n_stat, G]: at runs of 16 too many)
 MAX_GROUP = 8  # query heads per KV head _sparq_logits accumulates (one register tile each)
 
 
 @triton.jit
-def _tile_out(s, g, e_ptr, m_ptr, l_ptr, stat, e_row, pos, length):
-    """Head g of one tile: e = exp(logit - tile max) -> e_ptr, the max and Σ e -> the stats."""
+def _tile_out(
+    s, g, e_ptr, m_ptr, l_ptr, stat, e_row, pos, length,
+    G: tl.constexpr, RUNS: tl.constexpr, PER_RUN: tl.constexpr,
+):  # fmt: skip
+    """Head g of one tile: e = exp(logit - max) -> e_ptr, the max and Σ e -> the stats, per tile or (PER_RUN)
+    per run of the tile (a row of s: the reduction stays inside a warp, no shared memory or barrier)."""
     s = tl.where(pos < length, s, float("-inf"))
-    m = tl.max(tl.max(s, 1), 0)  # finite: the tile holds a position
-    e = tl.exp(s - m)
-    tl.store(m_ptr + stat + g, m)
-    tl.store(l_ptr + stat + g, tl.sum(tl.sum(e, 1), 0))
+    if PER_RUN:
+        m = tl.max(s, 1)  # [RUNS]
+        m = tl.where(m > float("-inf"), m, 0.0)  # a run past the length: stats unread, e masked by keys
+        e = tl.exp(s - m[:, None])
+        runs = tl.arange(0, RUNS) * G
+        tl.store(m_ptr + stat + runs + g, m)
+        tl.store(l_ptr + stat + runs + g, tl.sum(e, 1))
+    else:
+        m = tl.max(tl.max(s, 1), 0)  # finite: the tile holds a position
+        e = tl.exp(s - m)
+        tl.store(m_ptr + stat + g, m)
+        tl.store(l_ptr + stat + g, tl.sum(tl.sum(e, 1), 0))
     tl.store(e_ptr + e_row + pos, e)
 
 
@@ -118,9 +131,10 @@ def _sparq_logits(
     kt_ptr,  # [num_blocks, D, BS]
     blocks_ptr, lane_start_ptr, lane_len_ptr,  # PagedLanes
     e_ptr,  # [n_lanes, G, wpad] fp32 out: exp(logit - tile max); tiles past the length unwritten
-    m_ptr, l_ptr,  # [n_lanes, n_tiles, G] fp32 out: tile max of the logits, tile Σ e
+    m_ptr, l_ptr,  # [n_lanes, n_stat, G] fp32 out: max of the logits and Σ e per tile (or run: PER_RUN)
     wpad, stride_ktb, stride_ktd,
     G: tl.constexpr, R: tl.constexpr, BS: tl.constexpr, SUB: tl.constexpr, BLOCK_N: tl.constexpr,
+    PER_RUN: tl.constexpr,
 ):  # fmt: skip
     """One tile of BLOCK_N positions = RUNS runs of SUB positions, each inside one pool block, so a
     component's run is contiguous in kt_cache and loads as wide vectors (the block id alone is
@@ -132,8 +146,8 @@ def _sparq_logits(
     lane = tl.program_id(0)
     tile = tl.program_id(1)
     length = tl.load(lane_len_ptr + lane)
+    start = tl.load(lane_start_ptr + lane)  # before the branch: one dependent load less in each program
     if tile * BLOCK_N < length:
-        start = tl.load(lane_start_ptr + lane)
         base = tile * BLOCK_N + tl.arange(0, BLOCK_N // SUB) * SUB  # [RUNS] first position of each run
         run_ok = base < length
         blk = tl.load(blocks_ptr + start + base // BS, mask=run_ok, other=0).to(tl.int64)
@@ -170,23 +184,35 @@ def _sparq_logits(
             if G > 7:
                 s7 += tl.load(q_row + 7 * R + i) * kt
         pos = base[:, None] + offs_sub[None, :]  # [RUNS, SUB]
-        stat = (lane * tl.num_programs(1) + tile) * G
+        stat = (lane * tl.num_programs(1) + tile) * G * (BLOCK_N // SUB if PER_RUN else 1)
         e_row = (lane * G).to(tl.int64) * wpad
-        _tile_out(s0, 0, e_ptr, m_ptr, l_ptr, stat, e_row, pos, length)
+        _tile_out(s0, 0, e_ptr, m_ptr, l_ptr, stat, e_row, pos, length, G, BLOCK_N // SUB, PER_RUN)
         if G > 1:
-            _tile_out(s1, 1, e_ptr, m_ptr, l_ptr, stat, e_row + wpad, pos, length)
+            _tile_out(s1, 1, e_ptr, m_ptr, l_ptr, stat, e_row + wpad, pos, length, G, BLOCK_N // SUB, PER_RUN)
         if G > 2:
-            _tile_out(s2, 2, e_ptr, m_ptr, l_ptr, stat, e_row + 2 * wpad, pos, length)
+            _tile_out(
+                s2, 2, e_ptr, m_ptr, l_ptr, stat, e_row + 2 * wpad, pos, length, G, BLOCK_N // SUB, PER_RUN
+            )
         if G > 3:
-            _tile_out(s3, 3, e_ptr, m_ptr, l_ptr, stat, e_row + 3 * wpad, pos, length)
+            _tile_out(
+                s3, 3, e_ptr, m_ptr, l_ptr, stat, e_row + 3 * wpad, pos, length, G, BLOCK_N // SUB, PER_RUN
+            )
         if G > 4:
-            _tile_out(s4, 4, e_ptr, m_ptr, l_ptr, stat, e_row + 4 * wpad, pos, length)
+            _tile_out(
+                s4, 4, e_ptr, m_ptr, l_ptr, stat, e_row + 4 * wpad, pos, length, G, BLOCK_N // SUB, PER_RUN
+            )
         if G > 5:
-            _tile_out(s5, 5, e_ptr, m_ptr, l_ptr, stat, e_row + 5 * wpad, pos, length)
+            _tile_out(
+                s5, 5, e_ptr, m_ptr, l_ptr, stat, e_row + 5 * wpad, pos, length, G, BLOCK_N // SUB, PER_RUN
+            )
         if G > 6:
-            _tile_out(s6, 6, e_ptr, m_ptr, l_ptr, stat, e_row + 6 * wpad, pos, length)
+            _tile_out(
+                s6, 6, e_ptr, m_ptr, l_ptr, stat, e_row + 6 * wpad, pos, length, G, BLOCK_N // SUB, PER_RUN
+            )
         if G > 7:
-            _tile_out(s7, 7, e_ptr, m_ptr, l_ptr, stat, e_row + 7 * wpad, pos, length)
+            _tile_out(
+                s7, 7, e_ptr, m_ptr, l_ptr, stat, e_row + 7 * wpad, pos, length, G, BLOCK_N // SUB, PER_RUN
+            )
 
 
 @triton.jit
@@ -318,7 +344,7 @@ def sparq_logits(
     lanes: PagedLanes,
     width: int,  # longest lane
     config: LogitsConfig | None = None,  # None: logits_config(bs)
-) -> tuple[torch.Tensor, torch.Tensor]:  # e [n_lanes, G, wpad] fp32, stats [2, n_lanes, n_tiles, G]
+) -> tuple[torch.Tensor, torch.Tensor]:  # e [n_lanes, G, wpad] fp32, stats [2, n_lanes, n_stat, G]
     """Phase 1, pass over kt: e = exp(logit - tile max) of every head, and each tile's max and Σ e."""
     n_lanes, group, r = q_sel.shape
     if kt_cache.dim() != 3 or kt_cache.shape[2] != lanes.block_size or kt_cache.stride(2) != 1:
@@ -328,20 +354,23 @@ def sparq_logits(
     config = config or logits_config(lanes.block_size)
     block_n = config.block_n
     n_tiles = triton.cdiv(width, block_n)
+    sub = min(block_n, lanes.block_size & -lanes.block_size)  # positions per contiguous run
+    per_run = sub >= PER_RUN_MIN and block_n > sub
+    n_stat = n_tiles * (block_n // sub if per_run else 1)
     e = torch.empty((n_lanes, group, n_tiles * block_n), dtype=torch.float32, device=q_sel.device)
-    stats = torch.empty((2, n_lanes, n_tiles, group), dtype=torch.float32, device=q_sel.device)
+    stats = torch.empty((2, n_lanes, n_stat, group), dtype=torch.float32, device=q_sel.device)
     _sparq_logits[(n_lanes, n_tiles)](
         q_sel.contiguous(), idx.contiguous(), kt_cache, lanes.blocks, lanes.lane_start, lanes.lane_len,
         e, stats[0], stats[1], e.shape[2], kt_cache.stride(0), kt_cache.stride(1),
-        G=group, R=r, BS=lanes.block_size, SUB=min(block_n, lanes.block_size & -lanes.block_size),
-        BLOCK_N=block_n, num_warps=config.num_warps,
+        G=group, R=r, BS=lanes.block_size, SUB=sub, BLOCK_N=block_n, PER_RUN=per_run,
+        num_warps=config.num_warps,
     )  # fmt: skip
     return e, stats
 
 
 def sparq_keys(
     e: torch.Tensor,  # [n_lanes, G, wpad] from sparq_logits
-    stats: torch.Tensor,  # [2, n_lanes, n_tiles, G]
+    stats: torch.Tensor,  # [2, n_lanes, n_stat, G]: per n_stat-th of wpad
     lanes: PagedLanes,
     width: int,  # longest lane
     local_window: int,
