@@ -43,16 +43,14 @@ class LogitsConfig:
 
 
 def logits_config(block_size: int) -> LogitsConfig:
-    """H200, bench --stages, 16K-32K contexts. Pool blocks >= 128 positions: one warp per 128-position tile
-    (llama8b bs 128, B 64, 32K: 248 us, 3.25 TB/s, against 354 us for 512 positions on 4 warps, the
-    previous setting; B 16, 16K: 39 vs 53 us; smollm2 B 64, 32K: 61 vs 79 us). Programs looping over
-    8-16 such tiles with 2-4 pipeline stages were equal at 512 lanes and 1.4-2.2x slower at 128
-    (removed). Smaller blocks (runs of 16): 256 positions on 2 warps (llama8b bs 16, B 16, 16K: 87 us,
-    512 on 4 warps 89, 128 on 1 warp looping 131; whole step at B 64, 32K: 973 us, with the previous
-    256 on 4 warps 1079)."""
-    if block_size >= 128:
-        return LogitsConfig(block_n=128, num_warps=1)
-    return LogitsConfig(block_n=256, num_warps=2)
+    """H200, bench --stages, 16K-32K contexts: one warp per 128-position tile at every pool block size.
+    llama8b bs 128, B 64, 32K: 212 us (3.8 TB/s of kt + e); 512 positions on 4 warps 354 us, and still
+    233 us with per-run stats that avoid its cross-warp max (tried, removed). Pool blocks of 16: 128 on
+    1 warp beats 256 on 2 (the previous setting) once lane_start is loaded before the tile branch:
+    llama8b B 64, 32K 499 vs 590 us; B 16, 16K 69 vs 84; smollm2 B 64, 32K 93 vs 115; B 16, 16K 20 vs 25.
+    Programs looping over 8-16 tiles were equal at 512 lanes and 1.4-2.2x slower at 128 (removed)."""
+    del block_size  # one setting measured best for every block size; kept as the tuning hook
+    return LogitsConfig(block_n=128, num_warps=1)
 
 
 @triton.jit
@@ -97,30 +95,17 @@ def _sparq_select(
     tl.store(qs_ptrs, qs, mask=(offs_g[:, None] < G) & chosen[None, :])
 
 
-PER_RUN_MIN = 128  # runs this long keep their own stats (keys loads [n_stat, G]: at runs of 16 too many)
 MAX_GROUP = 8  # query heads per KV head _sparq_logits accumulates (one register tile each)
 
 
 @triton.jit
-def _tile_out(
-    s, g, e_ptr, m_ptr, l_ptr, stat, e_row, pos, length,
-    G: tl.constexpr, RUNS: tl.constexpr, PER_RUN: tl.constexpr,
-):  # fmt: skip
-    """Head g of one tile: e = exp(logit - max) -> e_ptr, the max and Σ e -> the stats, per tile or (PER_RUN)
-    per run of the tile (a row of s: the reduction stays inside a warp, no shared memory or barrier)."""
+def _tile_out(s, g, e_ptr, m_ptr, l_ptr, stat, e_row, pos, length):
+    """Head g of one tile: e = exp(logit - tile max) -> e_ptr, the max and Σ e -> the stats."""
     s = tl.where(pos < length, s, float("-inf"))
-    if PER_RUN:
-        m = tl.max(s, 1)  # [RUNS]
-        m = tl.where(m > float("-inf"), m, 0.0)  # a run past the length: stats unread, e masked by keys
-        e = tl.exp(s - m[:, None])
-        runs = tl.arange(0, RUNS) * G
-        tl.store(m_ptr + stat + runs + g, m)
-        tl.store(l_ptr + stat + runs + g, tl.sum(e, 1))
-    else:
-        m = tl.max(tl.max(s, 1), 0)  # finite: the tile holds a position
-        e = tl.exp(s - m)
-        tl.store(m_ptr + stat + g, m)
-        tl.store(l_ptr + stat + g, tl.sum(tl.sum(e, 1), 0))
+    m = tl.max(tl.max(s, 1), 0)  # finite: the tile holds a position
+    e = tl.exp(s - m)
+    tl.store(m_ptr + stat + g, m)
+    tl.store(l_ptr + stat + g, tl.sum(tl.sum(e, 1), 0))
     tl.store(e_ptr + e_row + pos, e)
 
 
@@ -131,10 +116,9 @@ def _sparq_logits(
     kt_ptr,  # [num_blocks, D, BS]
     blocks_ptr, lane_start_ptr, lane_len_ptr,  # PagedLanes
     e_ptr,  # [n_lanes, G, wpad] fp32 out: exp(logit - tile max); tiles past the length unwritten
-    m_ptr, l_ptr,  # [n_lanes, n_stat, G] fp32 out: max of the logits and Σ e per tile (or run: PER_RUN)
+    m_ptr, l_ptr,  # [n_lanes, n_tiles, G] fp32 out: tile max of the logits, tile Σ e
     wpad, stride_ktb, stride_ktd,
     G: tl.constexpr, R: tl.constexpr, BS: tl.constexpr, SUB: tl.constexpr, BLOCK_N: tl.constexpr,
-    PER_RUN: tl.constexpr,
 ):  # fmt: skip
     """One tile of BLOCK_N positions = RUNS runs of SUB positions, each inside one pool block, so a
     component's run is contiguous in kt_cache and loads as wide vectors (the block id alone is
@@ -146,7 +130,7 @@ def _sparq_logits(
     lane = tl.program_id(0)
     tile = tl.program_id(1)
     length = tl.load(lane_len_ptr + lane)
-    start = tl.load(lane_start_ptr + lane)  # before the branch: one dependent load less in each program
+    start = tl.load(lane_start_ptr + lane)  # before the branch: one dependent load less per program
     if tile * BLOCK_N < length:
         base = tile * BLOCK_N + tl.arange(0, BLOCK_N // SUB) * SUB  # [RUNS] first position of each run
         run_ok = base < length
@@ -184,35 +168,23 @@ def _sparq_logits(
             if G > 7:
                 s7 += tl.load(q_row + 7 * R + i) * kt
         pos = base[:, None] + offs_sub[None, :]  # [RUNS, SUB]
-        stat = (lane * tl.num_programs(1) + tile) * G * (BLOCK_N // SUB if PER_RUN else 1)
+        stat = (lane * tl.num_programs(1) + tile) * G
         e_row = (lane * G).to(tl.int64) * wpad
-        _tile_out(s0, 0, e_ptr, m_ptr, l_ptr, stat, e_row, pos, length, G, BLOCK_N // SUB, PER_RUN)
+        _tile_out(s0, 0, e_ptr, m_ptr, l_ptr, stat, e_row, pos, length)
         if G > 1:
-            _tile_out(s1, 1, e_ptr, m_ptr, l_ptr, stat, e_row + wpad, pos, length, G, BLOCK_N // SUB, PER_RUN)
+            _tile_out(s1, 1, e_ptr, m_ptr, l_ptr, stat, e_row + wpad, pos, length)
         if G > 2:
-            _tile_out(
-                s2, 2, e_ptr, m_ptr, l_ptr, stat, e_row + 2 * wpad, pos, length, G, BLOCK_N // SUB, PER_RUN
-            )
+            _tile_out(s2, 2, e_ptr, m_ptr, l_ptr, stat, e_row + 2 * wpad, pos, length)
         if G > 3:
-            _tile_out(
-                s3, 3, e_ptr, m_ptr, l_ptr, stat, e_row + 3 * wpad, pos, length, G, BLOCK_N // SUB, PER_RUN
-            )
+            _tile_out(s3, 3, e_ptr, m_ptr, l_ptr, stat, e_row + 3 * wpad, pos, length)
         if G > 4:
-            _tile_out(
-                s4, 4, e_ptr, m_ptr, l_ptr, stat, e_row + 4 * wpad, pos, length, G, BLOCK_N // SUB, PER_RUN
-            )
+            _tile_out(s4, 4, e_ptr, m_ptr, l_ptr, stat, e_row + 4 * wpad, pos, length)
         if G > 5:
-            _tile_out(
-                s5, 5, e_ptr, m_ptr, l_ptr, stat, e_row + 5 * wpad, pos, length, G, BLOCK_N // SUB, PER_RUN
-            )
+            _tile_out(s5, 5, e_ptr, m_ptr, l_ptr, stat, e_row + 5 * wpad, pos, length)
         if G > 6:
-            _tile_out(
-                s6, 6, e_ptr, m_ptr, l_ptr, stat, e_row + 6 * wpad, pos, length, G, BLOCK_N // SUB, PER_RUN
-            )
+            _tile_out(s6, 6, e_ptr, m_ptr, l_ptr, stat, e_row + 6 * wpad, pos, length)
         if G > 7:
-            _tile_out(
-                s7, 7, e_ptr, m_ptr, l_ptr, stat, e_row + 7 * wpad, pos, length, G, BLOCK_N // SUB, PER_RUN
-            )
+            _tile_out(s7, 7, e_ptr, m_ptr, l_ptr, stat, e_row + 7 * wpad, pos, length)
 
 
 @triton.jit
@@ -344,7 +316,7 @@ def sparq_logits(
     lanes: PagedLanes,
     width: int,  # longest lane
     config: LogitsConfig | None = None,  # None: logits_config(bs)
-) -> tuple[torch.Tensor, torch.Tensor]:  # e [n_lanes, G, wpad] fp32, stats [2, n_lanes, n_stat, G]
+) -> tuple[torch.Tensor, torch.Tensor]:  # e [n_lanes, G, wpad] fp32, stats [2, n_lanes, n_tiles, G]
     """Phase 1, pass over kt: e = exp(logit - tile max) of every head, and each tile's max and Σ e."""
     n_lanes, group, r = q_sel.shape
     if kt_cache.dim() != 3 or kt_cache.shape[2] != lanes.block_size or kt_cache.stride(2) != 1:
@@ -354,23 +326,20 @@ def sparq_logits(
     config = config or logits_config(lanes.block_size)
     block_n = config.block_n
     n_tiles = triton.cdiv(width, block_n)
-    sub = min(block_n, lanes.block_size & -lanes.block_size)  # positions per contiguous run
-    per_run = sub >= PER_RUN_MIN and block_n > sub
-    n_stat = n_tiles * (block_n // sub if per_run else 1)
     e = torch.empty((n_lanes, group, n_tiles * block_n), dtype=torch.float32, device=q_sel.device)
-    stats = torch.empty((2, n_lanes, n_stat, group), dtype=torch.float32, device=q_sel.device)
+    stats = torch.empty((2, n_lanes, n_tiles, group), dtype=torch.float32, device=q_sel.device)
     _sparq_logits[(n_lanes, n_tiles)](
         q_sel.contiguous(), idx.contiguous(), kt_cache, lanes.blocks, lanes.lane_start, lanes.lane_len,
         e, stats[0], stats[1], e.shape[2], kt_cache.stride(0), kt_cache.stride(1),
-        G=group, R=r, BS=lanes.block_size, SUB=sub, BLOCK_N=block_n, PER_RUN=per_run,
-        num_warps=config.num_warps,
+        G=group, R=r, BS=lanes.block_size, SUB=min(block_n, lanes.block_size & -lanes.block_size),
+        BLOCK_N=block_n, num_warps=config.num_warps,
     )  # fmt: skip
     return e, stats
 
 
 def sparq_keys(
     e: torch.Tensor,  # [n_lanes, G, wpad] from sparq_logits
-    stats: torch.Tensor,  # [2, n_lanes, n_stat, G]: per n_stat-th of wpad
+    stats: torch.Tensor,  # [2, n_lanes, n_tiles, G]
     lanes: PagedLanes,
     width: int,  # longest lane
     local_window: int,
