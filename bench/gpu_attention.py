@@ -320,7 +320,7 @@ def _stage_case(case: Case) -> None:
     _try_ms("dense (triton)", methods["triton"], case.dense_bytes())
     _try_ms("sparq step", methods["sparq"], kt_bytes + gather_bytes)
     _try_ms("select components", lambda: sk.sparq_select(q, r, scale))
-    print(f"  (logits default {sk.logits_config(case.block_size)}, keys default {sk.KeysConfig()})")
+    print(f"  (logits default {sk.logits_config(case.block_size)}, keys default {sk.keys_config(n_lanes)})")
     for block_n, warps in LOGITS_VARIANTS:
         logits_config = sk.LogitsConfig(block_n, warps)
         _try_ms(

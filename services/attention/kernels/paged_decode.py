@@ -49,11 +49,12 @@ def decode_config(head_dim: int, dtype: torch.dtype) -> DecodeConfig:
 
 
 def gather_config(head_dim: int, dtype: torch.dtype) -> DecodeConfig:
-    """Gather mode (SparQ phase 2): at least 4 programs per SM. Each step's rows are scattered, so
-    more programs in flight pay (H200, llama8b shape, 512 lanes x 2048 rows: 2 splits 163 us, 1 split
-    190 us; bench/gpu_attention.py --stages)."""
+    """Gather mode (SparQ phase 2): at least 4 programs per SM, 8 at head_dim 128. Each step's rows are
+    scattered, so more programs in flight pay (H200, bench/gpu_attention.py --stages, llama8b shape,
+    512 lanes x 2048 rows: 1 split 193 us, 2 (4 per SM) 165, 3 (8 per SM) 157; x 1024 rows at 16K: 95
+    vs 92. smollm2, head_dim 64, 192 lanes x 2048: 8 per SM 47 us against 4 per SM 45)."""
     config = decode_config(head_dim, dtype)
-    return replace(config, programs_per_sm=max(config.programs_per_sm, 4))
+    return replace(config, programs_per_sm=max(config.programs_per_sm, 4 if head_dim <= 64 else 8))
 
 
 @cache
