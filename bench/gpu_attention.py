@@ -264,17 +264,8 @@ PICK_VARIANTS = {  # --stages: the sampled selection's launch settings against i
 
 # --stages: _sparq_logits launch settings (positions per tile, warps)
 LOGITS_VARIANTS = [
-    (512, 4),
-    (256, 2),
-    (256, 4),
-    (1024, 4),
-    (128, 1),
-    (128, 2),
-    (64, 1),
-    (256, 1),
-    (512, 2),
-    (1024, 8),
-]
+    (512, 4), (256, 2), (256, 4), (1024, 4), (128, 1), (128, 2), (64, 1), (256, 1), (512, 2), (1024, 8),
+]  # fmt: skip
 # --stages: _sparq_keys launch settings (positions per step, steps per program, warps, stages)
 KEYS_VARIANTS = [
     (512, 1, 4, 1), (1024, 1, 4, 1), (256, 1, 2, 1), (512, 4, 4, 2), (512, 8, 4, 3), (1024, 4, 4, 3),
@@ -320,7 +311,7 @@ def _stage_case(case: Case) -> None:
     _try_ms("dense (triton)", methods["triton"], case.dense_bytes())
     _try_ms("sparq step", methods["sparq"], kt_bytes + gather_bytes)
     _try_ms("select components", lambda: sk.sparq_select(q, r, scale))
-    print(f"  (logits default {sk.logits_config(case.block_size)}, keys default {sk.keys_config(n_lanes)})")
+    print(f"  (logits default {sk.LogitsConfig()}, keys default {sk.keys_config(n_lanes)})")
     for block_n, warps in LOGITS_VARIANTS:
         logits_config = sk.LogitsConfig(block_n, warps)
         _try_ms(
@@ -332,7 +323,7 @@ def _stage_case(case: Case) -> None:
         "keys (e + keys)", lambda: sk.sparq_keys(e, stats, lanes, context, window), logit_bytes + key_bytes
     )
     for block_n, tiles, warps, n_stages in KEYS_VARIANTS:
-        keys_config = sk.KeysConfig(block_n, tiles, warps, n_stages, loop_min_lanes=1)
+        keys_config = sk.KeysConfig(block_n, tiles, warps, n_stages)
         _try_ms(
             f"keys bn={block_n} t={tiles} w={warps} s={n_stages} (e + keys)",
             partial(sk.sparq_keys, e, stats, lanes, context, window, keys_config),

@@ -183,7 +183,7 @@ def test_sparq_scores_match_the_reference_score(
     score = logits.masked_fill(~valid[:, None, :], float("-inf")).softmax(dim=-1).sum(dim=1)
     (block_n, warps), (keys_n, keys_tiles, keys_warps) = launch
     logits = sparq_kernels.LogitsConfig(block_n, warps)
-    keys_config = sparq_kernels.KeysConfig(keys_n, keys_tiles, keys_warps, loop_min_lanes=1)
+    keys_config = sparq_kernels.KeysConfig(keys_n, keys_tiles, keys_warps)
     phase1 = sparq_kernels.sparq_scores(q_sel, idx.int(), kt, paged, width, window, logits, keys_config)
     keys = phase1.keys[:, :width]
     assert phase1.wpad >= width and keys.dtype == torch.int32

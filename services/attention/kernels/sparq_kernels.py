@@ -36,21 +36,17 @@ from services.attention.kernels import PagedLanes
 
 @dataclass(slots=True, frozen=True)
 class LogitsConfig:
-    """_sparq_logits launch settings (bench/gpu_attention.py --stages sweeps them)."""
+    """_sparq_logits launch settings (bench/gpu_attention.py --stages sweeps them).
 
-    block_n: int  # positions per tile (a power of two)
-    num_warps: int
-
-
-def logits_config(block_size: int) -> LogitsConfig:
-    """H200, bench --stages, 16K-32K contexts: one warp per 128-position tile at every pool block size.
-    llama8b bs 128, B 64, 32K: 212 us (3.8 TB/s of kt + e); 512 positions on 4 warps 354 us, and still
-    233 us with per-run stats that avoid its cross-warp max (tried, removed). Pool blocks of 16: 128 on
-    1 warp beats 256 on 2 (the previous setting) once lane_start is loaded before the tile branch:
+    The default, one warp per 128-position tile, measured best at every pool block size (H200, bench
+    --stages, 16K-32K): llama8b bs 128, B 64, 32K 212 us (3.8 TB/s of kt + e), 512 positions on 4 warps
+    233 us even with per-run stats that avoid its cross-warp max (tried, removed). Pool blocks of 16: 128
+    on 1 warp beats 256 on 2 (the previous setting) once lane_start is loaded before the tile branch:
     llama8b B 64, 32K 499 vs 590 us; B 16, 16K 69 vs 84; smollm2 B 64, 32K 93 vs 115; B 16, 16K 20 vs 25.
     Programs looping over 8-16 tiles were equal at 512 lanes and 1.4-2.2x slower at 128 (removed)."""
-    del block_size  # one setting measured best for every block size; kept as the tuning hook
-    return LogitsConfig(block_n=128, num_warps=1)
+
+    block_n: int = 128  # positions per tile (a power of two)
+    num_warps: int = 1
 
 
 @triton.jit
@@ -298,22 +294,22 @@ class Phase1:
 
 @dataclass(slots=True, frozen=True)
 class KeysConfig:
-    """_sparq_keys launch settings (bench/gpu_attention.py --stages sweeps them)."""
+    """_sparq_keys launch settings (bench/gpu_attention.py --stages sweeps them; keys_config picks one)."""
 
-    # H200, bench --stages (llama8b bs 128, B 64, 32K / smollm2 B 64, 32K / llama8b B 16, 16K): 104 / 39 /
-    # 21 us; one 512-position step per program (the previous setting): 116 / 43 / 22 us.
     block_n: int = 512  # positions per loop step (a power of two; at most the largest dividing wpad)
-    tiles: int = 4  # loop steps per program, from loop_min_lanes lanes (below: 1, more programs in flight)
+    tiles: int = 4  # loop steps per program
     num_warps: int = 4
     num_stages: int = 2
-    loop_min_lanes: int = 128
 
 
 def keys_config(n_lanes: int) -> KeysConfig:
-    """From 256 lanes one warp loops over 16 steps of 128 positions, 3 stages (H200, --stages, llama8b
-    bs 128 B 64 = 512 lanes: 32K 97 vs 104 us, 16K 54 vs 56; bs 16 32K 95 vs 100). Fewer lanes keep the
-    default: at 128 lanes (llama8b B 16, 16K) the one-warp loop took 25 us against 20."""
-    return KeysConfig(block_n=128, tiles=16, num_warps=1, num_stages=3) if n_lanes >= 256 else KeysConfig()
+    """H200, bench --stages. From 256 lanes one warp loops over 16 steps of 128 positions, 3 stages
+    (llama8b bs 128 B 64 = 512 lanes: 32K 97 vs 104 us, 16K 54 vs 56; bs 16 32K 95 vs 100). From 128
+    lanes 4 warps over 4 steps of 512 (llama8b B 16, 16K: 20 us, the one-warp loop 25; smollm2 B 64, 32K:
+    38 vs 43 for a single step). Fewer lanes take one step per program: more programs in flight."""
+    if n_lanes >= 256:
+        return KeysConfig(block_n=128, tiles=16, num_warps=1, num_stages=3)
+    return KeysConfig() if n_lanes >= 128 else KeysConfig(tiles=1)
 
 
 def sparq_logits(
@@ -322,7 +318,7 @@ def sparq_logits(
     kt_cache: torch.Tensor,  # [num_blocks, D, bs]
     lanes: PagedLanes,
     width: int,  # longest lane
-    config: LogitsConfig | None = None,  # None: logits_config(bs)
+    config: LogitsConfig | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:  # e [n_lanes, G, wpad] fp32, stats [2, n_lanes, n_tiles, G]
     """Phase 1, pass over kt: e = exp(logit - tile max) of every head, and each tile's max and Σ e."""
     n_lanes, group, r = q_sel.shape
@@ -330,7 +326,7 @@ def sparq_logits(
         raise ValueError(f"kt_cache must be a contiguous [num_blocks, D, {lanes.block_size}]")
     if group > MAX_GROUP:
         raise ValueError(f"the Triton SparQ kernels take up to {MAX_GROUP} query heads per KV head: {group}")
-    config = config or logits_config(lanes.block_size)
+    config = config or LogitsConfig()
     block_n = config.block_n
     n_tiles = triton.cdiv(width, block_n)
     e = torch.empty((n_lanes, group, n_tiles * block_n), dtype=torch.float32, device=q_sel.device)
@@ -361,11 +357,10 @@ def sparq_keys(
     stride, ns = sample_shape(width)
     keys = torch.empty((n_lanes, wpad), dtype=torch.int32, device=e.device)
     sample = torch.empty((n_lanes, ns), dtype=torch.int32, device=e.device)
-    tiles = config.tiles if n_lanes >= config.loop_min_lanes else 1
-    _sparq_keys[(n_lanes, triton.cdiv(n_tiles, tiles))](
+    _sparq_keys[(n_lanes, triton.cdiv(n_tiles, config.tiles))](
         e, stats[0], stats[1], lanes.lane_len, keys, sample, wpad, n_stat, local_window,
         G=group, BLOCK_G=triton.next_power_of_2(group), STAT_N=wpad // n_stat,
-        BLOCK_T=triton.next_power_of_2(n_stat), BLOCK_N=block_n, TILES=tiles, SS=stride,
+        BLOCK_T=triton.next_power_of_2(n_stat), BLOCK_N=block_n, TILES=config.tiles, SS=stride,
         NS=sample.shape[1], num_warps=config.num_warps, num_stages=config.num_stages,
     )  # fmt: skip
     return Phase1(keys, wpad, sample, stride)
