@@ -187,6 +187,15 @@ def test_sparq_scores_match_the_reference_score(
     phase1 = sparq_kernels.sparq_scores(q_sel, idx.int(), kt, paged, width, window, logits, keys_config)
     keys = phase1.keys[:, :width]
     assert phase1.wpad >= width and keys.dtype == torch.int32
+    # The band bounds the keys pass computes with its last program per lane = the bounds launch's
+    k = 64
+    bounded = sparq_kernels.sparq_scores(q_sel, idx.int(), kt, paged, width, window, logits, keys_config, k)
+    assert torch.equal(bounded.keys[:, :width][valid], keys[valid]) and bounded.bounds_for == k
+    apart = sparq_kernels.Phase1.of_keys(phase1.keys, width)
+    sparq_pick.sparq_pick(apart, paged, k, width, window, launches=1)  # _sparq_bounds alone
+    columns = [sparq_kernels.LOWER.value, sparq_kernels.UPPER.value]
+    assert torch.equal(bounded.meta[:, columns], apart.meta[:, columns])
+    assert int(bounded.meta[:, sparq_kernels.KEYS_ARRIVED.value].abs().sum()) == 0  # reset for a re-run
     got = keys.view(torch.float32)
     in_window = valid & (pos >= length - window)
     assert bool(got[in_window].isinf().all())
@@ -196,7 +205,7 @@ def test_sparq_scores_match_the_reference_score(
 
 
 @pytest.mark.parametrize("device", DEVICES)
-@pytest.mark.parametrize("path", ["sampled_atomic", "sampled_scan", "one_cta", "torch"])
+@pytest.mark.parametrize("path", ["sampled_atomic", "sampled_scan", "finish_apart", "one_cta", "torch"])
 def test_sparq_pick_is_exact(device: str, path: str, monkeypatch: pytest.MonkeyPatch) -> None:
     """The selection = torch.topk of the keys, on each path: ties across the k-th value, a crowded
     threshold bin (lanes 4 and 5: every score equal; lane 5's band exceeds BAND, so the sampled path
@@ -218,7 +227,9 @@ def test_sparq_pick_is_exact(device: str, path: str, monkeypatch: pytest.MonkeyP
     keys[torch.arange(wpad)[None, :] >= torch.tensor(lengths)[:, None]] = -1
     phase1 = sparq_kernels.Phase1.of_keys(keys.to(device), width)
     for k in (64, 1500):
-        config = sparq_pick.PickConfig(atomic_slots=path == "sampled_atomic")
+        config = sparq_pick.PickConfig(
+            atomic_slots=path == "sampled_atomic", finish_in_band=path != "finish_apart"
+        )
         rows = sparq_pick.sparq_pick(
             phase1, paged, k, width, 4, sampled=path != "one_cta", config=config
         ).cpu()
