@@ -253,12 +253,20 @@ PICK_VARIANTS = {  # --stages: the sampled selection's launch settings against i
     "band 512 / 2": PickConfig(band_tile=512, band_warps=2),
     "band 1024 / 8": PickConfig(band_warps=8),
     "finish apart": PickConfig(finish_in_band=False),
-    "finish apart, 8 warps": PickConfig(finish_in_band=False, finish_warps=8),
+    "lane-major band": PickConfig(lane_major=True),
+    "lane-major band, finish apart": PickConfig(lane_major=True, finish_in_band=False),
 }
 STEP_VARIANTS = {  # --stages: the whole step with fewer fused launches
     "bounds apart": PickConfig(bounds_in_keys=False),
     "finish apart": PickConfig(finish_in_band=False),
     "merge apart": PickConfig(merge_in_phase2=False),
+    "lane-major grids": PickConfig(lane_major=True),
+    "lane-major, bounds apart": PickConfig(lane_major=True, bounds_in_keys=False),
+    "lane-major, finish apart": PickConfig(lane_major=True, finish_in_band=False),
+    "lane-major, merge apart": PickConfig(lane_major=True, merge_in_phase2=False),
+    "lane-major, all apart": PickConfig(
+        lane_major=True, bounds_in_keys=False, finish_in_band=False, merge_in_phase2=False
+    ),
     "all apart (before)": PickConfig(bounds_in_keys=False, finish_in_band=False, merge_in_phase2=False),
 }
 

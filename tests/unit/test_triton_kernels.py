@@ -117,6 +117,12 @@ def test_sparq_triton_matches_reference(device: str, dtype: torch.dtype, block_s
     ref = sparq.sparq_decode_reference(q, k, v, kt, paged, 8, 24, 4, D**-0.5)
     out = sparq.sparq_decode_triton(q, k, v, kt, paged, 8, 24, 4, D**-0.5, num_splits=2)
     assert rel_err(out.out, ref.out) < TOLERANCE[dtype]
+    for pick in (
+        sparq_pick.PickConfig(lane_major=True),
+        sparq_pick.PickConfig(bounds_in_keys=False, finish_in_band=False, merge_in_phase2=False),
+    ):
+        again = sparq.sparq_decode_triton(q, k, v, kt, paged, 8, 24, 4, D**-0.5, 2, pick)
+        assert rel_err(again.out, ref.out) < TOLERANCE[dtype], pick
     assert out.bytes_read == ref.bytes_read == sparq.sparq_bytes(lengths, 8, 24, D, k.element_size())
     assert rel_err(ref.out, dense_reference(q, k, v, lanes, block_size)) > 1e-2  # it did drop positions
 

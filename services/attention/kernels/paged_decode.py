@@ -37,6 +37,7 @@ class DecodeConfig:
     num_stages: int
     programs_per_sm: int  # split-K target: n_lanes * n_splits ≈ programs_per_sm * SMs
     min_split: int  # fewest positions per partition
+    lane_major: bool = False  # grid [n_splits, n_lanes]: one lane's partitions run one after another
 
 
 def decode_config(head_dim: int, dtype: torch.dtype) -> DecodeConfig:
@@ -118,10 +119,11 @@ def _decode_partial(
     MERGE: tl.constexpr,
     BLOCK_S: tl.constexpr,
     PRECISION: tl.constexpr,
+    LANE_AXIS: tl.constexpr,
 ):
-    lane = tl.program_id(0)
-    split = tl.program_id(1)
-    n_splits = tl.num_programs(1)
+    lane = tl.program_id(LANE_AXIS)
+    split = tl.program_id(1 - LANE_AXIS)
+    n_splits = tl.num_programs(1 - LANE_AXIS)
     length = tl.load(lane_len_ptr + lane)
     start = tl.load(lane_start_ptr + lane)
     count = n_sel if GATHER else length
@@ -277,7 +279,7 @@ def _launch_decode(
     arrived = arrived if arrived is not None else lanes.lane_len  # unused pointer without MERGE
     block_d = max(16, triton.next_power_of_2(head_dim))
     block_s = triton.next_power_of_2(splits)
-    _decode_partial[(n_lanes, splits)](
+    _decode_partial[(splits, n_lanes) if config.lane_major else (n_lanes, splits)](
         q, k_cache, v_cache, lanes.blocks, lanes.lane_start, lanes.lane_len, sel, acc, lse, out, arrived,
         scale * LOG2E,
         rows.shape[1] if rows is not None else 0,
@@ -287,7 +289,7 @@ def _launch_decode(
         G=group, D=head_dim, BS=lanes.block_size,
         BLOCK_H=max(16, triton.next_power_of_2(group)), BLOCK_D=block_d, BLOCK_N=config.block_n,
         GATHER=rows is not None, DIRECT=direct, MERGE=merge, BLOCK_S=block_s,
-        PRECISION="ieee" if k_cache.dtype == torch.float32 else "tf32",
+        PRECISION="ieee" if k_cache.dtype == torch.float32 else "tf32", LANE_AXIS=int(config.lane_major),
         num_warps=config.num_warps, num_stages=config.num_stages,
     )  # fmt: skip
     if not direct and not merge:

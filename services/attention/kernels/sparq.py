@@ -27,7 +27,7 @@ k = len/16 that is dense/8 (dense reads 2 · len · D).
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING
 
 import torch
@@ -167,13 +167,15 @@ def sparq_decode_triton(
     kk = min(k, width)
     idx, q_sel = sparq_kernels.sparq_select(q, r, scale)  # = select_components, one launch
     bounds_for = kk if pick.bounds_in_keys else None  # the keys pass also computes the band [L, U]
+    keys = replace(sparq_kernels.keys_config(q.shape[0]), lane_major=pick.lane_major)
     phase1 = sparq_kernels.sparq_scores(
-        q_sel, idx, kt_cache, lanes, width, local_window, None, None, bounds_for
+        q_sel, idx, kt_cache, lanes, width, local_window, None, keys, bounds_for
     )
     rows = sparq_pick.sparq_pick(phase1, lanes, kk, width, local_window, config=pick)  # [n_lanes, kk]
     arrived = phase1.meta[:, sparq_kernels.MERGE_ARRIVED.value] if pick.merge_in_phase2 else None
+    gather = replace(paged_decode.gather_config(q.shape[-1], k_cache.dtype), lane_major=pick.lane_major)
     out = paged_decode.gathered_decode_attention(
-        q, k_cache, v_cache, lanes, rows, scale, num_splits, arrived=arrived
+        q, k_cache, v_cache, lanes, rows, scale, num_splits, gather, arrived
     )
     return SparqOutput(out, sparq_bytes(lengths, r, k, q.shape[-1], k_cache.element_size()))
 

@@ -210,7 +210,7 @@ def _sparq_keys(
     wpad, n_stat, local_window, k,
     G: tl.constexpr, BLOCK_G: tl.constexpr, STAT_N: tl.constexpr, BLOCK_T: tl.constexpr,
     BLOCK_N: tl.constexpr, TILES: tl.constexpr, SS: tl.constexpr, NS: tl.constexpr,
-    BOUNDS: tl.constexpr,
+    BOUNDS: tl.constexpr, LANE_AXIS: tl.constexpr,
 ):  # fmt: skip
     """score = Σ_g e_g · exp(m_tile_g - M_g) / Σ_tiles l · exp(m - M_g) = Σ_g softmax_g(logits).
 
@@ -219,7 +219,8 @@ def _sparq_keys(
     logits tile (STAT_N positions: a gather that hits L1). With BOUNDS the lane's last program to finish
     also computes the selection's band from the lane's whole sample (sparq_pick's first launch,
     _sparq_bounds, then is not needed)."""
-    lane = tl.program_id(0)
+    lane = tl.program_id(LANE_AXIS)  # 1: a lane's programs run one after another (KeysConfig.lane_major)
+    program, n_programs = tl.program_id(1 - LANE_AXIS), tl.num_programs(1 - LANE_AXIS)
     length = tl.load(lane_len_ptr + lane)
     offs_g = tl.arange(0, BLOCK_G)
     g_ok = offs_g < G
@@ -231,7 +232,7 @@ def _sparq_keys(
     top = tl.where(g_ok, top, 0.0)
     total = tl.sum(tl.load(l_ptr + stat_at, mask=stat_ok, other=0.0) * tl.exp(m - top[None, :]), 0)
     inv = tl.where(g_ok, 1.0 / tl.where(g_ok, total, 1.0), 0.0)  # [BLOCK_G]
-    first_tile = tl.program_id(1) * TILES
+    first_tile = program * TILES
     e_rows = e_ptr + (lane * G + offs_g).to(tl.int64)[:, None] * wpad  # [BLOCK_G, 1]
     for tile in range(first_tile, tl.minimum(first_tile + TILES, tl.cdiv(length, BLOCK_N))):
         offs_n = tile * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -250,7 +251,7 @@ def _sparq_keys(
         on_grid = (offs_n % SS == 0) & (offs_n // SS < NS)
         tl.store(sample_ptr + lane * NS + offs_n // SS, key, mask=on_grid)
     if BOUNDS:  # noqa: SIM102 (not `and`: Triton would evaluate both, running the atomic)
-        if last_to_arrive(meta_ptr + lane * META + KEYS_ARRIVED, tl.num_programs(1)):
+        if last_to_arrive(meta_ptr + lane * META + KEYS_ARRIVED, n_programs):
             lane_bounds(sample_ptr, meta_ptr, lane, length, k, local_window, SS, NS)
 
 
@@ -362,6 +363,7 @@ class KeysConfig:
     tiles: int = 4  # loop steps per program
     num_warps: int = 4
     num_stages: int = 2
+    lane_major: bool = False  # grid [programs, n_lanes]: one lane's programs run one after another
 
 
 def keys_config(n_lanes: int) -> KeysConfig:
@@ -423,13 +425,14 @@ def sparq_keys(
     stride, ns = sample_shape(width)
     keys = torch.empty((n_lanes, wpad), dtype=torch.int32, device=e.device)
     sample = torch.empty((n_lanes, ns), dtype=torch.int32, device=e.device)
-    _sparq_keys[(n_lanes, triton.cdiv(n_tiles, config.tiles))](
+    programs = triton.cdiv(n_tiles, config.tiles)
+    _sparq_keys[(programs, n_lanes) if config.lane_major else (n_lanes, programs)](
         e, stats[0], stats[1], lanes.lane_len, keys, sample, meta, wpad, n_stat, local_window,
         bounds_for or 0,
         G=group, BLOCK_G=triton.next_power_of_2(group), STAT_N=wpad // n_stat,
         BLOCK_T=triton.next_power_of_2(n_stat), BLOCK_N=block_n, TILES=config.tiles, SS=stride,
-        NS=sample.shape[1], BOUNDS=bounds_for is not None, num_warps=config.num_warps,
-        num_stages=config.num_stages,
+        NS=sample.shape[1], BOUNDS=bounds_for is not None, LANE_AXIS=int(config.lane_major),
+        num_warps=config.num_warps, num_stages=config.num_stages,
     )  # fmt: skip
     return Phase1(keys, wpad, sample, stride, meta, bounds_for)
 

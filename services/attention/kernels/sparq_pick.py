@@ -80,6 +80,10 @@ class PickConfig:
     bounds_in_keys: bool = True
     finish_in_band: bool = True
     merge_in_phase2: bool = True  # the SparQ step: phase 2's last partition per lane merges the lane
+    # grid [tiles, n_lanes]: one lane's programs run one after another, so the lane's last one (which
+    # finishes it) overlaps other lanes' work rather than all of them waiting for the final wave. The
+    # SparQ step applies it to the keys pass and phase 2 too
+    lane_major: bool = False
 
 
 @triton.jit
@@ -103,12 +107,12 @@ def _sparq_band(
     rows_ptr,  # [n_lanes, k] int32 out: the rows of the keys above U, from slot 0
     wpad, k,
     BS: tl.constexpr, BAND: tl.constexpr, BLOCK: tl.constexpr, SEM: tl.constexpr, ATOMIC: tl.constexpr,
-    FINISH: tl.constexpr, POS_BITS: tl.constexpr, BLOCK_K: tl.constexpr,
+    FINISH: tl.constexpr, POS_BITS: tl.constexpr, BLOCK_K: tl.constexpr, LANE_AXIS: tl.constexpr,
 ):  # fmt: skip
     """With FINISH the lane's last program to finish also selects inside the band (lane_finish), so
     the separate _sparq_finish launch is not needed."""
-    lane = tl.program_id(0)
-    tile = tl.program_id(1)
+    lane = tl.program_id(LANE_AXIS)  # 1: a lane's tiles run one after another (PickConfig.lane_major)
+    tile, n_tiles = tl.program_id(1 - LANE_AXIS), tl.num_programs(1 - LANE_AXIS)
     length = tl.load(lane_len_ptr + lane)
     row = meta_ptr + lane * META
     if tile * BLOCK < length:
@@ -140,7 +144,7 @@ def _sparq_band(
         tl.store(band_key_ptr + lane * BAND + slot, key, mask=keep)
         tl.store(band_pos_ptr + lane * BAND + slot, offs, mask=keep)
     if FINISH:  # noqa: SIM102 (not `and`: Triton would evaluate both, running the atomic)
-        if last_to_arrive(row + BAND_ARRIVED, tl.num_programs(1)):
+        if last_to_arrive(row + BAND_ARRIVED, n_tiles):
             lane_finish(blocks_ptr, lane_start_ptr, lane_len_ptr, meta_ptr, band_key_ptr, band_pos_ptr,
                         rows_ptr, k, lane, BS, BAND, POS_BITS, BLOCK_K)  # fmt: skip
 
@@ -351,11 +355,12 @@ def sparq_pick(
             SS=phase1.stride, NS=phase1.sample.shape[1], num_warps=config.bounds_warps,
         )  # fmt: skip
     if "band" in run:
-        _sparq_band[(n_lanes, triton.cdiv(width, config.band_tile))](
+        tiles = triton.cdiv(width, config.band_tile)
+        _sparq_band[(tiles, n_lanes) if config.lane_major else (n_lanes, tiles)](
             keys, *lane_args, meta, band[0], band[1], rows, phase1.wpad, k,
             BS=bs, BAND=BAND, BLOCK=config.band_tile, SEM=config.sem, ATOMIC=atomic,
             FINISH=config.finish_in_band, POS_BITS=block.bit_length(), BLOCK_K=block_k,
-            num_warps=config.band_warps,
+            LANE_AXIS=int(config.lane_major), num_warps=config.band_warps,
         )  # fmt: skip
     if "finish" in run:
         _sparq_finish[(n_lanes,)](
