@@ -246,28 +246,19 @@ STAGE_CASES = [
 
 
 PICK_VARIANTS = {  # --stages: the sampled selection's launch settings against its defaults
+    "acq_rel counters": PickConfig(sem="acq_rel"),
     "scan slots per tile": PickConfig(atomic_slots=False),
     "atomic slots": PickConfig(atomic_slots=True),
+    "scan slots, acq_rel (before)": PickConfig(atomic_slots=False, sem="acq_rel"),
     "band 2048 keys / 4 warps": PickConfig(band_tile=2048),
     "band 2048 / 8": PickConfig(band_tile=2048, band_warps=8),
+    "band 4096 / 8": PickConfig(band_tile=4096, band_warps=8),
     "band 512 / 2": PickConfig(band_tile=512, band_warps=2),
-    "band 1024 / 8": PickConfig(band_warps=8),
-    "finish apart": PickConfig(finish_in_band=False),
-    "lane-major band": PickConfig(lane_major=True),
-    "lane-major band, finish apart": PickConfig(lane_major=True, finish_in_band=False),
-}
-STEP_VARIANTS = {  # --stages: the whole step with fewer fused launches
-    "bounds apart": PickConfig(bounds_in_keys=False),
-    "finish apart": PickConfig(finish_in_band=False),
-    "merge apart": PickConfig(merge_in_phase2=False),
-    "lane-major grids": PickConfig(lane_major=True),
-    "lane-major, bounds apart": PickConfig(lane_major=True, bounds_in_keys=False),
-    "lane-major, finish apart": PickConfig(lane_major=True, finish_in_band=False),
-    "lane-major, merge apart": PickConfig(lane_major=True, merge_in_phase2=False),
-    "lane-major, all apart": PickConfig(
-        lane_major=True, bounds_in_keys=False, finish_in_band=False, merge_in_phase2=False
-    ),
-    "all apart (before)": PickConfig(bounds_in_keys=False, finish_in_band=False, merge_in_phase2=False),
+    "bounds 2 warps": PickConfig(bounds_warps=2),
+    "bounds 4 warps": PickConfig(bounds_warps=4),
+    "finish 1 warp": PickConfig(finish_warps=1),
+    "finish 2 warps": PickConfig(finish_warps=2),
+    "finish 8 warps": PickConfig(finish_warps=8),
 }
 
 
@@ -299,7 +290,7 @@ def _try_ms(name: str, fn: Callable[[], object], nbytes: int = 0) -> float:
 
 
 def _stage_case(case: Case) -> None:
-    from services.attention.kernels import paged_decode, sparq, sparq_pick
+    from services.attention.kernels import paged_decode, sparq_pick
     from services.attention.kernels import sparq_kernels as sk
 
     q, k_cache, v_cache, kt_cache, lanes, scale = (
@@ -312,18 +303,13 @@ def _stage_case(case: Case) -> None:
     key_bytes = n_lanes * context * 4
     gather_bytes = n_lanes * k * 2 * head_dim * item
     idx, q_sel = sk.sparq_select(q, r, scale)
-    e, stats, meta = sk.sparq_logits(q_sel, idx, kt_cache, lanes, context)
-    phase1 = sk.sparq_keys(e, stats, meta, lanes, context, window, k)  # with the band's bounds
-    unbounded = sk.sparq_keys(e, stats, meta.clone(), lanes, context, window)
+    e, stats = sk.sparq_logits(q_sel, idx, kt_cache, lanes, context)
+    phase1 = sk.sparq_keys(e, stats, lanes, context, window)
     rows = sparq_pick.sparq_pick(phase1, lanes, k, context, window)
     methods = case.methods()
     print(f"== {case.shape} bs={case.block_size} B={case.batch} ctx={context} lanes={n_lanes} r={r} k={k}")
     _try_ms("dense (triton)", methods["triton"], case.dense_bytes())
     _try_ms("sparq step", methods["sparq"], kt_bytes + gather_bytes)
-    step_args = (q, k_cache, v_cache, kt_cache, lanes, r, k, window, scale, None)
-    for name, config in STEP_VARIANTS.items():
-        step = partial(sparq.sparq_decode_triton, *step_args, config)
-        _try_ms(f"sparq step, {name}", step, kt_bytes + gather_bytes)
     _try_ms("select components", lambda: sk.sparq_select(q, r, scale))
     print(f"  (logits default {sk.LogitsConfig()}, keys default {sk.keys_config(n_lanes)})")
     for block_n, warps in LOGITS_VARIANTS:
@@ -334,33 +320,19 @@ def _stage_case(case: Case) -> None:
             kt_bytes + logit_bytes,
         )
     _try_ms(
-        "keys (e + keys)", lambda: sk.sparq_keys(e, stats, meta, lanes, context, window),
-        logit_bytes + key_bytes,
-    )  # fmt: skip
-    _try_ms(
-        "keys + bounds", lambda: sk.sparq_keys(e, stats, meta, lanes, context, window, k),
-        logit_bytes + key_bytes,
-    )  # fmt: skip
+        "keys (e + keys)", lambda: sk.sparq_keys(e, stats, lanes, context, window), logit_bytes + key_bytes
+    )
     for block_n, tiles, warps, n_stages in KEYS_VARIANTS:
         keys_config = sk.KeysConfig(block_n, tiles, warps, n_stages)
         _try_ms(
-            f"keys bn={block_n} t={tiles} w={warps} s={n_stages} + bounds",
-            partial(sk.sparq_keys, e, stats, meta, lanes, context, window, k, keys_config),
+            f"keys bn={block_n} t={tiles} w={warps} s={n_stages} (e + keys)",
+            partial(sk.sparq_keys, e, stats, lanes, context, window, keys_config),
             logit_bytes + key_bytes,
         )
-    for launches in (1, 2):
-        _try_ms(
-            f"pick (bounds in keys), first {launches} launches",
-            partial(sparq_pick.sparq_pick, phase1, lanes, k, context, window, None, True, launches),
-            key_bytes,
-        )
-    separate = PickConfig(finish_in_band=False)
     for launches in (1, 2, 3, 4):
         _try_ms(
-            f"pick, 4 launches (before), first {launches}",
-            partial(
-                sparq_pick.sparq_pick, unbounded, lanes, k, context, window, None, True, launches, separate
-            ),
+            f"pick, sampled, first {launches} launches",
+            partial(sparq_pick.sparq_pick, phase1, lanes, k, context, window, None, True, launches),
             key_bytes,
         )
     for name, config in PICK_VARIANTS.items():
@@ -377,14 +349,6 @@ def _stage_case(case: Case) -> None:
     _try_ms(
         "phase 2 (gather rows + merge)",
         lambda: paged_decode.gathered_decode_attention(q, k_cache, v_cache, lanes, rows, scale),
-        gather_bytes,
-    )
-    arrived = torch.zeros(n_lanes, dtype=torch.int32, device=q.device)
-    _try_ms(
-        "phase 2, merge in kernel 1",
-        lambda: paged_decode.gathered_decode_attention(
-            q, k_cache, v_cache, lanes, rows, scale, arrived=arrived
-        ),
         gather_bytes,
     )
     gather = paged_decode.gather_config(head_dim, k_cache.dtype)

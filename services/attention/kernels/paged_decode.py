@@ -37,7 +37,6 @@ class DecodeConfig:
     num_stages: int
     programs_per_sm: int  # split-K target: n_lanes * n_splits ≈ programs_per_sm * SMs
     min_split: int  # fewest positions per partition
-    lane_major: bool = False  # grid [n_splits, n_lanes]: one lane's partitions run one after another
 
 
 def decode_config(head_dim: int, dtype: torch.dtype) -> DecodeConfig:
@@ -73,19 +72,6 @@ def num_splits_for(n_lanes: int, avg_len: float, config: DecodeConfig, device: t
 
 
 @triton.jit
-def last_to_arrive(counter_ptr, n_programs):
-    """True in the last of the n_programs programs that call this with one counter (zeroed before the
-    launch), which then sees every store they made before the call: a barrier, then one acq_rel add per
-    program (release for the others, acquire for the last; CUTLASS's semaphore is the same pattern).
-    It reads those stores with .cg loads (from L2). The last resets the counter for the next launch."""
-    tl.debug_barrier()  # this program's stores, from all its threads, before its release
-    last = tl.atomic_add(counter_ptr, 1, sem="acq_rel") == n_programs - 1
-    if last:
-        tl.store(counter_ptr, 0)
-    return last
-
-
-@triton.jit
 def _decode_partial(
     q_ptr,  # [n_lanes, G, D]
     k_ptr,  # [num_blocks, BS, D]
@@ -96,8 +82,6 @@ def _decode_partial(
     sel_ptr,  # GATHER: [n_lanes, n_sel] int32 pool rows (block * BS + row), -1: skip
     acc_ptr,  # [n_lanes, n_splits, G, D] fp32 (or the final [n_lanes, G, D] output when DIRECT)
     lse_ptr,  # [n_lanes, n_splits, G] fp32, log2 units
-    out_ptr,  # MERGE: [n_lanes, G, D] the output, merged by each lane's last program
-    arrived_ptr,  # MERGE: int32 per lane (stride_arrived), zeroed: programs of the lane done
     qk_scale,  # scale * log2(e)
     n_sel,
     stride_qn,
@@ -107,7 +91,6 @@ def _decode_partial(
     stride_vb,
     stride_vt,
     stride_sel,
-    stride_arrived,
     G: tl.constexpr,
     D: tl.constexpr,
     BS: tl.constexpr,
@@ -116,14 +99,11 @@ def _decode_partial(
     BLOCK_N: tl.constexpr,
     GATHER: tl.constexpr,
     DIRECT: tl.constexpr,
-    MERGE: tl.constexpr,
-    BLOCK_S: tl.constexpr,
     PRECISION: tl.constexpr,
-    LANE_AXIS: tl.constexpr,
 ):
-    lane = tl.program_id(LANE_AXIS)
-    split = tl.program_id(1 - LANE_AXIS)
-    n_splits = tl.num_programs(1 - LANE_AXIS)
+    lane = tl.program_id(0)
+    split = tl.program_id(1)
+    n_splits = tl.num_programs(1)
     length = tl.load(lane_len_ptr + lane)
     start = tl.load(lane_start_ptr + lane)
     count = n_sel if GATHER else length
@@ -182,12 +162,6 @@ def _decode_partial(
         tl.store(acc_ptr + base[:, None] * D + offs_d[None, :], out, mask=q_mask)
         lse = tl.where(l_sum > 0, m + tl.log2(tl.where(l_sum > 0, l_sum, 1.0)), float("-inf"))
         tl.store(lse_ptr + base, lse, mask=offs_h < G)
-        if MERGE:  # noqa: SIM102 (as in sparq_kernels._sparq_keys) the lane's last program merges
-            if last_to_arrive(arrived_ptr + lane * stride_arrived, n_splits):
-                for head in range(G):
-                    _merge_head(
-                        acc_ptr, lse_ptr, out_ptr, lane, head, n_splits, G, D, BLOCK_S, BLOCK_D, ".cg"
-                    )
 
 
 @triton.jit
@@ -201,25 +175,17 @@ def _decode_merge(
     BLOCK_S: tl.constexpr,
     BLOCK_D: tl.constexpr,
 ):
-    _merge_head(acc_ptr, lse_ptr, out_ptr, tl.program_id(0), tl.program_id(1), n_splits, G, D, BLOCK_S,
-                BLOCK_D, "")  # fmt: skip
-
-
-@triton.jit
-def _merge_head(
-    acc_ptr, lse_ptr, out_ptr, lane, head, n_splits,
-    G: tl.constexpr, D: tl.constexpr, BLOCK_S: tl.constexpr, BLOCK_D: tl.constexpr, CACHE: tl.constexpr,
-):  # fmt: skip
-    """o = Σ_s 2^(lse_s - max) acc_s / Σ_s 2^(lse_s - max) for one (lane, head)."""
+    lane = tl.program_id(0)
+    head = tl.program_id(1)
     offs_s = tl.arange(0, BLOCK_S)
     offs_d = tl.arange(0, BLOCK_D)
     s_ok = offs_s < n_splits
     rows = (lane * n_splits + offs_s) * G + head  # [BLOCK_S]
-    lse = tl.load(lse_ptr + rows, mask=s_ok, other=float("-inf"), cache_modifier=CACHE)
+    lse = tl.load(lse_ptr + rows, mask=s_ok, other=float("-inf"))
     top = tl.max(lse, 0)
     w = tl.exp2(lse - tl.where(top == float("-inf"), 0.0, top))  # empty partitions weigh 0
     mask = s_ok[:, None] & (offs_d[None, :] < D)
-    acc = tl.load(acc_ptr + rows[:, None] * D + offs_d[None, :], mask=mask, other=0.0, cache_modifier=CACHE)
+    acc = tl.load(acc_ptr + rows[:, None] * D + offs_d[None, :], mask=mask, other=0.0)
     total = tl.sum(w, 0)
     out = tl.sum(w[:, None] * acc, 0) / tl.where(total > 0, total, 1.0)
     tl.store(out_ptr + (lane * G + head) * D + offs_d, out.to(out_ptr.dtype.element_ty), mask=offs_d < D)
@@ -256,7 +222,6 @@ def _launch_decode(
     avg_len: float,
     num_splits: int | None,
     config: DecodeConfig | None,
-    arrived: torch.Tensor | None = None,  # [n_lanes] int32 zeroed: the merge in kernel 1 (last_to_arrive)
 ) -> torch.Tensor:  # [n_lanes, G, D]
     _check_decode(q, k_cache, v_cache, lanes)
     n_lanes, group, head_dim = q.shape
@@ -275,27 +240,25 @@ def _launch_decode(
     )
     lse = torch.empty((n_lanes, splits, group), dtype=torch.float32, device=q.device)
     sel = rows if rows is not None else lanes.lane_len  # unused pointer outside gather mode
-    merge = arrived is not None and not direct
-    arrived = arrived if arrived is not None else lanes.lane_len  # unused pointer without MERGE
     block_d = max(16, triton.next_power_of_2(head_dim))
-    block_s = triton.next_power_of_2(splits)
-    _decode_partial[(splits, n_lanes) if config.lane_major else (n_lanes, splits)](
-        q, k_cache, v_cache, lanes.blocks, lanes.lane_start, lanes.lane_len, sel, acc, lse, out, arrived,
+    _decode_partial[(n_lanes, splits)](
+        q, k_cache, v_cache, lanes.blocks, lanes.lane_start, lanes.lane_len, sel, acc, lse,
         scale * LOG2E,
         rows.shape[1] if rows is not None else 0,
         q.stride(0), q.stride(1),
         k_cache.stride(0), k_cache.stride(1), v_cache.stride(0), v_cache.stride(1),
-        sel.stride(0), arrived.stride(0),
+        sel.stride(0),
         G=group, D=head_dim, BS=lanes.block_size,
         BLOCK_H=max(16, triton.next_power_of_2(group)), BLOCK_D=block_d, BLOCK_N=config.block_n,
-        GATHER=rows is not None, DIRECT=direct, MERGE=merge, BLOCK_S=block_s,
-        PRECISION="ieee" if k_cache.dtype == torch.float32 else "tf32", LANE_AXIS=int(config.lane_major),
+        GATHER=rows is not None, DIRECT=direct,
+        PRECISION="ieee" if k_cache.dtype == torch.float32 else "tf32",
         num_warps=config.num_warps, num_stages=config.num_stages,
     )  # fmt: skip
-    if not direct and not merge:
+    if not direct:
         _decode_merge[(n_lanes, group)](
             acc, lse, out, splits,
-            G=group, D=head_dim, BLOCK_S=block_s, BLOCK_D=block_d, num_warps=2,
+            G=group, D=head_dim, BLOCK_S=triton.next_power_of_2(splits), BLOCK_D=block_d,
+            num_warps=2,
         )  # fmt: skip
     return out
 
@@ -323,12 +286,10 @@ def gathered_decode_attention(
     scale: float,
     num_splits: int | None = None,
     config: DecodeConfig | None = None,
-    arrived: torch.Tensor | None = None,  # [n_lanes] int32, zeroed: kernel 1 also merges (no launch)
 ) -> torch.Tensor:  # [n_lanes, G, D]
-    """Exact attention of each lane over the listed pool rows only (SparQ phase 2). With `arrived`
-    (a zeroed counter per lane, left zeroed) each lane's last partition merges the lane's partitions."""
+    """Exact attention of each lane over the listed pool rows only (SparQ phase 2)."""
     if rows.dim() != 2 or rows.shape[0] != q.shape[0] or rows.stride(1) != 1 or rows.dtype != torch.int32:
         raise ValueError(f"rows must be a row-contiguous int32 [n_lanes, n_sel]; got {tuple(rows.shape)}")
     n_sel = rows.shape[1]
     config = config or gather_config(q.shape[-1], k_cache.dtype)
-    return _launch_decode(q, k_cache, v_cache, lanes, scale, rows, n_sel, num_splits, config, arrived)
+    return _launch_decode(q, k_cache, v_cache, lanes, scale, rows, n_sel, num_splits, config)

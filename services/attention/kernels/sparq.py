@@ -27,15 +27,11 @@ k = len/16 that is dense/8 (dense reads 2 · len · D).
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass, replace
-from typing import TYPE_CHECKING
+from dataclasses import dataclass
 
 import torch
 
 from services.attention.kernels import Backend, PagedLanes, use_triton
-
-if TYPE_CHECKING:
-    from services.attention.kernels.sparq_pick import PickConfig
 
 
 @dataclass(slots=True, frozen=True)
@@ -147,13 +143,11 @@ def sparq_decode_triton(
     local_window: int,
     scale: float,
     num_splits: int | None = None,  # phase-2 partitions per lane; None: fill the GPU
-    pick: PickConfig | None = None,  # the selection's launch settings (bench); None: the defaults
 ) -> SparqOutput:
     """Same function as sparq_decode_reference, in Triton (ties at the k-th score broken by position).
 
-    Components, logits (one pass over kt) and scores with the selection's band bounds
-    (sparq_kernels.py), the selection (sparq_pick.py, two launches; the second works only on lanes the
-    sampled path left), phase 2 and its merge
+    Components, logits (one pass over kt) and scores (sparq_kernels.py), the selection (sparq_pick.py,
+    four launches; the last works only on lanes the sampled path left), phase 2 and its merge
     (paged_decode.py). No host sync once the lengths are known on the host (PagedLanes.build), so a
     step can be captured in a CUDA graph."""
     from services.attention.kernels import paged_decode, sparq_kernels, sparq_pick
@@ -163,20 +157,10 @@ def sparq_decode_triton(
     width = max(lengths)
     if k_cache.shape[0] * lanes.block_size >= 2**31:
         raise ValueError("the Triton SparQ step indexes pool rows in int32: pool too large for one layer")
-    pick = pick or sparq_pick.PickConfig()
-    kk = min(k, width)
     idx, q_sel = sparq_kernels.sparq_select(q, r, scale)  # = select_components, one launch
-    bounds_for = kk if pick.bounds_in_keys else None  # the keys pass also computes the band [L, U]
-    keys = replace(sparq_kernels.keys_config(q.shape[0]), lane_major=pick.lane_major)
-    phase1 = sparq_kernels.sparq_scores(
-        q_sel, idx, kt_cache, lanes, width, local_window, None, keys, bounds_for
-    )
-    rows = sparq_pick.sparq_pick(phase1, lanes, kk, width, local_window, config=pick)  # [n_lanes, kk]
-    arrived = phase1.meta[:, sparq_kernels.MERGE_ARRIVED.value] if pick.merge_in_phase2 else None
-    gather = replace(paged_decode.gather_config(q.shape[-1], k_cache.dtype), lane_major=pick.lane_major)
-    out = paged_decode.gathered_decode_attention(
-        q, k_cache, v_cache, lanes, rows, scale, num_splits, gather, arrived
-    )
+    phase1 = sparq_kernels.sparq_scores(q_sel, idx, kt_cache, lanes, width, local_window)
+    rows = sparq_pick.sparq_pick(phase1, lanes, min(k, width), width, local_window)  # [n_lanes, kk]
+    out = paged_decode.gathered_decode_attention(q, k_cache, v_cache, lanes, rows, scale, num_splits)
     return SparqOutput(out, sparq_bytes(lengths, r, k, q.shape[-1], k_cache.element_size()))
 
 

@@ -32,7 +32,6 @@ import triton
 import triton.language as tl
 
 from services.attention.kernels import PagedLanes
-from services.attention.kernels.paged_decode import last_to_arrive
 
 
 @dataclass(slots=True, frozen=True)
@@ -94,17 +93,6 @@ def _sparq_select(
 
 MAX_GROUP = 8  # query heads per KV head _sparq_logits accumulates (one register tile each)
 
-# Phase1.meta: int32 per lane, zeroed by _sparq_logits, then written by the selection's kernels
-META = tl.constexpr(8)  # columns (a power of two)
-DONE = tl.constexpr(0)  # 1: the sampled selection finished the lane (else the one-CTA fallback runs)
-LOWER = tl.constexpr(1)  # the band [L, U] of keys, from the sample (lane_bounds)
-UPPER = tl.constexpr(2)
-N_ABOVE = tl.constexpr(3)  # keys above U, then in the band (counter adds of _sparq_band)
-N_BAND = tl.constexpr(4)
-KEYS_ARRIVED = tl.constexpr(5)  # programs of _sparq_keys done (last_to_arrive), when it computes bounds
-BAND_ARRIVED = tl.constexpr(6)  # programs of _sparq_band done, when it finishes the lane
-MERGE_ARRIVED = tl.constexpr(7)  # phase-2 partitions done (paged_decode: the last one merges)
-
 
 @triton.jit
 def _tile_out(s, g, e_ptr, m_ptr, l_ptr, stat, e_row, pos, length):
@@ -125,7 +113,6 @@ def _sparq_logits(
     blocks_ptr, lane_start_ptr, lane_len_ptr,  # PagedLanes
     e_ptr,  # [n_lanes, G, wpad] fp32 out: exp(logit - tile max); tiles past the length unwritten
     m_ptr, l_ptr,  # [n_lanes, n_tiles, G] fp32 out: tile max of the logits, tile Σ e
-    meta_ptr,  # [n_lanes, META] int32 out: zeroed by each lane's tile 0 (Phase1.meta; no memset launch)
     wpad, stride_ktb, stride_ktd,
     G: tl.constexpr, R: tl.constexpr, BS: tl.constexpr, SUB: tl.constexpr, BLOCK_N: tl.constexpr,
 ):  # fmt: skip
@@ -140,8 +127,6 @@ def _sparq_logits(
     tile = tl.program_id(1)
     length = tl.load(lane_len_ptr + lane)
     start = tl.load(lane_start_ptr + lane)  # before the branch: one dependent load less per program
-    if tile == 0:
-        tl.store(meta_ptr + lane * META + tl.arange(0, META), tl.zeros([META], tl.int32))
     if tile * BLOCK_N < length:
         base = tile * BLOCK_N + tl.arange(0, BLOCK_N // SUB) * SUB  # [RUNS] first position of each run
         run_ok = base < length
@@ -206,21 +191,16 @@ def _sparq_keys(
     keys_ptr,  # [n_lanes, wpad] int32 out: fp32 bits of the score (>= 0, window +inf); -1 or unwritten past
     # the length
     sample_ptr,  # [n_lanes, NS] int32 out: the keys at positions 0, SS, 2·SS, ... (the selection's sample)
-    meta_ptr,  # [n_lanes, META] int32: BOUNDS: the lane's last program writes L, U (lane_bounds)
-    wpad, n_stat, local_window, k,
+    wpad, n_stat, local_window,
     G: tl.constexpr, BLOCK_G: tl.constexpr, STAT_N: tl.constexpr, BLOCK_T: tl.constexpr,
     BLOCK_N: tl.constexpr, TILES: tl.constexpr, SS: tl.constexpr, NS: tl.constexpr,
-    BOUNDS: tl.constexpr, LANE_AXIS: tl.constexpr,
 ):  # fmt: skip
     """score = Σ_g e_g · exp(m_tile_g - M_g) / Σ_tiles l · exp(m - M_g) = Σ_g softmax_g(logits).
 
     Each program scores TILES tiles of BLOCK_N positions of one lane; the lane's M_g and Σ_g come from
     the tile stats once per program ([BLOCK_T, BLOCK_G]), and each position takes the max of its own
-    logits tile (STAT_N positions: a gather that hits L1). With BOUNDS the lane's last program to finish
-    also computes the selection's band from the lane's whole sample (sparq_pick's first launch,
-    _sparq_bounds, then is not needed)."""
-    lane = tl.program_id(LANE_AXIS)  # 1: a lane's programs run one after another (KeysConfig.lane_major)
-    program, n_programs = tl.program_id(1 - LANE_AXIS), tl.num_programs(1 - LANE_AXIS)
+    logits tile (STAT_N positions: a gather that hits L1)."""
+    lane = tl.program_id(0)
     length = tl.load(lane_len_ptr + lane)
     offs_g = tl.arange(0, BLOCK_G)
     g_ok = offs_g < G
@@ -232,7 +212,7 @@ def _sparq_keys(
     top = tl.where(g_ok, top, 0.0)
     total = tl.sum(tl.load(l_ptr + stat_at, mask=stat_ok, other=0.0) * tl.exp(m - top[None, :]), 0)
     inv = tl.where(g_ok, 1.0 / tl.where(g_ok, total, 1.0), 0.0)  # [BLOCK_G]
-    first_tile = program * TILES
+    first_tile = tl.program_id(1) * TILES
     e_rows = e_ptr + (lane * G + offs_g).to(tl.int64)[:, None] * wpad  # [BLOCK_G, 1]
     for tile in range(first_tile, tl.minimum(first_tile + TILES, tl.cdiv(length, BLOCK_N))):
         offs_n = tile * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -250,46 +230,6 @@ def _sparq_keys(
         # x 32K, `bench/gpu_attention.py --stages`).
         on_grid = (offs_n % SS == 0) & (offs_n // SS < NS)
         tl.store(sample_ptr + lane * NS + offs_n // SS, key, mask=on_grid)
-    if BOUNDS:  # noqa: SIM102 (not `and`: Triton would evaluate both, running the atomic)
-        if last_to_arrive(meta_ptr + lane * META + KEYS_ARRIVED, n_programs):
-            lane_bounds(sample_ptr, meta_ptr, lane, length, k, local_window, SS, NS)
-
-
-@triton.jit
-def count_at_least(key, threshold):
-    return tl.sum((key >= threshold).to(tl.int32), 0)
-
-
-@triton.jit
-def lane_bounds(sample_ptr, meta_ptr, lane, length, k, local_window, SS: tl.constexpr, NS: tl.constexpr):
-    """The band [L, U] of one lane from its sample (sparq_pick's docstring): two order statistics
-    around the k-th score; zeroes the lane's band counters. The window's keys are +inf: always above
-    U (finite), never in the band, so L and U share their high bits and the band's bisection starts low.
-    The ranks are taken among the finite keys."""
-    need = tl.minimum(k, length)
-    n_win = tl.minimum(local_window, length)
-    finite = length - n_win
-    offs = tl.arange(0, NS)
-    ok = offs * SS < finite
-    sample = tl.load(sample_ptr + lane * NS + offs, mask=ok, other=-1, cache_modifier=".cg")
-    n_s = tl.sum(ok.to(tl.int32), 0)
-    rho = (need - n_win).to(tl.float32) * n_s.to(tl.float32) / tl.maximum(finite, 1).to(tl.float32)
-    delta = 5.0 * tl.sqrt(rho) + 2.0
-    r_hi = tl.maximum(rho - delta, 0.0).to(tl.int32)  # 0: U = the largest finite key, only +inf above
-    r_lo = (rho + delta).to(tl.int32) + 1  # > n_s: L = 0, the band reaches the bottom
-    upper = tl.zeros([], tl.int32)
-    lower = tl.zeros([], tl.int32)
-    for i in range(31):  # the r-th largest sample key: largest value with >= r samples at or above
-        bit = tl.full([], 1, tl.int32) << (30 - i)
-        hi_cand, lo_cand = upper | bit, lower | bit
-        upper = tl.where(count_at_least(sample, hi_cand) >= r_hi, hi_cand, upper)
-        lower = tl.where(count_at_least(sample, lo_cand) >= r_lo, lo_cand, lower)
-    upper = tl.minimum(upper, 0x7F7FFFFF)  # the bits of the largest finite fp32
-    row = meta_ptr + lane * META
-    tl.store(row + LOWER, lower)
-    tl.store(row + UPPER, tl.where(need >= length, -2, upper))  # -2: take every position
-    tl.store(row + N_ABOVE, 0)
-    tl.store(row + N_BAND, 0)
 
 
 def sparq_select(
@@ -341,8 +281,6 @@ class Phase1:
     wpad: int
     sample: torch.Tensor  # [n_lanes, NS] int32: keys[:, ::stride], NS a power of two
     stride: int
-    meta: torch.Tensor  # [n_lanes, META] int32: the selection's per-lane state (columns: META above)
-    bounds_for: int | None = None  # the k whose band [L, U] the keys pass already wrote into meta
 
     @classmethod
     def of_keys(cls, keys: torch.Tensor, width: int) -> Phase1:
@@ -351,8 +289,7 @@ class Phase1:
         strided = keys[:, ::stride][:, : triton.cdiv(width, stride)]
         sample = torch.full((keys.shape[0], ns), -1, dtype=torch.int32, device=keys.device)
         sample[:, : strided.shape[1]] = strided
-        meta = torch.zeros((keys.shape[0], META.value), dtype=torch.int32, device=keys.device)
-        return cls(keys, keys.shape[1], sample, stride, meta)
+        return cls(keys, keys.shape[1], sample, stride)
 
 
 @dataclass(slots=True, frozen=True)
@@ -363,7 +300,6 @@ class KeysConfig:
     tiles: int = 4  # loop steps per program
     num_warps: int = 4
     num_stages: int = 2
-    lane_major: bool = False  # grid [programs, n_lanes]: one lane's programs run one after another
 
 
 def keys_config(n_lanes: int) -> KeysConfig:
@@ -383,9 +319,8 @@ def sparq_logits(
     lanes: PagedLanes,
     width: int,  # longest lane
     config: LogitsConfig | None = None,
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:  # e, stats, meta (zeroed)
-    """Phase 1, pass over kt: e = exp(logit - tile max) of every head [n_lanes, G, wpad] fp32, each
-    tile's max and Σ e [2, n_lanes, n_tiles, G], and the selection's zeroed meta [n_lanes, META]."""
+) -> tuple[torch.Tensor, torch.Tensor]:  # e [n_lanes, G, wpad] fp32, stats [2, n_lanes, n_tiles, G]
+    """Phase 1, pass over kt: e = exp(logit - tile max) of every head, and each tile's max and Σ e."""
     n_lanes, group, r = q_sel.shape
     if kt_cache.dim() != 3 or kt_cache.shape[2] != lanes.block_size or kt_cache.stride(2) != 1:
         raise ValueError(f"kt_cache must be a contiguous [num_blocks, D, {lanes.block_size}]")
@@ -396,24 +331,21 @@ def sparq_logits(
     n_tiles = triton.cdiv(width, block_n)
     e = torch.empty((n_lanes, group, n_tiles * block_n), dtype=torch.float32, device=q_sel.device)
     stats = torch.empty((2, n_lanes, n_tiles, group), dtype=torch.float32, device=q_sel.device)
-    meta = torch.empty((n_lanes, META.value), dtype=torch.int32, device=q_sel.device)
     _sparq_logits[(n_lanes, n_tiles)](
         q_sel.contiguous(), idx.contiguous(), kt_cache, lanes.blocks, lanes.lane_start, lanes.lane_len,
-        e, stats[0], stats[1], meta, e.shape[2], kt_cache.stride(0), kt_cache.stride(1),
+        e, stats[0], stats[1], e.shape[2], kt_cache.stride(0), kt_cache.stride(1),
         G=group, R=r, BS=lanes.block_size, SUB=min(block_n, lanes.block_size & -lanes.block_size),
         BLOCK_N=block_n, num_warps=config.num_warps,
     )  # fmt: skip
-    return e, stats, meta
+    return e, stats
 
 
 def sparq_keys(
     e: torch.Tensor,  # [n_lanes, G, wpad] from sparq_logits
     stats: torch.Tensor,  # [2, n_lanes, n_tiles, G]
-    meta: torch.Tensor,  # [n_lanes, META] zeroed (sparq_logits)
     lanes: PagedLanes,
     width: int,  # longest lane
     local_window: int,
-    bounds_for: int | None = None,  # k: also compute the selection's band for it (lane_bounds)
     config: KeysConfig | None = None,
 ) -> Phase1:
     """Phase 1, scoring: Σ_g softmax_g from e and the tile stats, as int32 keys (and their sample)."""
@@ -425,16 +357,13 @@ def sparq_keys(
     stride, ns = sample_shape(width)
     keys = torch.empty((n_lanes, wpad), dtype=torch.int32, device=e.device)
     sample = torch.empty((n_lanes, ns), dtype=torch.int32, device=e.device)
-    programs = triton.cdiv(n_tiles, config.tiles)
-    _sparq_keys[(programs, n_lanes) if config.lane_major else (n_lanes, programs)](
-        e, stats[0], stats[1], lanes.lane_len, keys, sample, meta, wpad, n_stat, local_window,
-        bounds_for or 0,
+    _sparq_keys[(n_lanes, triton.cdiv(n_tiles, config.tiles))](
+        e, stats[0], stats[1], lanes.lane_len, keys, sample, wpad, n_stat, local_window,
         G=group, BLOCK_G=triton.next_power_of_2(group), STAT_N=wpad // n_stat,
         BLOCK_T=triton.next_power_of_2(n_stat), BLOCK_N=block_n, TILES=config.tiles, SS=stride,
-        NS=sample.shape[1], BOUNDS=bounds_for is not None, LANE_AXIS=int(config.lane_major),
-        num_warps=config.num_warps, num_stages=config.num_stages,
+        NS=sample.shape[1], num_warps=config.num_warps, num_stages=config.num_stages,
     )  # fmt: skip
-    return Phase1(keys, wpad, sample, stride, meta, bounds_for)
+    return Phase1(keys, wpad, sample, stride)
 
 
 def sparq_scores(
@@ -446,8 +375,7 @@ def sparq_scores(
     local_window: int,
     config: LogitsConfig | None = None,
     keys_config: KeysConfig | None = None,
-    bounds_for: int | None = None,  # k: the keys pass also computes the selection's band (sparq_keys)
 ) -> Phase1:
     """Score = Σ_g softmax_g(approximate logits): one pass over kt, then the keys."""
-    e, stats, meta = sparq_logits(q_sel, idx, kt_cache, lanes, width, config)
-    return sparq_keys(e, stats, meta, lanes, width, local_window, bounds_for, keys_config)
+    e, stats = sparq_logits(q_sel, idx, kt_cache, lanes, width, config)
+    return sparq_keys(e, stats, lanes, width, local_window, keys_config)

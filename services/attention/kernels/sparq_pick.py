@@ -1,20 +1,17 @@
 """SparQ selection: the top-k positions of each lane's score keys (sparq_kernels.Phase1) as pool rows.
 
-    bounds         lane_bounds, 1 warp      the sample of the lane's keys (every SS-th position, NS <=
+    _sparq_bounds  grid [n_lanes], 1 warp   the sample of the lane's keys (every SS-th position, NS <=
                                             2048, written compactly by _sparq_keys: Phase1.sample)
                                             gives two order statistics around the k-th
                                             score: upper U (ρ - δ-th largest sample key) and lower L
-                                            (ρ + δ), ρ = k·NS/len, δ = 5·sqrt(ρ) + 2; zeroes the counters.
-                                            Run by the lane's last _sparq_keys program (the SparQ step)
-                                            or by its own launch, _sparq_bounds [n_lanes]
+                                            (ρ + δ), ρ = k·NS/len, δ = 5·sqrt(ρ) + 2; zeroes the counters
     _sparq_band    grid [n_lanes, tiles]    keys > U: selected, their rows written at once; L <= key <=
                                             U: the band, compacted (key, position). Slots from relaxed
                                             counter adds: one per key from ATOMIC_MIN_LANES lanes, one
                                             per tile plus a scan below (PickConfig.atomic_slots)
-    finish         lane_finish, 4 warps     checks count(> U) <= need <= count(> U) + band <= BAND;
+    _sparq_finish  grid [n_lanes], 4 warps  checks count(> U) <= need <= count(> U) + band <= BAND;
                                             then the exact threshold inside the band by bisection, ties
-                                            by lowest position, their rows; sets DONE. Run by the lane's
-                                            last _sparq_band program, or by _sparq_finish [n_lanes]
+                                            by lowest position, their rows; sets done[lane]
     _sparq_pick    grid [n_lanes], 16 warps the exact selection over all keys for lanes not done
                                             (a sample off by more than δ, a band over BAND keys: heavy
                                             ties); a lane done exits at once. Stage A: bisection of
@@ -40,19 +37,7 @@ import triton
 import triton.language as tl
 
 from services.attention.kernels import PagedLanes
-from services.attention.kernels.sparq_kernels import (
-    BAND_ARRIVED,
-    DONE,
-    LOWER,
-    META,
-    N_ABOVE,
-    N_BAND,
-    UPPER,
-    Phase1,
-    count_at_least,
-    lane_bounds,
-    last_to_arrive,
-)
+from services.attention.kernels.sparq_kernels import Phase1
 
 PICK_MAX_WIDTH = 32768  # longest lane the Triton selection serves; longer: torch.topk
 BAND = 4096  # band keys _sparq_finish selects among (32 per thread of its 4 warps)
@@ -74,115 +59,115 @@ class PickConfig:
     # the scan wins (H200, 32K: 48 lanes, the whole step 116 us with scans, 134 us with adds); with many
     # the scan's registers cost more (512 lanes: pick 140 us with adds, 180 us with scans; 128: 41 / 45).
     atomic_slots: bool | None = None
-    # One launch fewer each: the band [L, U] computed by the last _sparq_keys program of each lane
-    # (sparq_kernels.last_to_arrive), read by the SparQ step; _sparq_finish's work done by the last
-    # _sparq_band program of each lane
-    bounds_in_keys: bool = True
-    finish_in_band: bool = True
-    merge_in_phase2: bool = True  # the SparQ step: phase 2's last partition per lane merges the lane
-    # grid [tiles, n_lanes]: one lane's programs run one after another, so the lane's last one (which
-    # finishes it) overlaps other lanes' work rather than all of them waiting for the final wave. The
-    # SparQ step applies it to the keys pass and phase 2 too
-    lane_major: bool = False
 
 
 @triton.jit
 def _sparq_bounds(
     sample_ptr,  # [n_lanes, NS] int32: the keys at positions 0, SS, 2·SS, ... (Phase1.sample)
     lane_len_ptr,
-    meta_ptr,  # [n_lanes, META] int32 out: L, U; the band counters zeroed
+    bounds_ptr,  # meta[:, 1:3] (lane stride 5) int32 out: L, U (U = -2: take every position)
+    counts_ptr,  # meta[:, 3:5] int32 out: zeroed (selected above U, band)
     k, local_window,
     SS: tl.constexpr, NS: tl.constexpr,
 ):  # fmt: skip
+    """The window's keys are +inf: always above U (finite), never in the band, so L and U share their
+    high bits and _sparq_finish's bisection starts low. The ranks are taken among the finite keys."""
     lane = tl.program_id(0)
     length = tl.load(lane_len_ptr + lane)
-    lane_bounds(sample_ptr, meta_ptr, lane, length, k, local_window, SS, NS)
+    need = tl.minimum(k, length)
+    n_win = tl.minimum(local_window, length)
+    finite = length - n_win
+    offs = tl.arange(0, NS)
+    ok = offs * SS < finite
+    sample = tl.load(sample_ptr + lane * NS + offs, mask=ok, other=-1)
+    n_s = tl.sum(ok.to(tl.int32), 0)
+    rho = (need - n_win).to(tl.float32) * n_s.to(tl.float32) / tl.maximum(finite, 1).to(tl.float32)
+    delta = 5.0 * tl.sqrt(rho) + 2.0
+    r_hi = tl.maximum(rho - delta, 0.0).to(tl.int32)  # 0: U = the largest finite key, only +inf above
+    r_lo = (rho + delta).to(tl.int32) + 1  # > n_s: L = 0, the band reaches the bottom
+    upper = tl.zeros([], tl.int32)
+    lower = tl.zeros([], tl.int32)
+    for i in range(31):  # the r-th largest sample key: largest value with >= r samples at or above
+        bit = tl.full([], 1, tl.int32) << (30 - i)
+        hi_cand, lo_cand = upper | bit, lower | bit
+        upper = tl.where(_count_at_least(sample, hi_cand) >= r_hi, hi_cand, upper)
+        lower = tl.where(_count_at_least(sample, lo_cand) >= r_lo, lo_cand, lower)
+    upper = tl.minimum(upper, 0x7F7FFFFF)  # the bits of the largest finite fp32
+    tl.store(bounds_ptr + lane * 5, lower)
+    tl.store(bounds_ptr + lane * 5 + 1, tl.where(need >= length, -2, upper))
+    tl.store(counts_ptr + lane * 5, 0)
+    tl.store(counts_ptr + lane * 5 + 1, 0)
 
 
 @triton.jit
 def _sparq_band(
     keys_ptr, blocks_ptr, lane_start_ptr, lane_len_ptr,
-    meta_ptr,  # [n_lanes, META] int32: L, U in; the band counters; FINISH: done
+    bounds_ptr, counts_ptr,  # from _sparq_bounds
     band_key_ptr, band_pos_ptr,  # [n_lanes, BAND] int32 out
     rows_ptr,  # [n_lanes, k] int32 out: the rows of the keys above U, from slot 0
     wpad, k,
     BS: tl.constexpr, BAND: tl.constexpr, BLOCK: tl.constexpr, SEM: tl.constexpr, ATOMIC: tl.constexpr,
-    FINISH: tl.constexpr, POS_BITS: tl.constexpr, BLOCK_K: tl.constexpr, LANE_AXIS: tl.constexpr,
 ):  # fmt: skip
-    """With FINISH the lane's last program to finish also selects inside the band (lane_finish), so
-    the separate _sparq_finish launch is not needed."""
-    lane = tl.program_id(LANE_AXIS)  # 1: a lane's tiles run one after another (PickConfig.lane_major)
-    tile, n_tiles = tl.program_id(1 - LANE_AXIS), tl.num_programs(1 - LANE_AXIS)
+    lane = tl.program_id(0)
+    tile = tl.program_id(1)
     length = tl.load(lane_len_ptr + lane)
-    row = meta_ptr + lane * META
     if tile * BLOCK < length:
         start = tl.load(lane_start_ptr + lane)
-        lower = tl.load(row + LOWER)
-        upper = tl.load(row + UPPER)
+        lower = tl.load(bounds_ptr + lane * 5)
+        upper = tl.load(bounds_ptr + lane * 5 + 1)
         offs = tile * BLOCK + tl.arange(0, BLOCK)
         ok = offs < length
         key = tl.load(keys_ptr + lane.to(tl.int64) * wpad + offs, mask=ok, other=-1)
         above = ok & (key > upper)
         band = ok & (key >= lower) & (key <= upper)
-        # Relaxed: nothing in this launch reads the counters back before its last program's acquire
-        # (acq_rel adds a memory fence per add).
+        # Relaxed: nothing in this launch reads the counters back (acq_rel adds a memory fence per add).
         if ATOMIC:  # one add per key taken: no scan of the tile (its layout cost 123 registers)
-            counter = row + N_ABOVE + tl.zeros([BLOCK], tl.int32)
+            counter = counts_ptr + lane * 5 + tl.zeros([BLOCK], tl.int32)
             slot = tl.atomic_add(counter, 1, mask=above, sem=SEM)
         else:
             above_i = above.to(tl.int32)
-            slot = tl.atomic_add(row + N_ABOVE, tl.sum(above_i, 0), sem=SEM) + tl.cumsum(above_i, 0) - 1
+            slot = (
+                tl.atomic_add(counts_ptr + lane * 5, tl.sum(above_i, 0), sem=SEM) + tl.cumsum(above_i, 0) - 1
+            )
         take = above & (slot < k)  # slot >= k: a bad sample, _sparq_pick redoes the lane
         blk = tl.load(blocks_ptr + start + offs // BS, mask=take, other=0)
         tl.store(rows_ptr + lane * k + slot, blk * BS + offs % BS, mask=take)
         if ATOMIC:
-            slot = tl.atomic_add(counter + (N_BAND - N_ABOVE), 1, mask=band, sem=SEM)
+            slot = tl.atomic_add(counter + 1, 1, mask=band, sem=SEM)
         else:
             band_i = band.to(tl.int32)
-            slot = tl.atomic_add(row + N_BAND, tl.sum(band_i, 0), sem=SEM) + tl.cumsum(band_i, 0) - 1
+            slot = (
+                tl.atomic_add(counts_ptr + lane * 5 + 1, tl.sum(band_i, 0), sem=SEM)
+                + tl.cumsum(band_i, 0)
+                - 1
+            )
         keep = band & (slot < BAND)
         tl.store(band_key_ptr + lane * BAND + slot, key, mask=keep)
         tl.store(band_pos_ptr + lane * BAND + slot, offs, mask=keep)
-    if FINISH:  # noqa: SIM102 (not `and`: Triton would evaluate both, running the atomic)
-        if last_to_arrive(row + BAND_ARRIVED, n_tiles):
-            lane_finish(blocks_ptr, lane_start_ptr, lane_len_ptr, meta_ptr, band_key_ptr, band_pos_ptr,
-                        rows_ptr, k, lane, BS, BAND, POS_BITS, BLOCK_K)  # fmt: skip
 
 
 @triton.jit
 def _sparq_finish(
     blocks_ptr, lane_start_ptr, lane_len_ptr,
-    meta_ptr,  # [n_lanes, META] int32: the band counters in; done out
-    band_key_ptr, band_pos_ptr,  # from _sparq_band
+    counts_ptr, band_key_ptr, band_pos_ptr,  # from _sparq_band
     rows_ptr,  # [n_lanes, k] int32: the band's selected rows go after the keys above U
+    done_ptr,  # meta[:, 0] (lane stride 5) int32 out: 1 when the sample was good and the lane selected
     k,
     BS: tl.constexpr, BAND: tl.constexpr, POS_BITS: tl.constexpr, BLOCK_K: tl.constexpr,
 ):  # fmt: skip
-    lane_finish(blocks_ptr, lane_start_ptr, lane_len_ptr, meta_ptr, band_key_ptr, band_pos_ptr, rows_ptr,
-                k, tl.program_id(0), BS, BAND, POS_BITS, BLOCK_K)  # fmt: skip
-
-
-@triton.jit
-def lane_finish(
-    blocks_ptr, lane_start_ptr, lane_len_ptr, meta_ptr, band_key_ptr, band_pos_ptr, rows_ptr, k, lane,
-    BS: tl.constexpr, BAND: tl.constexpr, POS_BITS: tl.constexpr, BLOCK_K: tl.constexpr,
-):  # fmt: skip
-    """Checks count(> U) <= need <= count(> U) + band <= BAND, then selects the exact threshold inside
-    the band by bisection, ties by lowest position, and writes their rows; sets done. What other
-    programs wrote (counters, band) is read with .cg loads (last_to_arrive)."""
+    lane = tl.program_id(0)
     length = tl.load(lane_len_ptr + lane)
     start = tl.load(lane_start_ptr + lane)
     need = tl.minimum(k, length)
-    row = meta_ptr + lane * META
-    n_above = tl.load(row + N_ABOVE, cache_modifier=".cg")
-    n_band = tl.load(row + N_BAND, cache_modifier=".cg")
+    n_above = tl.load(counts_ptr + lane * 5)
+    n_band = tl.load(counts_ptr + lane * 5 + 1)
     good = (n_above <= need) & (need <= n_above + n_band) & (n_band <= BAND)
-    tl.store(row + DONE, good.to(tl.int32))
+    tl.store(done_ptr + lane * 5, good.to(tl.int32))
     if good:
         need_in_band = need - n_above
         offs = tl.arange(0, BAND)
         ok = offs < n_band
-        key = tl.load(band_key_ptr + lane * BAND + offs, mask=ok, other=-1, cache_modifier=".cg")
+        key = tl.load(band_key_ptr + lane * BAND + offs, mask=ok, other=-1)
         # The bits above the highest one where the band's smallest and largest keys differ are common
         # to all of them, so the bisection starts below it (about a third of the 31 counts saved).
         # need_in_band = 0: thr ends above every band key, nothing is taken.
@@ -194,11 +179,11 @@ def lane_finish(
         thr = (lower >> (top + 1)) << (top + 1)
         for i in range(top + 1):
             cand = thr | (tl.full([], 1, tl.int32) << (top - i))
-            thr = tl.where(count_at_least(key, cand) >= need_in_band, cand, thr)
+            thr = tl.where(_count_at_least(key, cand) >= need_in_band, cand, thr)
         above = key > thr
         tie = key == thr
         quota = need_in_band - tl.sum(above.to(tl.int32), 0)
-        pos = tl.load(band_pos_ptr + lane * BAND + offs, mask=ok, other=0, cache_modifier=".cg")
+        pos = tl.load(band_pos_ptr + lane * BAND + offs, mask=ok, other=0)
         if tl.sum(tie.to(tl.int32), 0) > quota:  # the quota-th lowest tie position
             cut = tl.zeros([], tl.int32)
             for i in range(POS_BITS):
@@ -213,9 +198,11 @@ def lane_finish(
         offs_k = tl.arange(0, BLOCK_K)
         unused = (offs_k >= need) & (offs_k < k)
         tl.store(rows_ptr + lane * k + offs_k, tl.full([BLOCK_K], -1, tl.int32), mask=unused)
-    tl.debug_barrier()  # every thread has read the counters: zero them for a re-run of the band pass
-    tl.store(row + N_ABOVE, 0)
-    tl.store(row + N_BAND, 0)
+
+
+@triton.jit
+def _count_at_least(key, threshold):
+    return tl.sum((key >= threshold).to(tl.int32), 0)
 
 
 @triton.jit
@@ -224,7 +211,7 @@ def _sparq_pick(
     blocks_ptr, lane_start_ptr, lane_len_ptr,  # PagedLanes
     cand_ptr,  # [n_lanes, CAND] int32 scratch: the keys inside the threshold's bin
     rows_ptr,  # [n_lanes, k] int32 out: pool rows (block * BS + row) of the selected positions, -1 unused
-    meta_ptr,  # [n_lanes, META] int32: DONE 1 where lane_finish selected the lane: exit
+    done_ptr,  # meta[:, 0] (lane stride 5) int32: 1 where _sparq_finish selected the lane: exit
     wpad, k,
     BS: tl.constexpr, WIDTH: tl.constexpr, CHUNK: tl.constexpr, CAND: tl.constexpr, SPLIT: tl.constexpr,
     BLOCK_K: tl.constexpr,
@@ -234,7 +221,7 @@ def _sparq_pick(
     CHUNK pieces, which bounds the registers of their scatters. About 40 us per lane at 16K on the
     H200 (1 CTA per SM): the cross-warp reductions of ~25 sequential steps dominate."""
     lane = tl.program_id(0)
-    if tl.load(meta_ptr + lane * META + DONE) == 0:
+    if tl.load(done_ptr + lane * 5) == 0:
         _pick_lane(keys_ptr, blocks_ptr, lane_start_ptr, lane_len_ptr, cand_ptr, rows_ptr, wpad, k, lane,
                    BS, WIDTH, CHUNK, CAND, SPLIT, BLOCK_K)  # fmt: skip
 
@@ -257,11 +244,11 @@ def _pick_lane(
     at_least = length  # keys >= thr
     for i in range(31 - SPLIT):  # stage A: bits 30..SPLIT over all keys
         cand = thr | (tl.full([], 1, tl.int32) << (30 - i))
-        count = count_at_least(key, cand)
+        count = _count_at_least(key, cand)
         thr = tl.where(count >= need, cand, thr)
         at_least = tl.where(count >= need, count, at_least)
     hi = thr + (1 << SPLIT)
-    n_hi = count_at_least(key, hi)  # < need
+    n_hi = _count_at_least(key, hi)  # < need
     if at_least - n_hi <= CAND:  # stage B on the bin's keys only, 4 bits per count
         filled = tl.zeros([], tl.int32)
         for c in tl.static_range(WIDTH // CHUNK):
@@ -285,7 +272,7 @@ def _pick_lane(
     else:
         for i in range(SPLIT):  # a crowded bin: continue bit by bit over all keys
             cand = thr | (tl.full([], 1, tl.int32) << (SPLIT - 1 - i))
-            thr = tl.where(count_at_least(key, cand) >= need, cand, thr)
+            thr = tl.where(_count_at_least(key, cand) >= need, cand, thr)
         n_above = tl.sum((key > thr).to(tl.int32), 0)
         n_tie = tl.sum((key == thr).to(tl.int32), 0)
 
@@ -327,55 +314,44 @@ def sparq_pick(
     launches: int = 4,  # bench only: run the first `launches` kernels (the stage timings)
     config: PickConfig = PickConfig(),
 ) -> torch.Tensor:  # [n_lanes, k] int32 pool rows (block * bs + row), any order; -1: unused
-    """Selection: the top-k positions of the score (window included), ties by lowest position.
-
-    Kernels in order: _sparq_bounds (unless the keys pass computed the bounds for this k:
-    Phase1.bounds_for), _sparq_band, _sparq_finish (unless fused into the band pass:
-    PickConfig.finish_in_band), _sparq_pick (the fallback; exits for lanes done)."""
-    keys, meta = phase1.keys, phase1.meta
+    """Selection: the top-k positions of the score (window included), ties by lowest position."""
+    keys = phase1.keys
     n_lanes, device = keys.shape[0], keys.device
     if width > PICK_MAX_WIDTH:
         return _pick_torch(phase1, lanes, k, width)
     bs, block = lanes.block_size, triton.next_power_of_2(width)
     rows = torch.empty((n_lanes, k), dtype=torch.int32, device=device)
     band = torch.empty((2, n_lanes, BAND), dtype=torch.int32, device=device)  # keys, positions
+    meta = torch.empty((n_lanes, 5), dtype=torch.int32, device=device)  # done, L, U, n_above, n_band
+    done, bounds, counts = meta[:, 0], meta[:, 1:3], meta[:, 3:5]  # kernels index lane * 5 + ...
     atomic = config.atomic_slots if config.atomic_slots is not None else n_lanes >= ATOMIC_MIN_LANES
-    lane_args = (lanes.blocks, lanes.lane_start, lanes.lane_len)
-    block_k = triton.next_power_of_2(k)
-    wanted = {
-        "bounds": sampled and phase1.bounds_for != k,
-        "band": sampled,
-        "finish": sampled and not config.finish_in_band,
-        "pick": True,
-    }
-    run = [name for name, want in wanted.items() if want][:launches]
-    if "bounds" in run:
+    if sampled:
         _sparq_bounds[(n_lanes,)](
-            phase1.sample, lanes.lane_len, meta, k, local_window,
+            phase1.sample, lanes.lane_len, bounds, counts, k, local_window,
             SS=phase1.stride, NS=phase1.sample.shape[1], num_warps=config.bounds_warps,
         )  # fmt: skip
-    if "band" in run:
-        tiles = triton.cdiv(width, config.band_tile)
-        _sparq_band[(tiles, n_lanes) if config.lane_major else (n_lanes, tiles)](
-            keys, *lane_args, meta, band[0], band[1], rows, phase1.wpad, k,
-            BS=bs, BAND=BAND, BLOCK=config.band_tile, SEM=config.sem, ATOMIC=atomic,
-            FINISH=config.finish_in_band, POS_BITS=block.bit_length(), BLOCK_K=block_k,
-            LANE_AXIS=int(config.lane_major), num_warps=config.band_warps,
-        )  # fmt: skip
-    if "finish" in run:
-        _sparq_finish[(n_lanes,)](
-            *lane_args, meta, band[0], band[1], rows, k,
-            BS=bs, BAND=BAND, POS_BITS=block.bit_length(), BLOCK_K=block_k, num_warps=config.finish_warps,
-        )  # fmt: skip
-    if not sampled:
-        meta[:, DONE.value].zero_()
+        if launches > 1:
+            _sparq_band[(n_lanes, triton.cdiv(width, config.band_tile))](
+                keys, lanes.blocks, lanes.lane_start, lanes.lane_len, bounds, counts, band[0], band[1],
+                rows, phase1.wpad, k, BS=bs, BAND=BAND, BLOCK=config.band_tile, SEM=config.sem,
+                ATOMIC=atomic,
+                num_warps=config.band_warps,
+            )  # fmt: skip
+        if launches > 2:
+            _sparq_finish[(n_lanes,)](
+                lanes.blocks, lanes.lane_start, lanes.lane_len, counts, band[0], band[1], rows, done, k,
+                BS=bs, BAND=BAND, POS_BITS=block.bit_length(), BLOCK_K=triton.next_power_of_2(k),
+                num_warps=config.finish_warps,
+            )  # fmt: skip
+    else:
+        done.zero_()
     warps = num_warps or pick_warps(width)
     cand = min(block, max(512, 32 * warps))  # bin keys stage B handles: [cand, 16] compares
-    if "pick" in run:
+    if launches > 3:
         _sparq_pick[(n_lanes,)](
-            keys, *lane_args, band[0], rows, meta, phase1.wpad, k,
-            BS=bs, WIDTH=block, CHUNK=min(block, 256 * warps), CAND=cand, SPLIT=16, BLOCK_K=block_k,
-            num_warps=warps,
+            keys, lanes.blocks, lanes.lane_start, lanes.lane_len, band[0], rows, done, phase1.wpad, k,
+            BS=bs, WIDTH=block, CHUNK=min(block, 256 * warps), CAND=cand, SPLIT=16,
+            BLOCK_K=triton.next_power_of_2(k), num_warps=warps,
         )  # fmt: skip
     return rows
 
