@@ -87,11 +87,21 @@ def _sparq_bounds(
     r_lo = (rho + delta).to(tl.int32) + 1  # > n_s: L = 0, the band reaches the bottom
     upper = tl.zeros([], tl.int32)
     lower = tl.zeros([], tl.int32)
-    for i in range(31):  # the r-th largest sample key: largest value with >= r samples at or above
-        bit = tl.full([], 1, tl.int32) << (30 - i)
-        hi_cand, lo_cand = upper | bit, lower | bit
-        upper = tl.where(_count_at_least(sample, hi_cand) >= r_hi, hi_cand, upper)
-        lower = tl.where(_count_at_least(sample, lo_cand) >= r_lo, lo_cand, lower)
+    # Bisection, bit by bit from the top, for U and L: the largest value with >= r samples at or above
+    # it, or (stopping early, the loop's only exit before bit 0) any value with exactly r there; both
+    # put the band edge between the r-th and (r+1)-th largest sample keys. Each bound stops once exact,
+    # after about log2(samples) + the keys' common leading bits steps instead of 31.
+    bit_hi = tl.full([], 30, tl.int32)
+    bit_lo = tl.full([], 30, tl.int32)
+    while (bit_hi >= 0) | (bit_lo >= 0):
+        hi_cand = upper | (tl.full([], 1, tl.int32) << tl.maximum(bit_hi, 0))
+        lo_cand = lower | (tl.full([], 1, tl.int32) << tl.maximum(bit_lo, 0))
+        n_hi = _count_at_least(sample, hi_cand)
+        n_lo = _count_at_least(sample, lo_cand)
+        upper = tl.where((bit_hi >= 0) & (n_hi >= r_hi), hi_cand, upper)
+        lower = tl.where((bit_lo >= 0) & (n_lo >= r_lo), lo_cand, lower)
+        bit_hi = tl.where(n_hi == r_hi, -1, bit_hi - 1)
+        bit_lo = tl.where(n_lo == r_lo, -1, bit_lo - 1)
     upper = tl.minimum(upper, 0x7F7FFFFF)  # the bits of the largest finite fp32
     tl.store(bounds_ptr + lane * 5, lower)
     tl.store(bounds_ptr + lane * 5 + 1, tl.where(need >= length, -2, upper))
@@ -177,9 +187,14 @@ def _sparq_finish(
         for i in range(31):
             top = tl.where(diff >= (tl.full([], 1, tl.int32) << i), i, top)
         thr = (lower >> (top + 1)) << (top + 1)
-        for i in range(top + 1):
-            cand = thr | (tl.full([], 1, tl.int32) << (top - i))
-            thr = tl.where(_count_at_least(key, cand) >= need_in_band, cand, thr)
+        # Stops early once exactly need_in_band keys are >= thr: those are the top ones (every other
+        # key is below thr), and no tie straddles the cut. Otherwise it ends on the need-th largest key.
+        bit = top
+        while bit >= 0:
+            cand = thr | (tl.full([], 1, tl.int32) << bit)
+            count = _count_at_least(key, cand)
+            thr = tl.where(count >= need_in_band, cand, thr)
+            bit = tl.where(count == need_in_band, -1, bit - 1)
         above = key > thr
         tie = key == thr
         quota = need_in_band - tl.sum(above.to(tl.int32), 0)
@@ -190,7 +205,7 @@ def _sparq_finish(
                 cand = cut | (tl.full([], 1, tl.int32) << (POS_BITS - 1 - i))
                 below = tl.sum((tie & (pos < cand)).to(tl.int32), 0)
                 cut = tl.where(below < quota, cand, cut)
-            tie = tie & (pos <= cut)
+            tie = tie & (pos <= cut) & (quota > 0)  # quota 0: cut stays 0, which takes nothing
         take = ok & (above | tie)
         slot = n_above + tl.cumsum(take.to(tl.int32), 0) - 1
         blk = tl.load(blocks_ptr + start + pos // BS, mask=take, other=0)
