@@ -132,8 +132,9 @@ def _listening(process: subprocess.Popen[str], log: Path) -> Pod:
 @dataclass(slots=True)
 class Cluster:
     attention: list[Pod]  # two pods, transport nixl
-    nixl: Pod  # prefill pod, transport nixl
+    nixl: Pod  # prefill pod, transport nixl (2 write lanes, the default)
     grpc: Pod  # prefill pod, transport grpc
+    one_lane: Pod | None  # prefill pod, transport nixl, nixl_lanes 1 (tiny model only)
 
     def placement(self, layout: str, num_kv_heads: int) -> Placement:
         a, b = (p.address for p in self.attention)
@@ -142,15 +143,20 @@ class Cluster:
         return Placement.head_partitioned([a, b], num_kv_heads)  # a: heads 0-1, b: head 2
 
 
-def start_cluster(launch: Callable[..., list[Pod]], model: Path, **prefill: str) -> Cluster:
+def start_cluster(
+    launch: Callable[..., list[Pod]], model: Path, one_lane: bool = False, **prefill: str
+) -> Cluster:
     attention = {"kv_budget_bytes": str(32 << 20), "transport": "nixl"}
-    a, b, nixl, grpc_pod = launch(
+    specs = [
         ("attention", model, attention),
         ("attention", model, attention),
         ("prefill", model, {**prefill, "transport": "nixl"}),
         ("prefill", model, prefill),
-    )
-    return Cluster([a, b], nixl, grpc_pod)
+    ]
+    if one_lane:
+        specs.append(("prefill", model, {**prefill, "transport": "nixl", "nixl_lanes": "1"}))
+    a, b, nixl, grpc_pod, *rest = launch(*specs)
+    return Cluster([a, b], nixl, grpc_pod, rest[0] if rest else None)
 
 
 # ---- the tiny model -------------------------------------------------------------------------------
@@ -178,7 +184,7 @@ def tiny(tiny_folder: Path) -> LoadedModel:
 @pytest.fixture(scope="module")
 def tiny_cluster(launch: Callable[..., list[Pod]], tiny_folder: Path) -> Cluster:
     # max_num_tokens 64: the NIXL pod's staging buffer starts at 64 tokens and grows for longer prompts.
-    return start_cluster(launch, tiny_folder, max_num_tokens="64")
+    return start_cluster(launch, tiny_folder, one_lane=True, max_num_tokens="64")
 
 
 # ---- helpers --------------------------------------------------------------------------------------
@@ -260,15 +266,21 @@ def remote_logits(
 
 # ---- NIXL equals gRPC --------------------------------------------------------------------------------
 @pytest.mark.timeout(180)
-def test_nixl_import_equals_grpc_import_bit_for_bit(tiny: LoadedModel, tiny_cluster: Cluster) -> None:
+@pytest.mark.parametrize("lanes", [2, 1])
+def test_nixl_import_equals_grpc_import_bit_for_bit(
+    lanes: int, tiny: LoadedModel, tiny_cluster: Cluster
+) -> None:
+    """Layers alternate between the NIXL pod's write lanes (2, the default) or all take one."""
     cfg = tiny.config
+    nixl_pod = tiny_cluster.nixl if lanes == 2 else tiny_cluster.one_lane
+    assert nixl_pod is not None
     placement = tiny_cluster.placement("head", cfg.num_kv_heads)
     remote = RemoteAttention(cfg, torch.float32, placement, FAST)
     torch.manual_seed(3)
     prompt = torch.randint(0, VOCAB, (45,)).tolist()  # 44 prefilled: blocks of 16, 16 and 12 positions
     n = len(prompt) - 1
     try:
-        for seq, pod in enumerate((tiny_cluster.grpc, tiny_cluster.nixl)):
+        for seq, pod in enumerate((tiny_cluster.grpc, nixl_pod)):
             remote.open(seq)
             remote.reserve(seq, n + 1)
             response = prefill(pod, remote.wire_id(seq), prompt[:-1], placement)
