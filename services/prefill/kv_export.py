@@ -29,7 +29,8 @@ NIXL: K/V go by one-sided WRITE straight into the pods' registered KV pools:
     start        staging rows [lo, lo + T) taken; PlanImport(seq, 0, T) sent to every pod (futures)
     send_layer   k/v copied into the registered staging buffer (head-major, see `StagingBuffer`);
                  layer 0 resolves the plans (and loads a pod's agent metadata from Redis the first
-                 time its agent name is seen); then one WRITE per pod, notification kv:<id>:<layer>
+                 time its agent name is seen); then one WRITE per pod, notification kv:<id>:<layer>,
+                 queued on the layer's write lane (`WriteLane`: its thread posts and polls it)
     finish       every WRITE DONE, then CompleteImport per pod (the pod has every notification)
 
 The source of one (layer, K|V, head, block) is contiguous in the staging buffer, the destination is
@@ -539,11 +540,6 @@ class NixlSender:
         self.lanes = list(lanes)
         self.staging = staging
         self.geometry = staging.geometry
-
-    @property
-    def agent(self) -> NixlAgent:
-        """Lane 0's agent."""
-        return self.lanes[0].agent
 
     def lane(self, layer: int) -> WriteLane:
         return self.lanes[layer % len(self.lanes)]
