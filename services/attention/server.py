@@ -31,6 +31,7 @@ from typing import Literal
 
 import grpc
 import redis
+import torch
 from pydantic import Field
 from pydantic_settings import SettingsConfigDict
 
@@ -294,12 +295,26 @@ class AttentionServicer(pb_grpc.AttentionServicer):
         q = decode(f.q, self.limits, name="q", dtype=g.dtype, shape=(lanes, g.group_size, g.head_dim))
         k = decode(f.k_new, self.limits, name="k_new", dtype=g.dtype, shape=(lanes, g.head_dim))
         v = decode(f.v_new, self.limits, name="v_new", dtype=g.dtype, shape=(lanes, g.head_dim))
-        started = time.perf_counter()
-        o = session.layer(f.step_id, f.layer, q, k, v)  # [M, G, D]
-        self.metrics.frame(transport, time.perf_counter() - started, q, k, v, o)
+        o = self.step_layer(session, f.step_id, f.layer, q, k, v, transport)
         response = pb.StepResponse(step_id=f.step_id, layer=f.layer)
         encode_into(response.o, o)
         return response
+
+    def step_layer(
+        self,
+        session: StepSession,
+        step_id: int,
+        layer: int,
+        q: torch.Tensor,
+        k: torch.Tensor,
+        v: torch.Tensor,
+        transport: str = "tcp",
+    ) -> torch.Tensor:
+        """One layer of an open step, from whichever frame carried it: o [M, G, D]."""
+        started = time.perf_counter()
+        o = session.layer(step_id, layer, q, k, v)
+        self.metrics.frame(transport, time.perf_counter() - started, q, k, v, o)
+        return o
 
 
 def build_engine(settings: AttentionSettings) -> AttentionEngine:
@@ -368,6 +383,7 @@ def start(settings: AttentionSettings) -> RunningPod:
     step_socket = StepSocketServer(
         engine,
         functools.partial(servicer.step_frame, transport="tcp"),
+        servicer.step_layer,
         _status_name,
         settings.host,
         settings.step_port,

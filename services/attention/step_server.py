@@ -1,11 +1,14 @@
 """The attention pod's Step exchange over TCP (services/core/transport/step_socket.py).
 
-    server = StepSocketServer(handle, host, port, max_message_bytes).start()   # accept thread
+    server = StepSocketServer(engine, handle, handle_layer, status_of, host, port, ...).start()
     ... each connection: its own thread and its own StepSession, frames answered in order ...
     server.stop()                                                              # closes them all
 
 `handle(session, frame)` is the same function the gRPC Step stream calls
-(AttentionServicer.step_frame), so both carriers share every check. An error the gRPC stream would
+(AttentionServicer.step_frame) for protobuf frames; a raw LAYER frame is checked here (step,
+layer, lanes and its exact length, before its tensor bytes are read) and then goes through
+`handle_layer(session, step_id, layer, q, k, v)`, the function step_frame calls once it has
+decoded a protobuf layer, so both carriers share every check. An error the gRPC stream would
 end with a status ends the connection with an ERROR frame carrying that status and message; the
 pod keeps serving other connections. Connections are bounded (`max_connections`, like the gRPC
 server's thread limit): one more gets RESOURCE_EXHAUSTED at once.
@@ -19,24 +22,31 @@ import socket
 import threading
 from collections.abc import Callable
 
+import torch
 from google.protobuf.message import DecodeError
 
-from services.attention.engine import AttentionEngine, StepSession
+from services.attention.engine import AttentionEngine, InvalidFrameError, StepSession
 from services.core.errors import DisaggError
 from services.core.transport.step_socket import (
+    LAYER_HEADER,
     ConnectionClosed,
     FrameError,
     FrameKind,
     configure,
-    recv_frame,
+    recv_bytes,
+    recv_header,
+    recv_layer_header,
+    recv_tensor,
     send_error,
     send_frame,
+    send_tensors,
 )
 from services.proto import attention_pb2 as pb
 
 log = logging.getLogger(__name__)
 
 FrameHandler = Callable[[StepSession, pb.StepRequest], "pb.StepResponse | None"]
+LayerHandler = Callable[[StepSession, int, int, torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
 StatusOf = Callable[[BaseException], str]  # a gRPC status name for an error the pod knows
 
 
@@ -45,6 +55,7 @@ class StepSocketServer:
         self,
         engine: AttentionEngine,
         handle: FrameHandler,
+        handle_layer: LayerHandler,
         status_of: StatusOf,
         host: str,
         port: int,
@@ -54,6 +65,7 @@ class StepSocketServer:
     ) -> None:
         self.engine = engine
         self.handle = handle
+        self.handle_layer = handle_layer
         self.status_of = status_of
         self.max_message_bytes = max_message_bytes
         self.max_connections = max_connections
@@ -106,10 +118,14 @@ class StepSocketServer:
         session = self.engine.session()
         try:
             while True:
-                kind, payload = recv_frame(conn, self.max_message_bytes)
+                kind, length = recv_header(conn, self.max_message_bytes)
+                if kind is FrameKind.LAYER:
+                    step_id, layer, o = self._layer(conn, session, length)
+                    send_tensors(conn, FrameKind.OUTPUT, step_id, layer, o.shape[0], [o])
+                    continue
                 if kind is not FrameKind.MESSAGE:
-                    raise FrameError("a client sends only MESSAGE frames")
-                response = self.handle(session, pb.StepRequest.FromString(payload))
+                    raise FrameError(f"a client sends MESSAGE or LAYER frames, not {kind.name}")
+                response = self.handle(session, pb.StepRequest.FromString(recv_bytes(conn, length)))
                 if response is not None:
                     send_frame(conn, FrameKind.MESSAGE, response.SerializeToString())
         except ConnectionClosed:
@@ -129,6 +145,28 @@ class StepSocketServer:
                 self._connections.discard(conn)
                 self._threads.discard(threading.current_thread())
             _close(conn)
+
+    def _layer(self, conn: socket.socket, session: StepSession, length: int) -> tuple[int, int, torch.Tensor]:
+        """Read one LAYER frame's payload of `length` bytes and attend it: (step_id, layer, o)."""
+        step_id, layer, lanes = recv_layer_header(conn, length)
+        expected = session.expect_layer(step_id, layer)  # the step is open and this is its next layer
+        if lanes != expected:
+            raise InvalidFrameError(
+                f"step {step_id} layer {layer} carries {lanes} lanes; the step has {expected}"
+            )
+        g = self.engine.geometry
+        q_numel, kv_numel = lanes * g.group_size * g.head_dim, lanes * g.head_dim
+        body = (q_numel + 2 * kv_numel) * g.dtype.itemsize
+        if length - LAYER_HEADER.size != body:
+            raise FrameError(
+                f"step {step_id} layer {layer}: the frame holds {length - LAYER_HEADER.size} tensor bytes, "
+                f"but q, k_new and v_new of {lanes} lanes take {body}"
+            )
+        data = recv_tensor(conn, q_numel + 2 * kv_numel, g.dtype)
+        q = data[:q_numel].view(lanes, g.group_size, g.head_dim)
+        k = data[q_numel : q_numel + kv_numel].view(lanes, g.head_dim)
+        v = data[q_numel + kv_numel :].view(lanes, g.head_dim)
+        return step_id, layer, self.handle_layer(session, step_id, layer, q, k, v)
 
 
 def _refuse(conn: socket.socket, message: str, status: str = "RESOURCE_EXHAUSTED") -> None:

@@ -77,7 +77,7 @@ def encode_into(message: tensor_pb2.Tensor, tensor: torch.Tensor) -> None:
     wire = DTYPE_TO_WIRE.get(tensor.dtype)
     if wire is None:
         raise WireError(WireProblem.DTYPE, f"cannot send {tensor.dtype}; the wire carries {_known()}")
-    _require_little_endian()
+    require_little_endian()
     message.dtype = wire
     message.shape[:] = tensor.shape
     # [numel * itemsize] uint8 view of the contiguous tensor; works for bf16, which numpy lacks.
@@ -128,7 +128,7 @@ def decode(
             WireProblem.LENGTH,
             f"{name}: data holds {len(data)} bytes but shape {list(dims)} of {got} needs {nbytes} bytes",
         )
-    _require_little_endian()
+    require_little_endian()
     if nbytes == 0:  # frombuffer rejects empty buffers
         return torch.empty(dims, dtype=got)
     return _frombuffer(data, got).view(dims)
@@ -147,7 +147,7 @@ def _known() -> str:
     return ", ".join(str(dtype) for dtype in DTYPE_TO_WIRE)
 
 
-def _require_little_endian() -> None:
+def require_little_endian() -> None:
     if not _LITTLE_ENDIAN:
         raise WireError(WireProblem.HOST, "the wire format is little-endian; this host is big-endian")
 

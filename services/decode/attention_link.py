@@ -30,13 +30,18 @@ import torch
 from services.core.errors import DisaggError
 from services.core.model.config import ModelConfig
 from services.core.transport.step_socket import (
+    LAYER_HEADER,
     ConnectionClosed,
     FrameError,
     FrameKind,
     configure,
     parse_error,
-    recv_frame,
+    recv_bytes,
+    recv_header,
+    recv_layer_header,
+    recv_tensor,
     send_frame,
+    send_tensors,
 )
 from services.core.wire import WIRE_TO_DTYPE, grpc_message_options
 from services.proto import attention_pb2 as pb
@@ -150,20 +155,71 @@ class SocketStepStream:
         self._sock = configure(sock)
 
     def send(self, frame: pb.StepRequest) -> None:
+        """A protobuf frame (`begin`; layers go raw through `send_layer`)."""
+        with self._sending():
+            send_frame(self._sock, FrameKind.MESSAGE, frame.SerializeToString())
+
+    def send_layer(self, step_id: int, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> int:
+        """One raw LAYER frame from the tensors' memory: q [M, G, D], k and v [M, D]; returns the
+        tensor bytes sent."""
+        with self._sending():
+            return send_tensors(self._sock, FrameKind.LAYER, step_id, layer, q.shape[0], [q, k, v])
+
+    @contextlib.contextmanager
+    def _sending(self) -> Iterator[None]:
         if self.failure is not None:
             raise self.failure
         try:
-            send_frame(self._sock, FrameKind.MESSAGE, frame.SerializeToString())
+            yield
         except OSError as exc:
             error = AttentionPodError(self.address, f"Step socket send failed: {exc}", GONE)
             raise self._fail(error) from None
 
     def receive(self, timeout_s: float) -> pb.StepResponse:
+        """The answer to a protobuf layer frame."""
+        with self._reading(timeout_s):
+            kind, length = recv_header(self._sock, self._max_bytes)
+            payload = recv_bytes(self._sock, length)
+            if kind is FrameKind.ERROR:
+                raise self._error_frame(payload)
+            if kind is not FrameKind.MESSAGE:
+                raise FrameError(f"the pod answered a protobuf frame with a {kind.name} frame")
+        return pb.StepResponse.FromString(payload)
+
+    def receive_output(
+        self, step_id: int, layer: int, shape: tuple[int, int, int], dtype: torch.dtype, timeout_s: float
+    ) -> torch.Tensor:
+        """The raw OUTPUT frame answering LAYER (step_id, layer): o of `shape` [M, G, D], read
+        straight into a fresh tensor once its header says it is the expected answer."""
+        with self._reading(timeout_s):
+            kind, length = recv_header(self._sock, self._max_bytes)
+            if kind is FrameKind.ERROR:
+                raise self._error_frame(recv_bytes(self._sock, length))
+            if kind is not FrameKind.OUTPUT:
+                raise FrameError(f"the pod answered a LAYER frame with a {kind.name} frame")
+            got = recv_layer_header(self._sock, length)
+            if got[:2] != (step_id, layer):
+                error = AttentionPodError(
+                    self.address,
+                    f"answered step {got[0]} layer {got[1]}, expected step {step_id} layer {layer}",
+                )
+                raise self._fail(error)
+            numel = shape[0] * shape[1] * shape[2]
+            if got[2] != shape[0] or length - LAYER_HEADER.size != numel * dtype.itemsize:
+                raise FrameError(
+                    f"step {step_id} layer {layer}: o of {got[2]} lanes in "
+                    f"{length - LAYER_HEADER.size} bytes, expected {list(shape)} {dtype}"
+                )
+            return recv_tensor(self._sock, numel, dtype).view(shape)
+
+    @contextlib.contextmanager
+    def _reading(self, timeout_s: float) -> Iterator[None]:
+        """Failures while reading an answer, as AttentionPodError (the stream is then closed)."""
         if self.failure is not None:
             raise self.failure
         try:
             self._sock.settimeout(timeout_s)
-            kind, payload = recv_frame(self._sock, self._max_bytes)
+            yield
         except TimeoutError:
             error = AttentionPodError(self.address, f"no answer within {timeout_s:g} s", DEADLINE)
             raise self._fail(error) from None
@@ -173,11 +229,11 @@ class SocketStepStream:
             ) from None
         except (FrameError, OSError) as exc:  # reset (the pod died), or a malformed frame
             raise self._fail(AttentionPodError(self.address, f"Step socket: {exc}", GONE)) from None
-        if kind is FrameKind.ERROR:
-            status, message = parse_error(payload)
-            code = grpc.StatusCode.__members__.get(status)
-            raise self._fail(AttentionPodError(self.address, f"Step failed: {status}: {message}", code))
-        return pb.StepResponse.FromString(payload)
+
+    def _error_frame(self, payload: bytes) -> AttentionPodError:
+        status, message = parse_error(payload)
+        code = grpc.StatusCode.__members__.get(status)
+        return self._fail(AttentionPodError(self.address, f"Step failed: {status}: {message}", code))
 
     def expire(self) -> None:
         self.close(AttentionPodError(self.address, "Step socket closed: answer overdue"))

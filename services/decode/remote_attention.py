@@ -334,8 +334,7 @@ class _RemoteStep(AttentionStep):
         self, layer: int, q: torch.Tensor, k_new: torch.Tensor, v_new: torch.Tensor
     ) -> Callable[[], torch.Tensor]:
         """Send the layer's frames now; the returned function reads the answers: o [N,Hq,D]. With
-        one pod holding every lane, o aliases the received message (no copy): it is read-only, as
-        the dense part uses it."""
+        one pod holding every lane, o is the received tensor itself (no copy)."""
         with self._failing():
             self._send(layer, q, k_new, v_new)
         sent_at = time.perf_counter()
@@ -367,15 +366,20 @@ class _RemoteStep(AttentionStep):
         q_lanes = q.reshape(-1, self.part.config.group_size, d)  # [N·Hkv, G, D]
         k_lanes, v_lanes = k_new.reshape(-1, d), v_new.reshape(-1, d)  # [N·Hkv, D]
         for target in self.targets:
-            frame = pb.StepRequest()
-            f = frame.layer
-            f.step_id, f.layer = self.step_id, layer
             idx = None if target.lanes is None else target.lanes.to(q.device)  # no-op on CPU
-            encode_into(f.q, q_lanes if idx is None else q_lanes.index_select(0, idx))
-            encode_into(f.k_new, k_lanes if idx is None else k_lanes.index_select(0, idx))
-            encode_into(f.v_new, v_lanes if idx is None else v_lanes.index_select(0, idx))
-            target.stream.send(frame)
-            self.part.link.sent(target.transport, len(f.q.data) + len(f.k_new.data) + len(f.v_new.data))
+            tensors = [t if idx is None else t.index_select(0, idx) for t in (q_lanes, k_lanes, v_lanes)]
+            stream = target.stream
+            if isinstance(stream, SocketStepStream):  # raw, from the tensors' memory
+                sent = stream.send_layer(self.step_id, layer, *(t.cpu() for t in tensors))
+            else:
+                frame = pb.StepRequest()
+                f = frame.layer
+                f.step_id, f.layer = self.step_id, layer
+                for message, tensor in zip((f.q, f.k_new, f.v_new), tensors, strict=True):
+                    encode_into(message, tensor)
+                stream.send(frame)
+                sent = len(f.q.data) + len(f.k_new.data) + len(f.v_new.data)
+            self.part.link.sent(target.transport, sent)
 
     def _collect(self, layer: int, q: torch.Tensor) -> torch.Tensor:
         n, hq, d = q.shape
@@ -390,7 +394,13 @@ class _RemoteStep(AttentionStep):
 
     def _receive(self, target: _Target, layer: int, q: torch.Tensor) -> torch.Tensor:
         """The pod's o: [M, G, D], on q's device."""
-        response = target.stream.receive(self.part.options.layer_timeout_s)
+        shape = (target.num_lanes, self.part.config.group_size, self.part.config.head_dim)
+        timeout = self.part.options.layer_timeout_s
+        if isinstance(target.stream, SocketStepStream):  # raw, into a fresh tensor
+            o = target.stream.receive_output(self.step_id, layer, shape, q.dtype, timeout)
+            self.part.link.received(target.transport, o.numel() * o.element_size())
+            return o.to(q.device)  # no-op on CPU
+        response = target.stream.receive(timeout)
         self.part.link.received(target.transport, len(response.o.data))
         address = target.stream.address
         if response.step_id != self.step_id or response.layer != layer:
@@ -401,7 +411,6 @@ class _RemoteStep(AttentionStep):
             )
             target.stream.close(error)
             raise error
-        shape = (target.num_lanes, self.part.config.group_size, self.part.config.head_dim)
         try:
             o = decode(response.o, self.part.limits, name="o", dtype=q.dtype, shape=shape)
         except WireError as exc:

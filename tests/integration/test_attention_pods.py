@@ -39,6 +39,7 @@ from services.core.model.load import LoadedModel
 from services.core.placement import Placement, PlacementEntry
 from services.core.transport.step_socket import (
     HEADER,
+    LAYER_HEADER,
     ConnectionClosed,
     FrameKind,
     configure,
@@ -434,6 +435,66 @@ def test_step_socket_answers_bad_frames_with_an_error_frame_and_keeps_serving(
         kind, payload = recv_frame(sock, 1 << 26)
     assert kind is FrameKind.MESSAGE and pb.StepResponse.FromString(payload).layer == 0
     stub.Free(pb.FreeRequest(seq_id=78), timeout=5)
+
+
+def _raw(step_id: int, lanes: int, body: bytes, kind: FrameKind = FrameKind.LAYER) -> bytes:
+    """A raw LAYER frame (layer 0) as the decode pod sends it: headers, then q | k_new | v_new bytes."""
+    payload = LAYER_HEADER.pack(step_id, 0, lanes) + body
+    return HEADER.pack(kind, len(payload)) + payload
+
+
+@pytest.mark.timeout(60)
+def test_raw_layer_frames_are_checked_before_reading_and_equal_the_protobuf_answer(
+    tiny_pods: tuple[Pod, Pod],
+) -> None:
+    """A raw LAYER frame (the decode pod's default) is answered with an OUTPUT frame holding exactly
+    the o a protobuf layer frame gets; one with the wrong step, lanes or length, or a kind a client
+    does not send, ends its connection with INVALID_ARGUMENT naming the problem."""
+    pod = tiny_pods[1]
+    stub = pod.stub()
+    stub.Open(pb.OpenRequest(seq_id=79, kv_head_start=0, kv_head_count=1, policy="dense"), timeout=5)
+    stub.Reserve(pb.ReserveRequest(seq_id=79, num_tokens=2), timeout=5)
+    begin = _message(
+        pb.StepRequest(begin=pb.StepBegin(step_id=0, chunks=[pb.StepChunk(seq_id=79, length=2)]))
+    )
+    torch.manual_seed(3)
+    q, k, v = torch.randn(2, 2, 5), torch.randn(2, 5), torch.randn(2, 5)  # 2 lanes, G = 2, D = 5
+    body = b"".join(t.numpy().tobytes() for t in (q, k, v))
+    cases = [
+        ([begin, _raw(0, 3, body)], "carries 3 lanes; the step has 2"),
+        (
+            [begin, _raw(0, 2, body[:-4])],
+            "the frame holds 156 tensor bytes, but q, k_new and v_new of 2 lanes take 160",
+        ),
+        ([begin, HEADER.pack(FrameKind.LAYER, 8) + bytes(8)], "shorter than its 16-byte header"),
+        ([_raw(9, 2, body)], "step 9"),
+        ([begin, _raw(0, 2, body, FrameKind.OUTPUT)], "MESSAGE or LAYER frames, not OUTPUT"),
+    ]
+    for frames, needle in cases:
+        ((kind, payload),) = _exchange(pod, frames)
+        assert kind is FrameKind.ERROR
+        status, message = parse_error(payload)
+        assert status == "INVALID_ARGUMENT" and needle in message, (status, message)
+    # The same layer as a protobuf frame and as a raw frame (each writes the same K/V, then attends).
+    ((kind, payload),) = _exchange_some(pod, [begin, _message(_layer(0, encode(q), k, v))], answers=1)
+    expected = decode_o(pb.StepResponse.FromString(payload).o)
+    ((kind, payload),) = _exchange_some(pod, [begin, _raw(0, 2, body)], answers=1)
+    assert kind is FrameKind.OUTPUT
+    assert LAYER_HEADER.unpack(payload[: LAYER_HEADER.size]) == (0, 0, 2)
+    got = torch.frombuffer(bytearray(payload[LAYER_HEADER.size :]), dtype=torch.float32).view(2, 2, 5)
+    assert torch.equal(got, expected)
+    stub.Free(pb.FreeRequest(seq_id=79), timeout=5)
+
+
+def _exchange_some(pod: Pod, frames: list[bytes], answers: int) -> list[tuple[FrameKind, bytes]]:
+    """Send raw frames on a fresh connection and read `answers` frames back."""
+    with _socket(pod) as sock:
+        sock.sendall(b"".join(frames))
+        return [recv_frame(sock, 1 << 26) for _ in range(answers)]
+
+
+def decode_o(message: tensor_pb2.Tensor) -> torch.Tensor:
+    return torch.frombuffer(bytearray(message.data), dtype=torch.float32).view(*message.shape)
 
 
 # ---- failures -------------------------------------------------------------------------------------
