@@ -13,8 +13,9 @@ pod process serves the SmolLM2-135M geometry (30 layers, 3 KV heads of 64, fp32)
     attention µs      the pod's attention alone at this shape, timed in-process (the floor)
 
 The gRPC stream carries protobuf frames; the Step socket carries `begin` as protobuf and each
-layer as a raw tensor frame (see services/core/transport/step_socket.py). Both processes share this machine's cores. The NIXL
-activation path is not built (docs/architecture.md says why), so it is not in the table.
+layer as a raw tensor frame (see services/core/transport/step_socket.py). Both processes share this
+machine's cores. The NIXL activation path is not built (docs/architecture.md says why), so it is not
+in the table.
 `measure(...)` returns the rows as dicts for bench/disaggregation.py section (c).
 """
 
