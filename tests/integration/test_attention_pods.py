@@ -46,7 +46,7 @@ from services.core.transport.step_socket import (
     parse_error,
     recv_frame,
 )
-from services.core.wire import encode, encode_into
+from services.core.wire import TensorLimits, decode, encode, encode_into
 from services.decode.attention_link import StepTransport
 from services.decode.colocated import build_engine
 from services.decode.engine import Engine
@@ -386,14 +386,15 @@ def _socket(pod: Pod) -> socket.socket:
     return configure(sock)
 
 
-def _exchange(pod: Pod, frames: list[bytes]) -> list[tuple[FrameKind, bytes]]:
-    """Send raw frames on a fresh connection; every frame that came back before the pod closed it."""
+def _exchange(pod: Pod, frames: list[bytes], answers: int | None = None) -> list[tuple[FrameKind, bytes]]:
+    """Send raw frames on a fresh connection; the first `answers` frames that come back (None: every
+    frame that came back before the pod closed it)."""
     with _socket(pod) as sock:
         for frame in frames:
             sock.sendall(frame)
-        got = []
+        got: list[tuple[FrameKind, bytes]] = []
         with contextlib.suppress(ConnectionClosed):
-            while True:
+            while answers is None or len(got) < answers:
                 got.append(recv_frame(sock, 1 << 26))
     return got
 
@@ -476,25 +477,14 @@ def test_raw_layer_frames_are_checked_before_reading_and_equal_the_protobuf_answ
         status, message = parse_error(payload)
         assert status == "INVALID_ARGUMENT" and needle in message, (status, message)
     # The same layer as a protobuf frame and as a raw frame (each writes the same K/V, then attends).
-    ((kind, payload),) = _exchange_some(pod, [begin, _message(_layer(0, encode(q), k, v))], answers=1)
-    expected = decode_o(pb.StepResponse.FromString(payload).o)
-    ((kind, payload),) = _exchange_some(pod, [begin, _raw(0, 2, body)], answers=1)
+    ((kind, payload),) = _exchange(pod, [begin, _message(_layer(0, encode(q), k, v))], answers=1)
+    expected = decode(pb.StepResponse.FromString(payload).o, TensorLimits(max_bytes=1 << 20))
+    ((kind, payload),) = _exchange(pod, [begin, _raw(0, 2, body)], answers=1)
     assert kind is FrameKind.OUTPUT
     assert LAYER_HEADER.unpack(payload[: LAYER_HEADER.size]) == (0, 0, 2)
     got = torch.frombuffer(bytearray(payload[LAYER_HEADER.size :]), dtype=torch.float32).view(2, 2, 5)
     assert torch.equal(got, expected)
     stub.Free(pb.FreeRequest(seq_id=79), timeout=5)
-
-
-def _exchange_some(pod: Pod, frames: list[bytes], answers: int) -> list[tuple[FrameKind, bytes]]:
-    """Send raw frames on a fresh connection and read `answers` frames back."""
-    with _socket(pod) as sock:
-        sock.sendall(b"".join(frames))
-        return [recv_frame(sock, 1 << 26) for _ in range(answers)]
-
-
-def decode_o(message: tensor_pb2.Tensor) -> torch.Tensor:
-    return torch.frombuffer(bytearray(message.data), dtype=torch.float32).view(*message.shape)
 
 
 # ---- failures -------------------------------------------------------------------------------------

@@ -121,6 +121,7 @@ def recv_layer_header(sock: socket.socket, length: int) -> tuple[int, int, int]:
 def recv_tensor(sock: socket.socket, numel: int, dtype: torch.dtype) -> torch.Tensor:
     """The rest of the frame, read straight into a fresh 1-D tensor of `numel` elements (the caller
     checked the frame's length against this size, so nothing here allocates what the peer chose)."""
+    require_little_endian()
     out = torch.empty(numel, dtype=dtype)
     _recv_into(sock, _byte_view(out), at_boundary=False)
     return out
