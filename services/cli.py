@@ -231,6 +231,14 @@ def _add_up(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
         "pods work on another (default 2; 1 = no overlap)",
     )
     p.add_argument(
+        "--micro-batch-min-context",
+        type=int,
+        default=512,
+        help="split a decode forward into micro-batches only when its rows attend over at least this "
+        "many positions on average: at shorter contexts there is too little attention to hide "
+        "(default 512; 0 = always split)",
+    )
+    p.add_argument(
         "--transport",
         choices=["grpc", "nixl"],
         default="grpc",
@@ -318,6 +326,7 @@ def cmd_up(args: argparse.Namespace) -> int:
         max_num_seqs=args.max_num_seqs,
         remote_prefill_min_tokens=args.remote_prefill_min_tokens,
         micro_batches=args.micro_batches,
+        micro_batch_min_context=args.micro_batch_min_context,
         transport=args.transport,
         prices=parse_prices(args.cost_usd_per_hour),
         prometheus=args.prometheus,

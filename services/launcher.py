@@ -64,6 +64,7 @@ class ClusterPlan:
     attention_kv_gb: float = 1.0  # KV pool of each attention pod
     max_num_seqs: int = 64  # running batch of each decode pod
     micro_batches: int = 2  # ping-pong micro-batches of each decode pod
+    micro_batch_min_context: int = 512  # ... for forwards whose rows attend over this many positions
     remote_prefill_min_tokens: int = 512  # shorter prompts are prefilled by their decode pod
     transport: str = "grpc"  # bulk KV from prefill to attention pods: grpc (ImportKV) or nixl
     attention_policy: str = "dense"  # the attention pods' default policy (requests may name their own)
@@ -176,6 +177,7 @@ class LocalCluster:
             self._spawn(f"prefill-{i}", "prefill", [*pod_flags, "--transport", plan.transport])
         for i in range(plan.decode):
             batching = ["--max-num-seqs", str(plan.max_num_seqs), "--micro-batches", str(plan.micro_batches)]
+            batching += ["--micro-batch-min-context", str(plan.micro_batch_min_context)]
             step = ["--step-transport", plan.step_transport]
             self._spawn(f"decode-{i}", "decode", [*pod_flags, *batching, *step])
         gateway_flags = [*common, "--placement", plan.placement.value, "--host", plan.host]

@@ -48,6 +48,7 @@ from services.attention.engine import (
     StepSession,
     TooManyStepsError,
 )
+from services.attention.kernels import paged_cpu
 from services.attention.kv_pool import KVPool, KVPoolConfig
 from services.attention.local import EvictedPrefillError
 from services.attention.metering import AttentionMetrics
@@ -329,6 +330,7 @@ def build_engine(settings: AttentionSettings) -> AttentionEngine:
         device=settings.device,
     )
     pool = KVPool.from_budget(pool_config, settings.kv_budget_bytes)
+    paged_cpu.warm_up(pool.k[0])
     price, share = settings.cost_usd_per_hour, settings.kv_memory_cost_share
     costs = AttentionCosts(price, share, pool.allocator.num_blocks)
     default = PolicySpec(settings.default_policy, settings.default_budget)

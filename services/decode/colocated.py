@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from services.attention.kernels import paged_cpu
 from services.attention.kv_pool import KVPool, KVPoolConfig
 from services.attention.local import LocalAttention
 from services.core.attention import DEFAULT_POLICY, PolicySpec
@@ -33,6 +34,7 @@ def build_engine(
         device=str(model.dense.device),
     )
     pool = KVPool.from_budget(pool_config, kv_budget_bytes)
+    paged_cpu.warm_up(pool.k[0])
     attention = LocalAttention(pool, cfg.num_kv_heads, cfg.num_heads, default_policy=default_policy)
     config = scheduler or SchedulerConfig(max_model_len=cfg.max_position_embeddings)
     return Engine(model.dense, attention, model.tokenizer, config, meter=meter)

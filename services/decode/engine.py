@@ -104,13 +104,19 @@ class Engine:
         config: SchedulerConfig | None = None,
         micro_batches: int = 1,
         meter: StepMeter | None = None,
+        micro_batch_min_context: int = 0,
     ) -> None:
         """`micro_batches` > 1 splits each forward into ping-pong micro-batches (dense.py), which
-        pays off only when the attention part computes elsewhere (attention pods). `meter` prices
-        each step and times its phases (services/decode/metering.py)."""
+        pays off only when the attention part computes elsewhere (attention pods), and only for
+        forwards whose rows attend over `micro_batch_min_context` positions or more on average
+        (`micro_batch_count`). `meter` prices each step and times its phases
+        (services/decode/metering.py)."""
         if micro_batches < 1:
             raise ValueError(f"micro_batches must be >= 1, got {micro_batches}")
+        if micro_batch_min_context < 0:
+            raise ValueError(f"micro_batch_min_context must be >= 0, got {micro_batch_min_context}")
         self.micro_batches = micro_batches
+        self.micro_batch_min_context = micro_batch_min_context
         self.model = model
         self.attention = attention
         self.tokenizer = tokenizer
@@ -247,12 +253,13 @@ class Engine:
         """Run the model over the plan's rows; sample for rows that complete their sequence."""
         device = self.model.device
         items = plan.scheduled
-        if self.micro_batches > 1 and isinstance(pods := self.attention, PodGroups):
+        count = micro_batch_count(items, self.micro_batches, self.micro_batch_min_context)
+        if count > 1 and isinstance(pods := self.attention, PodGroups):
             # Sequences of the same pods side by side: micro-batches then tend to follow pods, so
             # under request placement each talks to fewer pods (fewer frames per layer).
             items = sorted(items, key=lambda item: pods.pods_of(item.seq.seq_id))
         batches = []
-        for group in split_micro_batches(items, self.micro_batches):
+        for group in split_micro_batches(items, count):
             tokens = [item.seq.token_at(p) for item in group for p in range(item.chunk.start, item.chunk.end)]
             positions = [p for item in group for p in range(item.chunk.start, item.chunk.end)]
             batches.append(
@@ -296,6 +303,23 @@ class Engine:
 
 
 MIN_ROWS_PER_MICRO_BATCH = 2  # a lone row per micro-batch: its weights are read twice for nothing
+
+
+def micro_batch_count(items: list[ScheduledChunk], count: int, min_context: int) -> int:
+    """`count` when the forward's rows attend over at least `min_context` positions on average,
+    else 1. A row's attention work grows with its context and its dense work does not: below the
+    threshold the attention pods answer a micro-batch before the dense part of the next could hide
+    it, and splitting only adds a round trip per layer and halves the matmuls (measured on 2 shared
+    cores: bench/RESULTS.md, issue-4 notes)."""
+    if count <= 1 or min_context <= 0:
+        return count
+    rows = sum(item.chunk.length for item in items)
+    # Row at position p attends over p + 1 positions; a chunk [s, e) sums them in closed form.
+    attended = sum(
+        (item.chunk.end * (item.chunk.end + 1) - item.chunk.start * (item.chunk.start + 1)) // 2
+        for item in items
+    )
+    return count if rows and attended >= min_context * rows else 1
 
 
 def split_micro_batches(items: list[ScheduledChunk], count: int) -> list[list[ScheduledChunk]]:

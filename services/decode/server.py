@@ -99,6 +99,12 @@ class DecodeSettings(PodSettings):
         description="ping-pong micro-batches per forward: the dense part of one runs while the attention "
         "pods work on another (1 = no overlap)",
     )
+    micro_batch_min_context: int = Field(
+        512,
+        ge=0,
+        description="split a forward into micro-batches only when its rows attend over at least this "
+        "many positions on average: shorter contexts leave too little attention to hide (0 = always)",
+    )
     step_transport: StepTransport = Field(
         StepTransport.TCP,
         description="what carries the per-layer Step frames to attention pods: tcp (their Step socket, "
@@ -455,7 +461,15 @@ def start(settings: DecodeSettings) -> RunningPod:
         max_model_len=model.config.max_position_embeddings,
     )
     meter = StepMeter(CostMeter(settings.cost_usd_per_hour))
-    engine = Engine(model.dense, attention, model.tokenizer, scheduler, settings.micro_batches, meter)
+    engine = Engine(
+        model.dense,
+        attention,
+        model.tokenizer,
+        scheduler,
+        settings.micro_batches,
+        meter,
+        micro_batch_min_context=settings.micro_batch_min_context,
+    )
     meter.attach(metrics, engine.scheduler)
     loop = EngineLoop(engine, name="decode-engine")
     export_cost(metrics, meter.cost)

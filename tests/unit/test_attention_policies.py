@@ -9,7 +9,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from services.attention.engine import AttentionEngine, InvalidFrameError, PodGeometry
-from services.attention.kernels import PagedLanes
+from services.attention.kernels import PagedLanes, paged_cpu
 from services.attention.kernels.sparq import kt_from_k, sparq_decode_reference
 from services.attention.kv_pool import KVPool, KVPoolConfig
 from services.attention.local import EvictedPrefillError, LocalAttention
@@ -207,10 +207,20 @@ def test_a_budget_covering_the_cache_is_exactly_dense(name: PolicyName) -> None:
     lengths, steps = [3, 40, 130], 12
     dense = _run(_part(), [DENSE] * 3, lengths, steps, seed=5)
     full = _run(_part(), [PolicySpec(name, 1.0)] * 3, lengths, steps, seed=5)
-    assert torch.equal(full, dense)
+    assert_dense(name, full, dense)
     # Below 1, but every sequence shorter than the policy's floors: still dense, bit for bit.
     short = _run(_part(), [PolicySpec(name, 0.1)] * 2, [3, 40], 12, seed=5)
-    assert torch.equal(short, _run(_part(), [DENSE] * 2, [3, 40], 12, seed=5))
+    assert_dense(name, short, _run(_part(), [DENSE] * 2, [3, 40], 12, seed=5))
+
+
+def assert_dense(name: PolicyName, out: torch.Tensor, dense: torch.Tensor) -> None:
+    """Bit for bit, except heavy_hitter: it needs the attention probabilities, so it runs the torch
+    reference's arithmetic, while dense runs the numba kernel on CPU (kernels/paged_cpu.py): the same
+    sums in another order, equal to fp32 rounding."""
+    if name is PolicyName.HEAVY_HITTER and paged_cpu.supports(dense, dense):
+        assert float((out.double() - dense.double()).norm() / dense.double().norm()) < 1e-5
+    else:
+        assert torch.equal(out, dense)
 
 
 @pytest.mark.parametrize("name", SPARSE)

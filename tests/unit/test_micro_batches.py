@@ -13,7 +13,7 @@ from services.attention.local import LocalAttention
 from services.core.attention import SeqChunk
 from services.core.model.config import ModelConfig
 from services.core.model.dense import DenseModel, MicroBatchInput
-from services.decode.engine import MIN_ROWS_PER_MICRO_BATCH, split_micro_batches
+from services.decode.engine import MIN_ROWS_PER_MICRO_BATCH, micro_batch_count, split_micro_batches
 from services.decode.sampling import SamplingParams
 from services.decode.scheduler import ScheduledChunk, Sequence
 
@@ -43,6 +43,41 @@ def sizes(groups: list[list[ScheduledChunk]]) -> list[int]:
 )
 def test_split_balances_tokens_in_order(lengths: list[int], count: int, expected: list[int]) -> None:
     assert sizes(split_micro_batches(chunks(lengths), count)) == expected
+
+
+def decode_rows(contexts: list[int]) -> list[ScheduledChunk]:
+    """One decode row per sequence, attending over `context` positions (its new token included)."""
+    params = SamplingParams(max_tokens=1)
+    return [
+        ScheduledChunk(Sequence(i, [1] * n, params), SeqChunk(i, n - 1, 1), True)
+        for i, n in enumerate(contexts)
+    ]
+
+
+@pytest.mark.parametrize(
+    ("contexts", "min_context", "expected"),
+    [
+        ([256] * 32, 512, 1),  # short contexts: too little attention to hide
+        ([1000] * 16, 512, 2),
+        ([512] * 4, 512, 2),  # exactly the threshold splits
+        ([511] * 4, 512, 1),
+        ([100, 924], 512, 2),  # the mean decides, not the longest or the shortest
+        ([256] * 32, 0, 2),  # 0: always split
+    ],
+)
+def test_micro_batches_only_where_the_context_is_long(
+    contexts: list[int], min_context: int, expected: int
+) -> None:
+    assert micro_batch_count(decode_rows(contexts), 2, min_context) == expected
+    assert micro_batch_count(decode_rows(contexts), 1, min_context) == 1  # never more than asked
+
+
+def test_a_prefill_chunk_counts_every_row_it_attends_with() -> None:
+    # 100 new tokens at positions 900..999 attend over 901..1000 positions: mean 950.5.
+    params = SamplingParams(max_tokens=1)
+    chunk = [ScheduledChunk(Sequence(0, [1] * 1000, params), SeqChunk(0, 900, 100), True)]
+    assert micro_batch_count(chunk, 3, 950) == 3
+    assert micro_batch_count(chunk, 3, 951) == 1
 
 
 @given(st.lists(st.integers(1, 64), min_size=1, max_size=40), st.integers(1, 4))

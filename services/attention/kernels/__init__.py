@@ -1,4 +1,4 @@
-"""GPU attention kernels for the attention pod, behind one dispatcher.
+"""Attention kernels for the attention pod (Triton on GPU, numba on CPU), behind one dispatcher.
 
 Lifecycle of one decode step on the pod (one forward, every layer):
 
@@ -9,6 +9,8 @@ Lifecycle of one decode step on the pod (one forward, every layer):
         │     kernel 1, grid [n_lanes, n_splits]: one program = one lane's G query heads over one
         │               partition of its context (each K/V row read once) ─▶ partial out + log-sum-exp
         │     kernel 2, grid [n_lanes, G]: merge the partitions (skipped when n_splits == 1)
+        ├─ CPU fp32 tensors and numba installed ─▶ paged_cpu.decode (numba, same PagedLanes,
+        │     reads each lane's K/V rows once from its pool blocks; lanes split over torch's threads)
         └─ otherwise ─▶ reference.paged_decode_attention (torch, CPU or GPU)
 
 SparQ (sparq.py): phase 1 in sparq_kernels.py (one pass over kt_cache, then the scores), the selection in
@@ -27,7 +29,7 @@ Memory layout the kernels read (kv_pool.py), per layer, one block = `bs` positio
       lane_len   [n_lanes]  tokens of each lane; position p of lane i lives in
                             block blocks[lane_start[i] + p // bs], row p % bs
 
-triton is imported lazily (inside the Triton paths), so CPU-only code never needs it.
+triton and numba are imported lazily (inside their paths), so neither is needed where it is not used.
 """
 
 from __future__ import annotations
@@ -40,13 +42,15 @@ from functools import cache
 
 import torch
 
+from services.attention.kernels import paged_cpu
 from services.attention.reference import DecodeLayout, DecodeWorkspace, paged_decode_attention
 
 
 class Backend(Enum):
-    AUTO = "auto"  # Triton for CUDA tensors when triton is installed, else the torch reference
+    AUTO = "auto"  # Triton for CUDA tensors, numba for CPU fp32 ones (when installed), else torch
     TORCH = "torch"
     TRITON = "triton"  # CPU tensors only under TRITON_INTERPRET=1
+    CPU = "cpu"  # the numba kernel (paged_cpu.py): CPU fp32 tensors
 
 
 @dataclass(slots=True, frozen=True)
@@ -139,6 +143,18 @@ def use_triton(device: torch.device, backend: Backend) -> bool:
     return backend is Backend.AUTO and device.type == "cuda" and triton_available()
 
 
+def use_cpu_kernel(q: torch.Tensor, k_cache: torch.Tensor, backend: Backend = Backend.AUTO) -> bool:
+    """Whether decode attention of `q` over `k_cache` runs the numba kernel (paged_cpu.py)."""
+    if backend is Backend.CPU:
+        if not paged_cpu.supports(q, k_cache):
+            raise RuntimeError(
+                "Backend.CPU needs numba (pip install numba) and CPU fp32 tensors, "
+                f"got {q.device.type} {q.dtype} q over a {k_cache.dtype} pool"
+            )
+        return True
+    return backend is Backend.AUTO and paged_cpu.supports(q, k_cache)
+
+
 class _StepLanes:
     """PagedLanes of the last DecodeLayout seen: a step's layers share one layout object, so the
     conversion runs once per step. Holding the layout keeps its identity from being reused."""
@@ -168,7 +184,14 @@ def decode_attention(
     *,
     backend: Backend = Backend.AUTO,
 ) -> torch.Tensor:  # [n_lanes, G, D], q's dtype
-    """Same contract as reference.paged_decode_attention; the Triton kernel on CUDA."""
+    """Same contract as reference.paged_decode_attention; the Triton kernel on CUDA, the numba
+    kernel on CPU fp32 (`paged_cpu.supports`), the torch reference otherwise or when asked."""
+    if use_cpu_kernel(q, k_cache, backend):
+        lanes = _step_lanes.get(layout, q.shape[0])
+        threads = torch.get_num_threads()
+        return paged_cpu.decode(
+            q, k_cache, v_cache, lanes.blocks, lanes.lane_start, lanes.lane_len, scale, threads
+        )
     if not use_triton(q.device, backend):
         return paged_decode_attention(q, k_cache, v_cache, layout, scale, workspace)
     from services.attention.kernels import paged_decode

@@ -1,6 +1,7 @@
-"""`dense`: exact attention over every cached token (the Triton kernel on CUDA, the torch reference
-elsewhere). Every other policy sends the lanes it covers here, so "covers the whole cache" is exactly
-dense. Bytes read per lane and layer: 2 · length · D · itemsize (every K and V row once)."""
+"""`dense`: exact attention over every cached token (the Triton kernel on CUDA, the numba kernel on
+CPU fp32, the torch reference elsewhere: kernels/__init__.py). Every other policy sends the lanes it
+covers here, so "covers the whole cache" is exactly dense. Bytes read per lane and layer:
+2 · length · D · itemsize (every K and V row once)."""
 
 from __future__ import annotations
 
@@ -8,7 +9,7 @@ from collections.abc import Sequence
 
 import torch
 
-from services.attention.kernels import decode_attention, decode_bytes
+from services.attention.kernels import decode_attention, decode_bytes, paged_cpu
 from services.attention.policies import AttentionPolicy, DecodeLane, PolicyStep
 from services.attention.policies.common import positions_mask
 from services.attention.reference import DecodeLayout, DecodeWorkspace
@@ -37,9 +38,9 @@ class DenseStep(PolicyStep):
             [(list(lane.table), lane.length) for lane in lanes], pool.block_size, policy.group, config.device
         )
         # Gather buffers reused by every layer (fresh memory per layer would page-fault); only the
-        # torch reference gathers, the GPU kernel reads the pool in place.
-        on_gpu = torch.device(config.device).type == "cuda"
-        self.workspace = None if on_gpu else DecodeWorkspace.for_layout(self.layout, pool.k[0])
+        # torch reference gathers, the GPU and CPU kernels read the pool in place.
+        in_place = torch.device(config.device).type == "cuda" or paged_cpu.supports(pool.k[0], pool.k[0])
+        self.workspace = None if in_place else DecodeWorkspace.for_layout(self.layout, pool.k[0])
         itemsize = torch.empty((), dtype=config.dtype).element_size()
         self.layer_bytes = decode_bytes([lane.length for lane in lanes], config.head_dim, itemsize)
         self.bytes_read = 0
