@@ -126,6 +126,7 @@ def cluster(
             "decode",
             max_num_seqs="16",
             max_num_batched_tokens="128",  # the long prompt is chunked and mixes with decode rows
+            micro_batch_min_context="0",  # ping-pong (2 micro-batches) even for these short prompts
             shutdown_grace_s="2",
             layer_timeout_s="10",
         )
