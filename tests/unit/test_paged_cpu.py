@@ -116,3 +116,17 @@ def test_dispatch_runs_the_kernel_on_cpu_fp32_and_the_reference_otherwise() -> N
     assert not use_cpu_kernel(*half)  # fp16 pools take the torch reference
     with pytest.raises(RuntimeError, match="CPU fp32"):
         use_cpu_kernel(*half, Backend.CPU)
+
+
+def test_a_table_outside_the_pool_is_refused_not_read() -> None:
+    """numba does not bounds-check: the wrapper must, or a bad table reads foreign memory."""
+    lanes, q, k, v = make_pool([20, 7], 16, group=3)
+    paged = PagedLanes.build(lanes, 16, "cpu")
+    with pytest.raises(ValueError, match="outside the pool"):
+        bad = paged.blocks.clone()
+        bad[0] = k.shape[0]
+        paged_cpu.decode(q, k, v, bad, paged.lane_start, paged.lane_len, 0.125)
+    with pytest.raises(ValueError, match="past the block table"):
+        paged_cpu.decode(q, k, v, paged.blocks, paged.lane_start, paged.lane_len + 16, 0.125)
+    with pytest.raises(ValueError, match="at least one position"):
+        paged_cpu.decode(q, k, v, paged.blocks, paged.lane_start, paged.lane_len * 0, 0.125)

@@ -122,6 +122,7 @@ def decode(
     n = q.shape[0]
     if n == 0:
         return out
+    _check_layout(q, k_cache, v_cache, blocks, lane_start, lane_len)
     args = (
         q.numpy(),
         k_cache.numpy(),
@@ -142,6 +143,32 @@ def decode(
     for future in futures:
         future.result()
     return out
+
+
+def _check_layout(
+    q: torch.Tensor,
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    blocks: torch.Tensor,
+    lane_start: torch.Tensor,
+    lane_len: torch.Tensor,
+) -> None:
+    """The kernel does not bounds-check (numba): a bad table would read outside the pool, so check
+    it here (a few µs per call; the tables come from the pod's own allocator, never from the wire)."""
+    bs = k_cache.shape[1]
+    if v_cache.shape != k_cache.shape or q.shape[-1] != k_cache.shape[-1] or k_cache.dim() != 3:
+        raise ValueError(
+            f"q {list(q.shape)} and K/V caches {list(k_cache.shape)}, {list(v_cache.shape)} disagree"
+        )
+    if lane_start.shape != (q.shape[0],) or lane_len.shape != (q.shape[0],):
+        raise ValueError(f"{q.shape[0]} lanes need {q.shape[0]} starts and lengths")
+    if int(lane_len.min()) < 1:
+        raise ValueError("every lane needs at least one position")
+    needed = lane_start.long() + (lane_len.long() + bs - 1) // bs  # one past each lane's last block
+    if int(lane_start.min()) < 0 or int(needed.max()) > blocks.numel():
+        raise ValueError("a lane's blocks run past the block table")
+    if int(blocks.min()) < 0 or int(blocks.max()) >= k_cache.shape[0]:
+        raise ValueError(f"a block id is outside the pool's {k_cache.shape[0]} blocks")
 
 
 def _split(lengths: np.ndarray, threads: int) -> list[int]:
