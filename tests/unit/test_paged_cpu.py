@@ -19,26 +19,16 @@ from services.attention.kernels import (
     use_cpu_kernel,
 )
 from services.attention.reference import DecodeLayout, paged_decode_attention
+from tests import paged_pools
+from tests.paged_pools import Lanes
 
 D = 64
 
 
 def make_pool(
     lengths: list[int], block_size: int, group: int, seed: int = 0
-) -> tuple[list[tuple[list[int], int]], torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Random K/V in shuffled blocks (never zeros: they hide unwritten outputs) and random q."""
-    gen = torch.Generator().manual_seed(seed)
-    counts = [-(-n // block_size) for n in lengths]
-    num_blocks = sum(counts) + 3  # spare blocks nobody reads
-    order = torch.randperm(num_blocks, generator=gen).tolist()
-    lanes, at = [], 0
-    for n, c in zip(lengths, counts, strict=True):
-        lanes.append((order[at : at + c], n))
-        at += c
-    k = torch.randn(num_blocks, block_size, D, generator=gen) * 3  # peaky softmax: max-subtraction matters
-    v = torch.randn(num_blocks, block_size, D, generator=gen)
-    q = torch.randn(len(lengths), group, D, generator=gen)
-    return lanes, q, k, v
+) -> tuple[Lanes, torch.Tensor, torch.Tensor, torch.Tensor]:
+    return paged_pools.make_pool(lengths, block_size, seed=seed, group=group, head_dim=D, k_scale=3.0)
 
 
 def run_kernel(

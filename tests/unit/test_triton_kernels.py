@@ -29,30 +29,13 @@ from services.attention.kernels import (  # noqa: E402
     sparq_pick,
 )
 from services.attention.reference import DecodeLayout, paged_decode_attention  # noqa: E402
+from tests.paged_pools import make_pool  # noqa: E402
 
 DEVICES = ["cpu"] if INTERPRET else ["cuda"]
 DTYPES = [torch.float32, torch.float16] + ([torch.bfloat16] if not INTERPRET else [])
 TOLERANCE = {torch.float32: 1e-5, torch.float16: 2e-3, torch.bfloat16: 2e-2}  # ‖out - ref‖ / ‖ref‖
 G, D = 3, 64  # SmolLM2-like group and head_dim
 LENGTHS = [1, 37, 200]  # one token, a partial last block, several blocks
-
-
-def make_pool(
-    lengths: list[int], block_size: int, dtype: torch.dtype, device: str, seed: int = 0
-) -> tuple[list[tuple[list[int], int]], torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Random K/V in shuffled blocks (never zeros: they hide unwritten outputs) and random q."""
-    gen = torch.Generator().manual_seed(seed)
-    counts = [-(-n // block_size) for n in lengths]
-    num_blocks = sum(counts) + 3  # spare blocks nobody reads
-    order = torch.randperm(num_blocks, generator=gen).tolist()
-    lanes, at = [], 0
-    for n, c in zip(lengths, counts, strict=True):
-        lanes.append((order[at : at + c], n))
-        at += c
-    k = torch.randn(num_blocks, block_size, D, generator=gen).to(device=device, dtype=dtype)
-    v = torch.randn(num_blocks, block_size, D, generator=gen).to(device=device, dtype=dtype)
-    q = torch.randn(len(lengths), G, D, generator=gen).to(device=device, dtype=dtype)
-    return lanes, q, k, v
 
 
 def rel_err(out: torch.Tensor, ref: torch.Tensor) -> float:
@@ -90,7 +73,7 @@ def test_dispatcher_follows_the_reference_contract(device: str) -> None:
         assert torch.equal(getattr(converted, name), getattr(built, name)), name
     out = decode_attention(q, k, v, layout, D**-0.5, backend=Backend.TRITON)
     assert rel_err(out, ref) < 1e-5
-    auto = decode_attention(q, k, v, layout, D**-0.5)  # CPU tensors: the reference itself
+    auto = decode_attention(q, k, v, layout, D**-0.5)  # CPU fp32: the numba kernel (paged_cpu.py)
     assert rel_err(auto, ref) < 1e-5
 
 
