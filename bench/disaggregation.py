@@ -19,9 +19,11 @@
 (d) Micro-batches 1 vs 2 vs 3: `disagg up --micro-batches M`, 16 concurrent ~1,000-token prompts;
     decode tok/s = tokens that arrive after every request has its first token / time from then on.
     The three clusters are up together and run 3 rounds, rotating which goes first (median ratio).
-(e) Conditional disaggregation: 32 concurrent 192-token prompts, 64 new tokens, every prompt sent to
+(e) Where prompts are prefilled: 32 concurrent 192-token prompts, 64 new tokens, every prompt sent to
     the prefill pod (`--remote-prefill-min-tokens 2`) vs prefilled by the decode pod (the default,
-    512): output tok/s, TTFT p50 and the CPU seconds all of the cluster's processes spent (/proc).
+    512) with the prompt's attention on the attention pods (`--prompt-attention pods`) or in the decode
+    pod (the default): output tok/s, TTFT p50 and the CPU seconds all of the cluster's processes spent
+    (/proc). The three clusters are up together and run 3 rounds, rotating which goes first.
 
 All processes share this machine's cores; ratios are taken within the run.
 """
@@ -170,12 +172,13 @@ class Plan:
     pairs: int = 1  # section (a): back-to-back pairs per cell at contexts up to pair_max_context ...
     pair_max_context: int = 512  # ... (runs of seconds, where the VM's noise weighs most); 1 above
     mb_rounds: int = 1  # section (d): rounds over the three micro-batch settings
+    cp_rounds: int = 1  # section (e): rounds over its three clusters
 
     def pairs_at(self, context: int) -> int:
         return self.pairs if context <= self.pair_max_context else 1
 
 
-FULL = Plan((1, 8, 32), (256, 2048), 64, 16, 1000, 64, 32, 192, 64, pairs=3, mb_rounds=3)
+FULL = Plan((1, 8, 32), (256, 2048), 64, 16, 1000, 64, 32, 192, 64, pairs=3, mb_rounds=3, cp_rounds=3)
 QUICK = Plan((1, 8), (256,), 16, 4, 200, 16, 4, 64, 8)
 KV = ["--kv-budget-gb", "4"]  # both servers: room for 32 x 2048 tokens (3 GiB) without queueing
 DISAGG = [*KV, "--prefill", "1", "--decode", "1", "--attention", "2", "--placement", "request"]
@@ -276,32 +279,51 @@ def section_d(plan: Plan, logs: Path, progress: Progress) -> str:
 
 
 def section_e(plan: Plan, logs: Path, progress: Progress) -> str:
-    task = progress.add_task("(e) conditional prefill", total=2)
+    setups = (  # label, --remote-prefill-min-tokens, --prompt-attention
+        ("prefill pod", 2, "decode"),
+        ("decode pod, prompt attention on the attention pods", 512, "pods"),
+        ("decode pod, prompt attention in the decode pod (default)", 512, "decode"),
+    )
+    task = progress.add_task("(e) where prompts are prefilled", total=len(setups) * plan.cp_rounds)
     streams, prompt, new = plan.cp_streams, plan.cp_prompt, plan.cp_new_tokens
     prompts = build_prompts(streams, prompt, seed=288)
-    rows = []
-    for label, threshold in (("prefill pod", 2), ("decode pod (default)", 512)):
-        flags = [*DISAGG, "--micro-batches", "2", "--remote-prefill-min-tokens", str(threshold)]
-        with served(flags, logs, f"prefill-{threshold}", on_pid=True) as (url, pid):
+    runs: dict[int, list[tuple[float, float, float]]] = {i: [] for i in range(len(setups))}  # tok/s TTFT CPU
+    with ExitStack() as servers:  # all up at once: a round's runs are seconds apart (idle: ~0.03 core)
+        clusters = []
+        for i, (_, threshold, attention) in enumerate(setups):
+            flags = [*DISAGG, "--kv-budget-gb", "2", "--micro-batches", "2"]  # the last --kv-budget-gb wins
+            flags += ["--remote-prefill-min-tokens", str(threshold), "--prompt-attention", attention]
+            clusters.append(servers.enter_context(served(flags, logs, f"prompts-{i}", on_pid=True)))
+        for url, _ in clusters:
             load(url, build_prompts(2, 16, seed=1), 2, 16, 4)  # warm-up
-            before = descendants_cpu_seconds(pid)
-            summary = load(url, prompts, streams, prompt, new)
-            cpu = descendants_cpu_seconds(pid) - before
-        ttft = summary.ttft_s.p50 if summary.ttft_s else float("nan")
-        rows.append((label, threshold, summary.output_tokens_per_s, ttft, cpu))
-        progress.advance(task)
-    base = rows[0]
+        for round_ in range(plan.cp_rounds):
+            order = list(range(len(setups)))
+            for i in order[round_ % len(order) :] + order[: round_ % len(order)]:  # rotate who goes first
+                url, pid = clusters[i]
+                before = descendants_cpu_seconds(pid)
+                summary = load(url, prompts, streams, prompt, new)
+                ttft = summary.ttft_s.p50 if summary.ttft_s else float("nan")
+                runs[i].append((summary.output_tokens_per_s, ttft, descendants_cpu_seconds(pid) - before))
+                progress.advance(task)
     lines = [
-        "| prompts prefilled by | --remote-prefill-min-tokens | output tok/s | vs prefill pod | TTFT p50 s "
-        "| cluster CPU s |",
+        "| prompts prefilled by | output tok/s | vs prefill pod | per round | TTFT p50 s | cluster CPU s |",
         "|---|---|---|---|---|---|",
     ]
-    lines += [
-        f"| {label} | {t} | {tps:.1f} | **{tps / base[2]:.2f}×** | {ttft:.2f} | {cpu:.1f} |"
-        for label, t, tps, ttft, cpu in rows
-    ]
-    return f"{streams} concurrent streams, {prompt}-token prompts, {new} new tokens each.\n\n" + "\n".join(
-        lines
+    for i, (label, _, _) in enumerate(setups):
+        ratios = [r[0] / b[0] for r, b in zip(runs[i], runs[0], strict=True)]
+        tps, ttft, cpu = (statistics.median(r[k] for r in runs[i]) for k in range(3))
+        lines.append(
+            f"| {label} | {tps:.1f} | **{statistics.median(ratios):.2f}×** "
+            f"| {', '.join(f'{r:.2f}' for r in ratios)} | {ttft:.2f} | {cpu:.1f} |"
+        )
+    return (
+        f"{streams} concurrent streams, {prompt}-token prompts, {new} new tokens each; 1 decode + 2 "
+        "attention pods + 1 prefill pod each. The prefill pod gets every prompt with "
+        "`--remote-prefill-min-tokens 2`; the decode pod prefills prompts under 512 tokens (the default), "
+        "attending a prompt's first chunk itself (`--prompt-attention decode`, the default) or on the "
+        f"attention pods (`pods`). The three clusters are up together and run {plan.cp_rounds} rounds, "
+        "rotating which goes first; medians over the rounds, the ratio the median of per-round ratios "
+        "(listed).\n\n" + "\n".join(lines)
     )
 
 
@@ -335,7 +357,7 @@ SECTIONS: dict[str, tuple[str, Callable[..., str]]] = {
     "d": ("(d) Ping-pong micro-batches", section_d),
     "b": ("(b) KV shipping, 2048-token prompt", section_b),
     "c": ("(c) Per-layer round trip", section_c),
-    "e": ("(e) Conditional disaggregation: short prompts prefilled by the decode pod", section_e),
+    "e": ("(e) Where prompts are prefilled: prefill pod, decode pod, and who attends them", section_e),
 }
 
 

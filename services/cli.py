@@ -239,6 +239,14 @@ def _add_up(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
         "(default 512; 0 = always split)",
     )
     p.add_argument(
+        "--prompt-attention",
+        choices=["decode", "pods"],
+        default="decode",
+        help="who attends a prompt's first chunk when the decode pod prefills it: the decode pod (default: "
+        "it attends only to itself, so only its K/V go to the attention pods) or the attention pods (q and "
+        "the output cross the network too)",
+    )
+    p.add_argument(
         "--transport",
         choices=["grpc", "nixl"],
         default="grpc",
@@ -327,6 +335,7 @@ def cmd_up(args: argparse.Namespace) -> int:
         remote_prefill_min_tokens=args.remote_prefill_min_tokens,
         micro_batches=args.micro_batches,
         micro_batch_min_context=args.micro_batch_min_context,
+        prompt_attention=args.prompt_attention,
         transport=args.transport,
         prices=parse_prices(args.cost_usd_per_hour),
         prometheus=args.prometheus,

@@ -66,6 +66,7 @@ class ClusterPlan:
     micro_batches: int = 2  # ping-pong micro-batches of each decode pod
     micro_batch_min_context: int = 512  # ... for forwards whose rows attend over this many positions
     remote_prefill_min_tokens: int = 512  # shorter prompts are prefilled by their decode pod
+    prompt_attention: str = "decode"  # ... attending their first chunk there (decode) or on the pods
     transport: str = "grpc"  # bulk KV from prefill to attention pods: grpc (ImportKV) or nixl
     attention_policy: str = "dense"  # the attention pods' default policy (requests may name their own)
     attention_budget: float = DEFAULT_BUDGET  # their default budget
@@ -85,6 +86,8 @@ class ClusterPlan:
             raise DisaggError("--prefill must be 0 (decode pods prefill themselves) or more")
         if self.transport not in ("grpc", "nixl"):
             raise DisaggError(f"--transport must be grpc or nixl, got {self.transport!r}")
+        if self.prompt_attention not in ("decode", "pods"):
+            raise DisaggError(f"--prompt-attention must be decode or pods, got {self.prompt_attention!r}")
         if self.step_transport not in ("tcp", "grpc"):
             raise DisaggError(f"--step-transport must be tcp or grpc, got {self.step_transport!r}")
         if self.attention_kv_gb <= 0:
@@ -178,7 +181,7 @@ class LocalCluster:
         for i in range(plan.decode):
             batching = ["--max-num-seqs", str(plan.max_num_seqs), "--micro-batches", str(plan.micro_batches)]
             batching += ["--micro-batch-min-context", str(plan.micro_batch_min_context)]
-            step = ["--step-transport", plan.step_transport]
+            step = ["--step-transport", plan.step_transport, "--prompt-attention", plan.prompt_attention]
             self._spawn(f"decode-{i}", "decode", [*pod_flags, *batching, *step])
         gateway_flags = [*common, "--placement", plan.placement.value, "--host", plan.host]
         gateway_flags += ["--remote-prefill-min-tokens", str(plan.remote_prefill_min_tokens)]

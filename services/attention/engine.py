@@ -10,8 +10,11 @@ No network and no weights here (server.py is the gRPC edge). Lifecycle of a sequ
 A step (one forward of one client) lives in a `StepSession`, one per Step stream:
 
     session.begin(step_id, chunks)                  # indices built once per forward
-    m = session.expect_layer(step_id, layer)        # lanes M of the next frame, checks the order
-    o = session.layer(step_id, layer, q, k, v)      # q [M,G,D], k/v [M,D] -> o [M,G,D]
+    mq, m = session.expect_layer(step_id, layer)    # lanes of the next frame, checks the order
+    o = session.layer(step_id, layer, q, k, v)      # q [Mq,G,D], k/v [M,D] -> o [Mq,G,D]
+
+Mq < M when the step has K/V-only chunks (`SeqChunk.kv_only`): the client attended them itself
+and the pod only writes their K/V.
 
 Rows travel as lanes (one KV head of one new token, see proto/disagg/v1/attention.proto), so
 sequences holding different head ranges can share a step. Concurrency: gRPC runs every call on its
@@ -282,7 +285,8 @@ class AttentionEngine:
     def step_usage(self, chunks: Sequence[SeqChunk]) -> StepUsage:
         """Lanes × context per sequence (compute weight, prefill chunks included) and the bytes dense
         attention would read for its decode rows, per policy, in each layer of a begun step.
-        A chunk of L new tokens from position s: its lanes attend over s+1 .. s+L positions."""
+        A chunk of L new tokens from position s: its lanes attend over s+1 .. s+L positions; a
+        K/V-only chunk attends nowhere here and weighs its L writes per lane."""
         row_bytes = 2 * self.geometry.head_dim * self.pool.k[0].element_size()  # K and V of a position
         lane_context: dict[int, int] = {}
         dense: Counter[str] = Counter()
@@ -290,6 +294,9 @@ class AttentionEngine:
             for chunk in chunks:
                 seq = self._sequence(chunk.seq_id)
                 n = chunk.length
+                if chunk.kv_only:
+                    lane_context[chunk.seq_id] = seq.kv_head_count * n
+                    continue
                 lane_context[chunk.seq_id] = seq.kv_head_count * (n * chunk.start + n * (n + 1) // 2)
                 if n == 1:  # decode rows: where policies act (prefill chunks are exact, not counted)
                     dense[seq.policy.name.value] += lane_context[chunk.seq_id] * row_bytes
@@ -351,26 +358,27 @@ class StepSession:
         work = self.engine.costs.compute.open(usage.lane_context)
         self._steps[step_id] = _OpenStep(local, 0, usage, work)
 
-    def expect_layer(self, step_id: int, layer: int) -> int:
-        """The lanes M the frame for (step_id, layer) must carry; checks the step and layer order."""
+    def expect_layer(self, step_id: int, layer: int) -> tuple[int, int]:
+        """(Mq, M): the query lanes and K/V lanes the frame for (step_id, layer) must carry (Mq < M
+        when the step has kv_only chunks); checks the step and layer order."""
         step = self._steps.get(step_id)
         if step is None:
             raise InvalidFrameError(f"layer frame for step {step_id}, which is not open on this stream")
         if layer != step.next_layer:
             raise InvalidFrameError(f"step {step_id} expects layer {step.next_layer} next, got layer {layer}")
-        return step.local.num_lanes
+        return step.local.num_q_lanes, step.local.num_lanes
 
     def layer(
         self, step_id: int, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor
     ) -> torch.Tensor:
-        """q: [M, G, D]; k, v: [M, D] -> o: [M, G, D]. The step closes after its last layer."""
-        lanes = self.expect_layer(step_id, layer)
+        """q: [Mq, G, D]; k, v: [M, D] -> o: [Mq, G, D]. The step closes after its last layer."""
+        q_lanes, lanes = self.expect_layer(step_id, layer)
         geometry = self.engine.geometry
         d, g = geometry.head_dim, geometry.group_size
-        if tuple(q.shape) != (lanes, g, d) or tuple(k.shape) != (lanes, d) or tuple(v.shape) != (lanes, d):
+        if tuple(q.shape) != (q_lanes, g, d) or tuple(k.shape) != (lanes, d) or tuple(v.shape) != (lanes, d):
             raise InvalidFrameError(
                 f"step {step_id} layer {layer}: q {list(q.shape)}, k {list(k.shape)}, v {list(v.shape)} "
-                f"must be [{lanes}, {g}, {d}], [{lanes}, {d}], [{lanes}, {d}]"
+                f"must be [{q_lanes}, {g}, {d}], [{lanes}, {d}], [{lanes}, {d}]"
             )
         step = self._steps[step_id]
         with step.work:

@@ -141,7 +141,9 @@ class LocalStep(AttentionStep):
     Works on *lanes* (one KV head of one new token), laid out chunk after chunk, token after token,
     then the sequence's heads in order: M = sum(length * heads of the sequence). A sequence holds
     any number of heads (its block table's lanes), so on an attention pod rows of different
-    sequences may carry different head counts; `attend` is the uniform case reshaped.
+    sequences may carry different head counts; `attend` is the uniform case reshaped. K/V-only
+    chunks (`SeqChunk.kv_only`) have K/V lanes but no query or output lanes: q and o hold the
+    Mq <= M lanes of the other chunks, in the same order.
     """
 
     def __init__(self, part: LocalAttention, chunks: Sequence[SeqChunk]) -> None:
@@ -165,15 +167,17 @@ class LocalStep(AttentionStep):
             for lane in table
         ]
         self.write_slots = torch.tensor(write, dtype=torch.long, device=device)
-        self.lane_offsets = [0]  # [len(chunks) + 1]: first lane of each chunk
+        self.lane_offsets = [0]  # [len(chunks) + 1]: first K/V lane of each chunk
+        self.q_offsets = [0]  # [len(chunks) + 1]: first query lane of each chunk (none if kv_only)
         for chunk, table in zip(self.chunks, tables, strict=True):
             self.lane_offsets.append(self.lane_offsets[-1] + chunk.length * len(table))
-        self.decode_rows = [i for i, c in enumerate(self.chunks) if c.length == 1]
+            self.q_offsets.append(self.q_offsets[-1] + (0 if chunk.kv_only else chunk.length * len(table)))
+        self.decode_rows = [i for i, c in enumerate(self.chunks) if c.length == 1 and not c.kv_only]
         self.groups = self._decode_groups(tables, dropped)
         self.prefill_tables = {
             i: torch.tensor(tables[i], dtype=torch.long, device=device)  # [heads, n_blocks]
             for i, c in enumerate(self.chunks)
-            if c.length > 1
+            if c.length > 1 and not c.kv_only
         }
         self.last_layer = part.pool.config.num_layers - 1
 
@@ -184,7 +188,7 @@ class LocalStep(AttentionStep):
             chunk, spec = self.chunks[i], self.part.spec(self.chunks[i].seq_id)
             index, lanes = by_policy.setdefault(spec, ([], []))
             for head, table in enumerate(tables[i]):
-                index.append(self.lane_offsets[i] + head)
+                index.append(self.q_offsets[i] + head)
                 lanes.append(DecodeLane(chunk.seq_id, table, chunk.end - dropped[i], chunk.end, spec))
         device = self.part.pool.config.device
         return [
@@ -194,7 +198,13 @@ class LocalStep(AttentionStep):
 
     @property
     def num_lanes(self) -> int:
+        """M: the K/V lanes of the step."""
         return self.lane_offsets[-1]
+
+    @property
+    def num_q_lanes(self) -> int:
+        """Mq: the query (and output) lanes, those of chunks that are not kv_only."""
+        return self.q_offsets[-1]
 
     def attend(self, layer: int, q: torch.Tensor, k_new: torch.Tensor, v_new: torch.Tensor) -> torch.Tensor:
         """Every sequence holds all `q.shape[1] // G` heads: [N, Hq, D] is [M, G, D] reshaped."""
@@ -210,7 +220,7 @@ class LocalStep(AttentionStep):
     def attend_lanes(
         self, layer: int, q: torch.Tensor, k_new: torch.Tensor, v_new: torch.Tensor
     ) -> torch.Tensor:
-        """q: [M, G, D]; k_new, v_new: [M, D] -> o: [M, G, D], lanes in the step's lane order."""
+        """q: [Mq, G, D]; k_new, v_new: [M, D] -> o: [Mq, G, D], lanes in the step's lane order."""
         pool, part = self.part.pool, self.part
         pool.write(layer, self.write_slots, k_new, v_new)
         if len(self.groups) == 1 and not self.prefill_tables:  # pure decode, one policy: no scatter
@@ -220,7 +230,7 @@ class LocalStep(AttentionStep):
             for group in self.groups:
                 out.index_copy_(0, group.index, self._decode(group, layer, q.index_select(0, group.index)))
             for i, table in self.prefill_tables.items():
-                chunk, lo, hi = self.chunks[i], self.lane_offsets[i], self.lane_offsets[i + 1]
+                chunk, lo, hi = self.chunks[i], self.q_offsets[i], self.q_offsets[i + 1]
                 q_rows = q[lo:hi].reshape(chunk.length, -1, q.shape[-1])  # [L, heads * G, D]
                 k = pool.k[layer][table].flatten(1, 2)[:, : chunk.end]  # [heads, S, D]
                 v = pool.v[layer][table].flatten(1, 2)[:, : chunk.end]

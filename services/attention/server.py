@@ -286,14 +286,14 @@ class AttentionServicer(pb_grpc.AttentionServicer):
         tcp, the Step socket)."""
         kind = frame.WhichOneof("frame")
         if kind == "begin":
-            chunks = [SeqChunk(c.seq_id, c.start, c.length) for c in frame.begin.chunks]
+            chunks = [SeqChunk(c.seq_id, c.start, c.length, c.kv_only) for c in frame.begin.chunks]
             session.begin(frame.begin.step_id, chunks)
             return None
         if kind != "layer":
             raise InvalidFrameError("a Step frame must carry `begin` or `layer`")
         f, g = frame.layer, self.engine.geometry
-        lanes = session.expect_layer(f.step_id, f.layer)
-        q = decode(f.q, self.limits, name="q", dtype=g.dtype, shape=(lanes, g.group_size, g.head_dim))
+        q_lanes, lanes = session.expect_layer(f.step_id, f.layer)
+        q = decode(f.q, self.limits, name="q", dtype=g.dtype, shape=(q_lanes, g.group_size, g.head_dim))
         k = decode(f.k_new, self.limits, name="k_new", dtype=g.dtype, shape=(lanes, g.head_dim))
         v = decode(f.v_new, self.limits, name="v_new", dtype=g.dtype, shape=(lanes, g.head_dim))
         o = self.step_layer(session, f.step_id, f.layer, q, k, v, transport)
@@ -311,7 +311,7 @@ class AttentionServicer(pb_grpc.AttentionServicer):
         v: torch.Tensor,
         transport: str = "tcp",
     ) -> torch.Tensor:
-        """One layer of an open step, from whichever frame carried it: o [M, G, D]."""
+        """One layer of an open step, from whichever frame carried it: o [Mq, G, D]."""
         started = time.perf_counter()
         o = session.layer(step_id, layer, q, k, v)
         self.metrics.frame(transport, time.perf_counter() - started, q, k, v, o)

@@ -149,21 +149,21 @@ class StepSocketServer:
     def _layer(self, conn: socket.socket, session: StepSession, length: int) -> tuple[int, int, torch.Tensor]:
         """Read one LAYER frame's payload of `length` bytes and attend it: (step_id, layer, o)."""
         step_id, layer, lanes = recv_layer_header(conn, length)
-        expected = session.expect_layer(step_id, layer)  # the step is open and this is its next layer
+        q_lanes, expected = session.expect_layer(step_id, layer)  # the step is open, this its next layer
         if lanes != expected:
             raise InvalidFrameError(
                 f"step {step_id} layer {layer} carries {lanes} lanes; the step has {expected}"
             )
         g = self.engine.geometry
-        q_numel, kv_numel = lanes * g.group_size * g.head_dim, lanes * g.head_dim
+        q_numel, kv_numel = q_lanes * g.group_size * g.head_dim, lanes * g.head_dim
         body = (q_numel + 2 * kv_numel) * g.dtype.itemsize
         if length - LAYER_HEADER.size != body:
             raise FrameError(
                 f"step {step_id} layer {layer}: the frame holds {length - LAYER_HEADER.size} tensor bytes, "
-                f"but q, k_new and v_new of {lanes} lanes take {body}"
+                f"but q of {q_lanes} lanes and k_new, v_new of {lanes} take {body}"
             )
         data = recv_tensor(conn, q_numel + 2 * kv_numel, g.dtype)
-        q = data[:q_numel].view(lanes, g.group_size, g.head_dim)
+        q = data[:q_numel].view(q_lanes, g.group_size, g.head_dim)
         k = data[q_numel : q_numel + kv_numel].view(lanes, g.head_dim)
         v = data[q_numel + kv_numel :].view(lanes, g.head_dim)
         return step_id, layer, self.handle_layer(session, step_id, layer, q, k, v)

@@ -79,6 +79,10 @@ class SeqChunk:
     seq_id: int
     start: int  # position of the first new token == tokens already in the KV cache
     length: int  # new tokens (1 in a decode step)
+    # K/V only: the caller attends this chunk itself and the part only stores its K/V (an attention
+    # pod's StepChunk.kv_only; RemoteAttention sets it for a prompt's first chunk). Its lanes are
+    # absent from q and from the output of `attend_lanes`.
+    kv_only: bool = False
 
     @property
     def end(self) -> int:

@@ -76,6 +76,9 @@ class RemoteAttentionOptions:
     max_message_bytes: int = 64 << 20  # per message, both directions
     owner: str = ""  # this decode pod's id: attention pods free its sequences if it leaves the registry
     step_transport: StepTransport = StepTransport.TCP  # what carries the per-layer Step frames
+    # A prompt's first chunk (it attends only to itself) is attended in this process and the pods
+    # get only its K/V (StepChunk.kv_only); False: the pods attend it (q and o cross the network).
+    local_prompt_attention: bool = True
 
 
 class StepStream:
@@ -160,10 +163,10 @@ class SocketStepStream:
             send_frame(self._sock, FrameKind.MESSAGE, frame.SerializeToString())
 
     def send_layer(self, step_id: int, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> int:
-        """One raw LAYER frame from the tensors' memory: q [M, G, D], k and v [M, D]; returns the
-        tensor bytes sent."""
+        """One raw LAYER frame from the tensors' memory: q [Mq, G, D], k and v [M, D] (the header
+        carries M); returns the tensor bytes sent."""
         with self._sending():
-            return send_tensors(self._sock, FrameKind.LAYER, step_id, layer, q.shape[0], [q, k, v])
+            return send_tensors(self._sock, FrameKind.LAYER, step_id, layer, k.shape[0], [q, k, v])
 
     @contextlib.contextmanager
     def _sending(self) -> Iterator[None]:
@@ -189,7 +192,7 @@ class SocketStepStream:
     def receive_output(
         self, step_id: int, layer: int, shape: tuple[int, int, int], dtype: torch.dtype, timeout_s: float
     ) -> torch.Tensor:
-        """The raw OUTPUT frame answering LAYER (step_id, layer): o of `shape` [M, G, D], read
+        """The raw OUTPUT frame answering LAYER (step_id, layer): o of `shape` [Mq, G, D], read
         straight into a fresh tensor once its header says it is the expected answer."""
         with self._reading(timeout_s):
             kind, length = recv_header(self._sock, self._max_bytes)

@@ -33,12 +33,13 @@ import secrets
 import time
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 import grpc
 import torch
 
+from services.attention.reference import causal_prefill_attention
 from services.core.attention import (
     AttentionPart,
     AttentionStep,
@@ -298,6 +299,8 @@ class _Target:
     stream: StepStream | SocketStepStream
     lanes: torch.Tensor | None  # [M] indices into the step's N·Hkv lanes; None: all of them, in order
     num_lanes: int  # M
+    q_lanes: torch.Tensor | None  # [Mq] the lanes that attend on the pod (not kv_only); None: `lanes`
+    num_q_lanes: int  # Mq
 
     @property
     def transport(self) -> str:
@@ -306,13 +309,21 @@ class _Target:
 
 
 class _RemoteStep(AttentionStep):
+    """One forward on the pods. A prompt's first chunk (start 0, more than one token) attends only
+    to itself, so with `options.local_prompt_attention` it is attended here, while the pods work on
+    the other rows, and the pods get only its K/V (`kv_only`): its q and o never cross the network."""
+
     def __init__(self, part: RemoteAttention, step_id: int, chunks: Sequence[SeqChunk]) -> None:
         self.part = part
         self.step_id = step_id
         heads = part.config.num_kv_heads
         shares: dict[str, list[tuple[SeqChunk, int, PlacementEntry]]] = {}  # pod -> (chunk, row, entry)
+        self.here: list[tuple[int, int]] = []  # (first row, length) of the chunks attended here
         row = 0
         for chunk in chunks:
+            if part.options.local_prompt_attention and chunk.start == 0 and chunk.length > 1:
+                chunk = replace(chunk, kv_only=True)
+                self.here.append((row, chunk.length))
             for entry in part._seq(chunk.seq_id).placement.entries:
                 shares.setdefault(entry.address, []).append((chunk, row, entry))
             row += chunk.length
@@ -321,11 +332,18 @@ class _RemoteStep(AttentionStep):
             stream = part._pod(address).stream()
             begin = pb.StepBegin(step_id=step_id)
             for chunk, _, _ in share:
-                begin.chunks.add(seq_id=part.wire_id(chunk.seq_id), start=chunk.start, length=chunk.length)
+                wire = pb.StepChunk(seq_id=part.wire_id(chunk.seq_id), start=chunk.start, length=chunk.length)
+                wire.kv_only = chunk.kv_only
+                begin.chunks.append(wire)
             stream.send(pb.StepRequest(begin=begin))
             everything = len(share) == len(chunks) and all(e.kv_head_count == heads for _, _, e in share)
             lanes = None if everything else _lane_ids(share, heads)
-            self.targets.append(_Target(stream, lanes, row * heads if lanes is None else lanes.numel()))
+            num_lanes = row * heads if lanes is None else lanes.numel()
+            if any(chunk.kv_only for chunk, _, _ in share):
+                q_lanes = _lane_ids([s for s in share if not s[0].kv_only], heads)
+                self.targets.append(_Target(stream, lanes, num_lanes, q_lanes, q_lanes.numel()))
+            else:
+                self.targets.append(_Target(stream, lanes, num_lanes, lanes, num_lanes))
 
     def attend(self, layer: int, q: torch.Tensor, k_new: torch.Tensor, v_new: torch.Tensor) -> torch.Tensor:
         return self.submit(layer, q, k_new, v_new)()
@@ -338,11 +356,12 @@ class _RemoteStep(AttentionStep):
         with self._failing():
             self._send(layer, q, k_new, v_new)
         sent_at = time.perf_counter()
+        here = self._attend_here(q, k_new, v_new)  # while the pods attend the other rows
 
         def result() -> torch.Tensor:
             waiting = time.perf_counter()
             with self._failing():
-                o = self._collect(layer, q)
+                o = self._collect(layer, q, here)
             answered = time.perf_counter()
             self.part.wait_seconds += answered - waiting
             self.part.link.round_trip(self.targets[0].transport, answered - sent_at)
@@ -366,8 +385,10 @@ class _RemoteStep(AttentionStep):
         q_lanes = q.reshape(-1, self.part.config.group_size, d)  # [N·Hkv, G, D]
         k_lanes, v_lanes = k_new.reshape(-1, d), v_new.reshape(-1, d)  # [N·Hkv, D]
         for target in self.targets:
-            idx = None if target.lanes is None else target.lanes.to(q.device)  # no-op on CPU
-            tensors = [t if idx is None else t.index_select(0, idx) for t in (q_lanes, k_lanes, v_lanes)]
+            tensors = [
+                t if idx is None else t.index_select(0, idx.to(q.device))  # .to: no-op on CPU
+                for t, idx in ((q_lanes, target.q_lanes), (k_lanes, target.lanes), (v_lanes, target.lanes))
+            ]
             stream = target.stream
             if isinstance(stream, SocketStepStream):  # raw, from the tensors' memory
                 sent = stream.send_layer(self.step_id, layer, *(t.cpu() for t in tensors))
@@ -381,20 +402,34 @@ class _RemoteStep(AttentionStep):
                 sent = len(f.q.data) + len(f.k_new.data) + len(f.v_new.data)
             self.part.link.sent(target.transport, sent)
 
-    def _collect(self, layer: int, q: torch.Tensor) -> torch.Tensor:
+    def _attend_here(self, q: torch.Tensor, k_new: torch.Tensor, v_new: torch.Tensor) -> list[torch.Tensor]:
+        """o [L, Hq, D] of each chunk attended here: causal attention over its own K/V."""
+        scale = self.part.config.head_dim**-0.5
+        return [
+            causal_prefill_attention(
+                q[r : r + n], k_new[r : r + n].transpose(0, 1), v_new[r : r + n].transpose(0, 1), 0, scale
+            )
+            for r, n in self.here
+        ]
+
+    def _collect(self, layer: int, q: torch.Tensor, here: list[torch.Tensor]) -> torch.Tensor:
         n, hq, d = q.shape
-        if len(self.targets) == 1 and self.targets[0].lanes is None:  # request-partitioned: no scatter
+        if len(self.targets) == 1 and self.targets[0].q_lanes is None:  # request-partitioned: no scatter
             return self._receive(self.targets[0], layer, q).view(n, hq, d)
         lanes = (n * self.part.config.num_kv_heads, self.part.config.group_size, d)
         out = torch.empty(lanes, dtype=q.dtype, device=q.device)
         for target in self.targets:
-            if target.lanes is not None:
-                out.index_copy_(0, target.lanes.to(q.device), self._receive(target, layer, q))
-        return out.view(n, hq, d)
+            o = self._receive(target, layer, q)  # read even when empty: answers keep the stream's order
+            if target.q_lanes is not None:
+                out.index_copy_(0, target.q_lanes.to(q.device), o)
+        rows = out.view(n, hq, d)
+        for (r, length), o_here in zip(self.here, here, strict=True):
+            rows[r : r + length] = o_here
+        return rows
 
     def _receive(self, target: _Target, layer: int, q: torch.Tensor) -> torch.Tensor:
-        """The pod's o: [M, G, D], on q's device."""
-        shape = (target.num_lanes, self.part.config.group_size, self.part.config.head_dim)
+        """The pod's o: [Mq, G, D], on q's device."""
+        shape = (target.num_q_lanes, self.part.config.group_size, self.part.config.head_dim)
         timeout = self.part.options.layer_timeout_s
         if isinstance(target.stream, SocketStepStream):  # raw, into a fresh tensor
             o = target.stream.receive_output(self.step_id, layer, shape, q.dtype, timeout)
@@ -423,6 +458,8 @@ class _RemoteStep(AttentionStep):
 def _lane_ids(share: list[tuple[SeqChunk, int, PlacementEntry]], heads: int) -> torch.Tensor:
     """[M] lane ids (row · Hkv + head) of one pod's share, in the lane order the pod expects:
     chunk after chunk, token after token, then the pod's heads of that sequence."""
+    if not share:
+        return torch.empty(0, dtype=torch.long)
     rows = torch.tensor([row for _, row, _ in share])  # first row of each chunk
     lengths = torch.tensor([chunk.length for chunk, _, _ in share])
     starts = torch.tensor([e.kv_head_start for _, _, e in share])

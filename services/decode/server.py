@@ -105,6 +105,12 @@ class DecodeSettings(PodSettings):
         description="split a forward into micro-batches only when its rows attend over at least this "
         "many positions on average: shorter contexts leave too little attention to hide (0 = always)",
     )
+    prompt_attention: Literal["decode", "pods"] = Field(
+        "decode",
+        description="who attends a prompt's first chunk, which attends only to itself: decode (this pod, "
+        "while the attention pods work on the other rows; they get only its K/V) or pods (q, K/V and the "
+        "output all cross the network)",
+    )
     step_transport: StepTransport = Field(
         StepTransport.TCP,
         description="what carries the per-layer Step frames to attention pods: tcp (their Step socket, "
@@ -450,6 +456,7 @@ def start(settings: DecodeSettings) -> RunningPod:
         max_message_bytes=settings.max_message_bytes,
         owner=settings.pod_id,
         step_transport=settings.step_transport,
+        local_prompt_attention=settings.prompt_attention == "decode",
     )
     placements: dict[int, Placement] = {}
     metrics = PodMetrics(DECODE, settings.pod_id, settings.model)

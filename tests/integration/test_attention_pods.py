@@ -134,12 +134,14 @@ def tiny_pods(launch: Callable[..., Pod], tiny_model: Path) -> tuple[Pod, Pod]:
 
 # ---- RemoteAttention over pods with the tiny geometry -----------------------------------------
 @pytest.mark.timeout(120)
+@pytest.mark.parametrize("prompts_here", [True, False], ids=["prompts-here", "prompts-on-pods"])
 @pytest.mark.parametrize("transport", list(StepTransport))
 def test_remote_equals_local_for_every_placement(
-    tiny_pods: tuple[Pod, Pod], tiny_model: Path, transport: StepTransport
+    tiny_pods: tuple[Pod, Pod], tiny_model: Path, transport: StepTransport, prompts_here: bool
 ) -> None:
     """Both carriers of the Step frames (the pods' Step socket and the gRPC stream) give exactly
-    what local attention gives."""
+    what local attention gives, whether prompts' first chunks are attended here (kv_only on the
+    pods, the default) or on the pods; later chunks and decode rows attend what kv_only stored."""
     a, b = (p.address for p in tiny_pods)
     cfg = ModelConfig.from_folder(tiny_model)
     placements = {
@@ -147,7 +149,7 @@ def test_remote_equals_local_for_every_placement(
         1: Placement.head_partitioned([a, b], 3),  # a: heads 0-1, b: head 2
         2: Placement((PlacementEntry(b, 0, 1), PlacementEntry(a, 1, 2))),  # a holds another slice
     }
-    options = dataclasses.replace(FAST, step_transport=transport)
+    options = dataclasses.replace(FAST, step_transport=transport, local_prompt_attention=prompts_here)
     remote = RemoteAttention(cfg, torch.float32, placements.__getitem__, options)
     local = LocalAttention(KVPool(KVPoolConfig(cfg.num_layers, cfg.head_dim), 500), 3, 6)
     torch.manual_seed(0)
@@ -465,7 +467,7 @@ def test_raw_layer_frames_are_checked_before_reading_and_equal_the_protobuf_answ
         ([begin, _raw(0, 3, body)], "carries 3 lanes; the step has 2"),
         (
             [begin, _raw(0, 2, body[:-4])],
-            "the frame holds 156 tensor bytes, but q, k_new and v_new of 2 lanes take 160",
+            "the frame holds 156 tensor bytes, but q of 2 lanes and k_new, v_new of 2 take 160",
         ),
         ([begin, HEADER.pack(FrameKind.LAYER, 8) + bytes(8)], "shorter than its 16-byte header"),
         ([_raw(9, 2, body)], "step 9"),
@@ -484,6 +486,16 @@ def test_raw_layer_frames_are_checked_before_reading_and_equal_the_protobuf_answ
     assert LAYER_HEADER.unpack(payload[: LAYER_HEADER.size]) == (0, 0, 2)
     got = torch.frombuffer(bytearray(payload[LAYER_HEADER.size :]), dtype=torch.float32).view(2, 2, 5)
     assert torch.equal(got, expected)
+    # kv_only: the frame carries k and v of 2 lanes and no q; the answer has 0 lanes, and a frame
+    # that still carries q is refused by its length.
+    kv_chunk = pb.StepChunk(seq_id=79, length=2, kv_only=True)
+    kv_begin = _message(pb.StepRequest(begin=pb.StepBegin(step_id=0, chunks=[kv_chunk])))
+    kv_body = b"".join(t.numpy().tobytes() for t in (k, v))
+    ((kind, payload),) = _exchange(pod, [kv_begin, _raw(0, 2, body)])
+    assert kind is FrameKind.ERROR
+    assert "holds 160 tensor bytes, but q of 0 lanes and k_new, v_new of 2 take 80" in payload.decode()
+    ((kind, payload),) = _exchange(pod, [kv_begin, _raw(0, 2, kv_body)], answers=1)
+    assert kind is FrameKind.OUTPUT and payload == LAYER_HEADER.pack(0, 0, 0)
     stub.Free(pb.FreeRequest(seq_id=79), timeout=5)
 
 

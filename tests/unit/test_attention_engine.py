@@ -29,13 +29,15 @@ def _engine(num_blocks: int = 200, block_size: int = 4) -> AttentionEngine:
     return AttentionEngine(GEOMETRY, pool, max_open_steps=2)
 
 
-def _lanes(chunks: list[SeqChunk], heads: dict[int, range]) -> list[tuple[int, int]]:
-    """(row, head) of every lane of a step, in the pod's lane order."""
+def _lanes(chunks: list[SeqChunk], heads: dict[int, range], queries: bool = False) -> list[tuple[int, int]]:
+    """(row, head) of every lane of a step, in the pod's lane order; `queries`: only the query lanes
+    (those of chunks that are not kv_only)."""
     lanes: list[tuple[int, int]] = []
     row = 0
     for chunk in chunks:
-        for token in range(chunk.length):
-            lanes.extend((row + token, h) for h in heads[chunk.seq_id])
+        if not (queries and chunk.kv_only):
+            for token in range(chunk.length):
+                lanes.extend((row + token, h) for h in heads[chunk.seq_id])
         row += chunk.length
     return lanes
 
@@ -73,6 +75,45 @@ def test_sequences_holding_different_heads_match_full_attention() -> None:
             o = session.layer(step_id, layer, q_lanes, k[rows, cols], v[rows, cols])
             torch.testing.assert_close(o, expected, rtol=1e-5, atol=1e-5)
     assert session.open_steps == 0  # a step closes after its last layer
+
+
+def test_kv_only_chunks_are_stored_not_attended_and_later_rows_attend_them() -> None:
+    """A kv_only chunk (the client attended it) writes its K/V and has no q or o lanes; the step's
+    other rows keep their order in q and o; later steps attend the stored K/V exactly."""
+    torch.manual_seed(2)
+    heads = {1: range(0, 4), 2: range(1, 3), 3: range(3, 4)}
+    engine = _engine()
+    reference = LocalAttention(
+        KVPool(KVPoolConfig(num_layers=LAYERS, head_dim=D, block_size=4), 200), HKV, HKV * G
+    )
+    for seq, held in heads.items():
+        engine.open(seq, held.start, len(held), DENSE)
+        reference.open(seq)
+    session = engine.session()
+    first = [SeqChunk(1, 0, 6, kv_only=True), SeqChunk(2, 0, 3), SeqChunk(3, 0, 5, kv_only=True)]
+    steps = [first, [SeqChunk(1, 6, 1), SeqChunk(2, 3, 1), SeqChunk(3, 5, 2)]]
+    for step_id, chunks in enumerate(steps):
+        n = sum(c.length for c in chunks)
+        for c in chunks:
+            assert isinstance(engine.reserve(c.seq_id, c.end), Reserved)
+            reference.reserve(c.seq_id, c.end)
+        lanes = _lanes(chunks, heads)
+        rows, cols = torch.tensor([r for r, _ in lanes]), torch.tensor([h for _, h in lanes])
+        q_lanes = _lanes(chunks, heads, queries=True)
+        q_rows, q_cols = torch.tensor([r for r, _ in q_lanes]), torch.tensor([h for _, h in q_lanes])
+        session.begin(step_id, chunks)
+        assert session.expect_layer(step_id, 0) == (len(q_lanes), len(lanes))
+        ref_step = reference.begin([SeqChunk(c.seq_id, c.start, c.length) for c in chunks])
+        for layer in range(LAYERS):
+            q, k, v = torch.randn(n, HKV * G, D), torch.randn(n, HKV, D), torch.randn(n, HKV, D)
+            expected = ref_step.attend(layer, q, k, v).view(n, HKV, G, D)[q_rows, q_cols]
+            q4, k_lanes, v_lanes = q.view(n, HKV, G, D), k[rows, cols], v[rows, cols]
+            if len(q_lanes) < len(lanes):  # q for every lane is refused before anything is written
+                with pytest.raises(InvalidFrameError, match=rf"must be \[{len(q_lanes)}, {G}, {D}\]"):
+                    session.layer(step_id, layer, q4[rows, cols], k_lanes, v_lanes)
+            o = session.layer(step_id, layer, q4[q_rows, q_cols], k_lanes, v_lanes)
+            torch.testing.assert_close(o, expected, rtol=1e-5, atol=1e-5)
+    assert session.open_steps == 0
 
 
 def test_imported_kv_is_attended_like_kv_written_by_steps() -> None:

@@ -20,8 +20,10 @@ Frame, both directions (network byte order):
     kind LAYER    client → pod, payload = step_id u64 | layer u32 | lanes u32 | q | k_new | v_new
     kind OUTPUT   pod → client, payload = step_id u64 | layer u32 | lanes u32 | o
 
-LAYER and OUTPUT carry raw tensor bytes, little-endian, in the pod's dtype: q [M, G, D], k_new and
-v_new [M, D], o [M, G, D] with M = lanes (the geometry both sides checked through `Stats`). The
+LAYER and OUTPUT carry raw tensor bytes, little-endian, in the pod's dtype: q [Mq, G, D], k_new and
+v_new [M, D], o [Mq, G, D] with M = lanes in a LAYER header, Mq = lanes in an OUTPUT header (the
+step's lanes that are not kv_only: both sides know Mq from the step's `begin`; the geometry both
+sides checked through `Stats`). The
 receiver reads the 16-byte layer header first and checks step, layer, lanes and the exact payload
 length against what it expects before allocating the tensor bytes. `length` is checked against the
 receiver's limit before any allocation; a bad kind, an oversized frame or a truncated stream raises

@@ -144,14 +144,16 @@ class StepRequest(_message.Message):
     def __init__(self, begin: _Optional[_Union[StepBegin, _Mapping]] = ..., layer: _Optional[_Union[StepLayer, _Mapping]] = ...) -> None: ...
 
 class StepChunk(_message.Message):
-    __slots__ = ("seq_id", "start", "length")
+    __slots__ = ("seq_id", "start", "length", "kv_only")
     SEQ_ID_FIELD_NUMBER: _ClassVar[int]
     START_FIELD_NUMBER: _ClassVar[int]
     LENGTH_FIELD_NUMBER: _ClassVar[int]
+    KV_ONLY_FIELD_NUMBER: _ClassVar[int]
     seq_id: int
     start: int
     length: int
-    def __init__(self, seq_id: _Optional[int] = ..., start: _Optional[int] = ..., length: _Optional[int] = ...) -> None: ...
+    kv_only: bool
+    def __init__(self, seq_id: _Optional[int] = ..., start: _Optional[int] = ..., length: _Optional[int] = ..., kv_only: _Optional[bool] = ...) -> None: ...
 
 class StepBegin(_message.Message):
     __slots__ = ("step_id", "chunks")
