@@ -14,6 +14,12 @@ and Free go to each of them. Per forward:
 A lane is one KV head of one new token (see proto/disagg/v1/attention.proto). A request-partitioned
 step on one pod sends and receives the tensors as they are, with no gather or scatter.
 
+A prompt's first chunk (start 0, several tokens) attends only to its own K/V, so by default
+(`options.local_prompt_attention`, the decode pod's `--prompt-attention decode`) it is attended here,
+right after the layer's frames leave and while the pods attend the other rows; the pods get it as
+`kv_only` (its K/V, no q lanes, no output lanes), so its q and o never cross the network and the
+pods spend no CPU on it.
+
 One long-lived bidirectional stream per pod, reused by every step. `attend` reads answers on its
 own thread under a deadline that a watchdog thread enforces, so a dead pod (connection reset) or a
 hung one (deadline) raises `AttentionPodError` promptly instead of hanging. A failed stream is
