@@ -42,10 +42,8 @@ def _lanes(chunks: list[SeqChunk], heads: dict[int, range], queries: bool = Fals
     return lanes
 
 
-def test_sequences_holding_different_heads_match_full_attention() -> None:
-    """One pod, three sequences holding all / a middle slice / the last head, mixed steps."""
-    torch.manual_seed(0)
-    heads = {1: range(0, 4), 2: range(1, 3), 3: range(3, 4)}
+def _pod_and_reference(heads: dict[int, range]) -> tuple[AttentionEngine, LocalAttention]:
+    """A pod engine with each sequence open on its heads, and local attention over every head."""
     engine = _engine()
     reference = LocalAttention(
         KVPool(KVPoolConfig(num_layers=LAYERS, head_dim=D, block_size=4), 200), HKV, HKV * G
@@ -53,45 +51,14 @@ def test_sequences_holding_different_heads_match_full_attention() -> None:
     for seq, held in heads.items():
         engine.open(seq, held.start, len(held), DENSE)
         reference.open(seq)
-    session = engine.session()
-    steps = [
-        [SeqChunk(1, 0, 6), SeqChunk(2, 0, 3), SeqChunk(3, 0, 1)],  # prefill chunks and a decode row
-        [SeqChunk(1, 6, 1), SeqChunk(2, 3, 5), SeqChunk(3, 1, 1)],  # decode, chunk, decode
-        [SeqChunk(3, 2, 1), SeqChunk(1, 7, 1), SeqChunk(2, 8, 1)],  # pure decode, new order
-    ]
-    for step_id, chunks in enumerate(steps):
-        n = sum(c.length for c in chunks)
-        for c in chunks:
-            assert isinstance(engine.reserve(c.seq_id, c.end), Reserved)
-            reference.reserve(c.seq_id, c.end)
-        lanes = _lanes(chunks, heads)
-        rows, cols = torch.tensor([r for r, _ in lanes]), torch.tensor([h for _, h in lanes])
-        session.begin(step_id, chunks)
-        ref_step = reference.begin(chunks)
-        for layer in range(LAYERS):
-            q, k, v = torch.randn(n, HKV * G, D), torch.randn(n, HKV, D), torch.randn(n, HKV, D)
-            expected = ref_step.attend(layer, q, k, v).view(n, HKV, G, D)[rows, cols]  # [M, G, D]
-            q_lanes = q.view(n, HKV, G, D)[rows, cols]
-            o = session.layer(step_id, layer, q_lanes, k[rows, cols], v[rows, cols])
-            torch.testing.assert_close(o, expected, rtol=1e-5, atol=1e-5)
-    assert session.open_steps == 0  # a step closes after its last layer
+    return engine, reference
 
 
-def test_kv_only_chunks_are_stored_not_attended_and_later_rows_attend_them() -> None:
-    """A kv_only chunk (the client attended it) writes its K/V and has no q or o lanes; the step's
-    other rows keep their order in q and o; later steps attend the stored K/V exactly."""
-    torch.manual_seed(2)
-    heads = {1: range(0, 4), 2: range(1, 3), 3: range(3, 4)}
-    engine = _engine()
-    reference = LocalAttention(
-        KVPool(KVPoolConfig(num_layers=LAYERS, head_dim=D, block_size=4), 200), HKV, HKV * G
-    )
-    for seq, held in heads.items():
-        engine.open(seq, held.start, len(held), DENSE)
-        reference.open(seq)
+def _run_steps(heads: dict[int, range], steps: list[list[SeqChunk]]) -> None:
+    """Each step on one pod session and on local attention over every head: the pod's o equals the
+    reference at its query lanes (kv_only chunks have none; a q for every lane is then refused)."""
+    engine, reference = _pod_and_reference(heads)
     session = engine.session()
-    first = [SeqChunk(1, 0, 6, kv_only=True), SeqChunk(2, 0, 3), SeqChunk(3, 0, 5, kv_only=True)]
-    steps = [first, [SeqChunk(1, 6, 1), SeqChunk(2, 3, 1), SeqChunk(3, 5, 2)]]
     for step_id, chunks in enumerate(steps):
         n = sum(c.length for c in chunks)
         for c in chunks:
@@ -106,14 +73,36 @@ def test_kv_only_chunks_are_stored_not_attended_and_later_rows_attend_them() -> 
         ref_step = reference.begin([SeqChunk(c.seq_id, c.start, c.length) for c in chunks])
         for layer in range(LAYERS):
             q, k, v = torch.randn(n, HKV * G, D), torch.randn(n, HKV, D), torch.randn(n, HKV, D)
-            expected = ref_step.attend(layer, q, k, v).view(n, HKV, G, D)[q_rows, q_cols]
+            expected = ref_step.attend(layer, q, k, v).view(n, HKV, G, D)[q_rows, q_cols]  # [Mq, G, D]
             q4, k_lanes, v_lanes = q.view(n, HKV, G, D), k[rows, cols], v[rows, cols]
             if len(q_lanes) < len(lanes):  # q for every lane is refused before anything is written
                 with pytest.raises(InvalidFrameError, match=rf"must be \[{len(q_lanes)}, {G}, {D}\]"):
                     session.layer(step_id, layer, q4[rows, cols], k_lanes, v_lanes)
             o = session.layer(step_id, layer, q4[q_rows, q_cols], k_lanes, v_lanes)
             torch.testing.assert_close(o, expected, rtol=1e-5, atol=1e-5)
-    assert session.open_steps == 0
+    assert session.open_steps == 0  # a step closes after its last layer
+
+
+HEADS = {1: range(0, 4), 2: range(1, 3), 3: range(3, 4)}  # all / a middle slice / the last head
+
+
+def test_sequences_holding_different_heads_match_full_attention() -> None:
+    """One pod, three sequences holding all / a middle slice / the last head, mixed steps."""
+    torch.manual_seed(0)
+    steps = [
+        [SeqChunk(1, 0, 6), SeqChunk(2, 0, 3), SeqChunk(3, 0, 1)],  # prefill chunks and a decode row
+        [SeqChunk(1, 6, 1), SeqChunk(2, 3, 5), SeqChunk(3, 1, 1)],  # decode, chunk, decode
+        [SeqChunk(3, 2, 1), SeqChunk(1, 7, 1), SeqChunk(2, 8, 1)],  # pure decode, new order
+    ]
+    _run_steps(HEADS, steps)
+
+
+def test_kv_only_chunks_are_stored_not_attended_and_later_rows_attend_them() -> None:
+    """A kv_only chunk (the client attended it) writes its K/V and has no q or o lanes; the step's
+    other rows keep their order in q and o; later steps attend the stored K/V exactly."""
+    torch.manual_seed(2)
+    first = [SeqChunk(1, 0, 6, kv_only=True), SeqChunk(2, 0, 3), SeqChunk(3, 0, 5, kv_only=True)]
+    _run_steps(HEADS, [first, [SeqChunk(1, 6, 1), SeqChunk(2, 3, 1), SeqChunk(3, 5, 2)]])
 
 
 def test_imported_kv_is_attended_like_kv_written_by_steps() -> None:
