@@ -101,8 +101,12 @@ def test_kv_only_chunks_are_stored_not_attended_and_later_rows_attend_them() -> 
     """A kv_only chunk (the client attended it) writes its K/V and has no q or o lanes; the step's
     other rows keep their order in q and o; later steps attend the stored K/V exactly."""
     torch.manual_seed(2)
-    first = [SeqChunk(1, 0, 6, kv_only=True), SeqChunk(2, 0, 3), SeqChunk(3, 0, 5, kv_only=True)]
-    _run_steps(HEADS, [first, [SeqChunk(1, 6, 1), SeqChunk(2, 3, 1), SeqChunk(3, 5, 2)]])
+    steps = [
+        [SeqChunk(1, 0, 6, kv_only=True), SeqChunk(2, 0, 3)],  # a prefill chunk after a kv_only one
+        [SeqChunk(3, 0, 5, kv_only=True), SeqChunk(2, 3, 1), SeqChunk(1, 6, 2)],  # a decode row and a chunk
+        [SeqChunk(1, 8, 1), SeqChunk(2, 4, 1), SeqChunk(3, 5, 2)],  # every row attends stored K/V
+    ]
+    _run_steps(HEADS, steps)
 
 
 def test_imported_kv_is_attended_like_kv_written_by_steps() -> None:
