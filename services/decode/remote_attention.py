@@ -338,9 +338,12 @@ class _RemoteStep(AttentionStep):
             stream = part._pod(address).stream()
             begin = pb.StepBegin(step_id=step_id)
             for chunk, _, _ in share:
-                wire = pb.StepChunk(seq_id=part.wire_id(chunk.seq_id), start=chunk.start, length=chunk.length)
-                wire.kv_only = chunk.kv_only
-                begin.chunks.append(wire)
+                begin.chunks.add(
+                    seq_id=part.wire_id(chunk.seq_id),
+                    start=chunk.start,
+                    length=chunk.length,
+                    kv_only=chunk.kv_only,
+                )
             stream.send(pb.StepRequest(begin=begin))
             everything = len(share) == len(chunks) and all(e.kv_head_count == heads for _, _, e in share)
             lanes = None if everything else _lane_ids(share, heads)
